@@ -1,0 +1,301 @@
+"""Backbone registry: torchvision builders, weights, and friendly layer aliases (timm-style)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from torch import nn
+
+from ._errors import CnnCodesError, UnknownBackboneError, UnknownLayerError
+
+POOLINGS = ("avg", "max", "gem", "flatten")
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One tap point of a backbone: alias -> FX node, channels and nominal stride."""
+
+    alias: str
+    node: str
+    channels: int
+    stride: int | None  # None for vector (fully connected) outputs
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """A registered backbone: its torchvision builder, weights and tap points."""
+
+    name: str
+    weights_enum: str  # name of the torchvision weights enum, e.g. "ResNet50_Weights"
+    layers: tuple[LayerInfo, ...]
+    default_layer: str  # alias of the pre-logits features
+    builder_kwargs: tuple[tuple[str, object], ...] = ()
+
+    def layer(self, name: str) -> LayerInfo:
+        """Return the tap point for an alias or raw FX node name."""
+        if name in ("default", None):
+            name = self.default_layer
+        for info in self.layers:
+            if name in (info.alias, info.node):
+                return info
+        nodes = graph_nodes(self.name)
+        if name in nodes:
+            return LayerInfo(alias=name, node=name, channels=-1, stride=None)
+        aliases = ", ".join(i.alias for i in self.layers)
+        raise UnknownLayerError(
+            f"layer {name!r} is not an alias or a graph node of {self.name}. "
+            f"Valid aliases: {aliases}. Raw node names are accepted too: "
+            f"run `cnncodes layers {self.name} --nodes` to list them."
+        )
+
+
+def _stages(*rows):
+    return tuple(LayerInfo(*row) for row in rows)
+
+
+def _resnet(name, enum, widths):
+    chans = (64, *widths)
+    nodes = ("relu", "layer1", "layer2", "layer3", "layer4")
+    rows = [(f"block{i + 1}", n, c, 2 ** (i + 1)) for i, (n, c) in enumerate(zip(nodes, chans))]
+    return BackboneSpec(name, enum, _stages(*rows), "block5")
+
+
+_REGISTRY: dict[str, BackboneSpec] = {
+    spec.name: spec
+    for spec in (
+        BackboneSpec(
+            "mobilenet_v2",
+            "MobileNet_V2_Weights",
+            _stages(
+                ("block1", "features.1", 16, 2),
+                ("block2", "features.3", 24, 4),
+                ("block3", "features.6", 32, 8),
+                ("block4", "features.13", 96, 16),
+                ("block5", "features.18", 1280, 32),
+            ),
+            "block5",
+        ),
+        _resnet("resnet18", "ResNet18_Weights", (64, 128, 256, 512)),
+        _resnet("resnet50", "ResNet50_Weights", (256, 512, 1024, 2048)),
+        _resnet("resnet101", "ResNet101_Weights", (256, 512, 1024, 2048)),
+        BackboneSpec(
+            "vgg16",
+            "VGG16_Weights",
+            _stages(
+                ("block1", "features.4", 64, 2),
+                ("block2", "features.9", 128, 4),
+                ("block3", "features.16", 256, 8),
+                ("block4", "features.23", 512, 16),
+                ("block5", "features.30", 512, 32),
+                ("fc1", "classifier.1", 4096, None),
+                ("fc2", "classifier.4", 4096, None),
+            ),
+            "fc2",
+        ),
+        BackboneSpec(
+            "inception_v3",
+            "Inception_V3_Weights",
+            _stages(
+                ("block1", "Conv2d_2b_3x3", 64, 2),
+                ("block2", "Conv2d_4a_3x3", 192, 4),
+                ("block3", "Mixed_5d", 288, 8),
+                ("block4", "Mixed_6e", 768, 16),
+                ("block5", "Mixed_7c", 2048, 32),
+            ),
+            "block5",
+        ),
+        BackboneSpec(
+            "efficientnet_b0",
+            "EfficientNet_B0_Weights",
+            _stages(
+                ("block1", "features.1", 16, 2),
+                ("block2", "features.2", 24, 4),
+                ("block3", "features.3", 40, 8),
+                ("block4", "features.5", 112, 16),
+                ("block5", "features.8", 1280, 32),
+            ),
+            "block5",
+        ),
+        BackboneSpec(
+            "convnext_tiny",
+            "ConvNeXt_Tiny_Weights",
+            _stages(
+                ("block1", "features.1", 96, 4),
+                ("block2", "features.3", 192, 8),
+                ("block3", "features.5", 384, 16),
+                ("block4", "features.7", 768, 32),
+            ),
+            "block4",
+        ),
+        BackboneSpec(
+            "densenet121",
+            "DenseNet121_Weights",
+            _stages(
+                ("block1", "features.relu0", 64, 2),
+                ("block2", "features.denseblock1", 256, 4),
+                ("block3", "features.denseblock2", 512, 8),
+                ("block4", "features.denseblock3", 1024, 16),
+                ("block5", "relu", 1024, 32),
+            ),
+            "block5",
+        ),
+    )
+}
+
+
+def list_backbones() -> list[str]:
+    """Return the names of the registered backbones, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_backbone(name: str) -> BackboneSpec:
+    """Return the registry entry of a backbone, or raise with the valid names."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownBackboneError(
+            f"unknown backbone {name!r}. Valid backbones: {', '.join(list_backbones())}."
+        ) from None
+
+
+def weights_enum(spec: BackboneSpec):
+    """Return torchvision's weights enum class for a backbone."""
+    import torchvision.models as tvm
+
+    return getattr(tvm, spec.weights_enum)
+
+
+def build_model(spec: BackboneSpec, *, pretrained: bool) -> nn.Module:
+    """Build the torchvision architecture without weights, shaped like the pretrained one.
+
+    torchvision changes some constructor arguments when it loads weights (InceptionV3
+    re-normalises its input and carries the auxiliary head); we mirror that so that a
+    checkpoint loaded afterwards fits and behaves as `get_model(name, weights=...)` would.
+    """
+    from torchvision.models import get_model
+
+    kwargs: dict = dict(spec.builder_kwargs)
+    if spec.name == "inception_v3":
+        kwargs.update(aux_logits=True, init_weights=False, transform_input=pretrained)
+    return get_model(spec.name, weights=None, **kwargs)
+
+
+def finish_model(spec: BackboneSpec, model: nn.Module) -> nn.Module:
+    """Drop training-only parts after the weights are loaded; return the model in eval mode."""
+    if spec.name == "inception_v3":
+        model.aux_logits = False
+        model.AuxLogits = None
+    return model.eval()
+
+
+@lru_cache(maxsize=None)
+def graph_nodes(name: str) -> tuple[str, ...]:
+    """Return the FX graph node names (eval mode) of a backbone, without any weights."""
+    from torchvision.models.feature_extraction import get_graph_node_names
+
+    spec = get_backbone(name)
+    with torch.device("meta"):
+        model = finish_model(spec, build_model(spec, pretrained=False))
+    return tuple(get_graph_node_names(model)[1])
+
+
+def default_image_size(spec: BackboneSpec) -> int:
+    """Return the crop size of the backbone's default ImageNet weights."""
+    return int(weights_enum(spec).DEFAULT.transforms().crop_size[0])
+
+
+@lru_cache(maxsize=64)
+def output_shapes(name: str, nodes: tuple[str, ...], image_size: int) -> dict[str, tuple]:
+    """Return the per-image output shape of each node for a square input, on the meta device."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    spec = get_backbone(name)
+    with torch.device("meta"):
+        model = finish_model(spec, build_model(spec, pretrained=False))
+        fx = create_feature_extractor(model, {n: n for n in nodes})
+        out = fx(torch.empty(1, 3, image_size, image_size))
+    return {n: tuple(out[n].shape[1:]) for n in nodes}
+
+
+def code_size(shape: tuple, pooling: str) -> int:
+    """Return the length of a code vector for a node output shape and a pooling."""
+    if len(shape) == 1:
+        return shape[0]
+    if pooling == "flatten":
+        n = 1
+        for s in shape:
+            n *= s
+        return n
+    return shape[0]
+
+
+def layer_table(name: str, *, pooling: str = "avg", image_size: int | None = None) -> list[dict]:
+    """Return the alias table of a backbone: alias, node, channels, stride, output, code size.
+
+    Parameters
+    ----------
+    name : str
+        A registered backbone, e.g. ``"resnet50"``.
+    pooling : {"avg", "max", "gem", "flatten"}
+        The pooling whose code size is reported.
+    image_size : int, optional
+        Input side in pixels; the default weights' crop size when omitted.
+
+    Examples
+    --------
+    >>> [row["alias"] for row in layer_table("resnet50")]
+    ['block1', 'block2', 'block3', 'block4', 'block5']
+    """
+    check_pooling(pooling)
+    spec = get_backbone(name)
+    size = image_size or default_image_size(spec)
+    shapes = output_shapes(name, tuple(i.node for i in spec.layers), size)
+    return [
+        {
+            "alias": info.alias,
+            "node": info.node,
+            "channels": info.channels,
+            "stride": info.stride,
+            "output": shapes[info.node],
+            "code_size": code_size(shapes[info.node], pooling),
+            "default": info.alias == spec.default_layer,
+        }
+        for info in spec.layers
+    ]
+
+
+def check_pooling(pooling: str) -> str:
+    if pooling not in POOLINGS:
+        raise CnnCodesError(f"unknown pooling {pooling!r}. Valid poolings: {', '.join(POOLINGS)}.")
+    return pooling
+
+
+class CodesModel(nn.Module):
+    """A frozen backbone pruned after its deepest requested node, returning pooled codes."""
+
+    def __init__(self, model: nn.Module, nodes: dict[str, str], pooling: str, gem_p: float = 3.0):
+        from torchvision.models.feature_extraction import create_feature_extractor
+
+        super().__init__()
+        # create_feature_extractor keeps only the graph up to the requested nodes, so
+        # several layers cost one forward pass and nothing after the deepest one is run.
+        self.body = create_feature_extractor(model, return_nodes=nodes)
+        self.pooling = pooling
+        self.gem_p = gem_p
+
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 2:
+            return x
+        if self.pooling == "avg":
+            return x.mean(dim=(2, 3))
+        if self.pooling == "max":
+            return x.amax(dim=(2, 3))
+        if self.pooling == "gem":
+            p = self.gem_p
+            return x.float().clamp(min=1e-6).pow(p).mean(dim=(2, 3)).pow(1.0 / p)
+        return x.flatten(1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {k: self._pool(v) for k, v in self.body(x).items()}

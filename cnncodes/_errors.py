@@ -1,0 +1,33 @@
+"""Exceptions raised by cnncodes; every message says what was wrong and what to do."""
+
+
+class CnnCodesError(Exception):
+    """Base class of every error cnncodes raises on purpose."""
+
+
+class UnknownBackboneError(CnnCodesError, ValueError):
+    """The backbone name is not in the registry."""
+
+
+class UnknownLayerError(CnnCodesError, ValueError):
+    """The layer is neither an alias nor a graph node of the backbone."""
+
+
+class WeightsError(CnnCodesError):
+    """A checkpoint could not be found, verified or loaded."""
+
+
+class SourceError(CnnCodesError, ValueError):
+    """The image source (folder, CSV, list) cannot be read as given."""
+
+
+class StoreError(CnnCodesError):
+    """A code store cannot be opened, read or written."""
+
+
+class StoreMismatchError(StoreError):
+    """The store was made with other settings than those of this run."""
+
+
+class StoreLockedError(StoreError):
+    """Another process is writing the same store."""

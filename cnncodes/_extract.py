@@ -1,0 +1,377 @@
+"""The extraction core: plan what is new, stream it through the frozen backbone, journal, merge."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ._backbones import CodesModel, check_pooling, code_size, get_backbone, output_shapes, weights_enum
+from ._errors import CnnCodesError
+from ._images import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocess, decode
+from ._sources import Item, read_source
+from ._store import CodeStore, Journal, StoreLock, check_spec, merge
+from ._weights import load_model, resolve
+
+DTYPES = ("float32", "float16")
+
+
+@dataclass
+class ExtractResult:
+    """What one `extract` run did; `summary()` gives the text the CLI prints."""
+
+    path: str
+    n_images: int
+    n_extracted: int = 0
+    n_reused: int = 0  # identical content already computed: codes copied, not recomputed
+    n_unchanged: int = 0  # already in the store (or in the journal of an interrupted run)
+    failures: list[tuple[str, str]] = field(default_factory=list)  # this run's (id, reason)
+    skipped_files: list[tuple[str, str]] = field(default_factory=list)
+    conflicts: list[list[tuple[str, str]]] = field(default_factory=list)
+    n_rows: int = 0
+    seconds: float = 0.0
+    compute_seconds: float = 0.0
+    layers: dict[str, int] = field(default_factory=dict)  # alias -> code size
+
+    @property
+    def images_per_second(self) -> float:
+        return self.n_extracted / self.compute_seconds if self.compute_seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        lines = [
+            f"{self.n_images} images: {self.n_extracted} extracted "
+            f"({self.images_per_second:.1f} img/s), {self.n_reused} reused from identical "
+            f"content, {self.n_unchanged} already in the store, {len(self.failures)} failed; "
+            f"{self.seconds:.1f} s in all.",
+            f"{self.path}: {self.n_rows} rows; "
+            + ", ".join(f"{a} ({d})" for a, d in self.layers.items()) + ".",
+        ]
+        if self.failures:
+            lines.append(f"{len(self.failures)} images failed and are recorded in the store:")
+            lines += [f"  {rid}: {why}" for rid, why in self.failures[:20]]
+            if len(self.failures) > 20:
+                lines.append(f"  ... and {len(self.failures) - 20} more (CodeStore(path).failures).")
+        if self.skipped_files:
+            lines.append(f"{len(self.skipped_files)} files skipped: "
+                         + "; ".join(f"{i} ({why})" for i, why in self.skipped_files[:5])
+                         + (" ..." if len(self.skipped_files) > 5 else ""))
+        if self.conflicts:
+            lines.append(f"{len(self.conflicts)} identical images carry different labels "
+                         f"(kept as separate rows; CodeStore(path).conflicts()):")
+            lines += ["  " + " = ".join(f"{i} [{lab}]" for i, lab in g) for g in self.conflicts[:10]]
+        return "\n".join(lines)
+
+
+def _resolve_device(device) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CnnCodesError(f"device {device!r} was asked for but CUDA is not available here; use device='cpu'.")
+    return dev
+
+
+def _sha256_file(path: str) -> tuple[str | None, str | None]:
+    try:
+        with open(path, "rb") as fh:
+            return hashlib.sha256(fh.read()).hexdigest(), None
+    except OSError as exc:
+        return None, f"cannot read file: {exc.strerror or exc}"
+
+
+class _Images(torch.utils.data.Dataset):
+    """Reads, hashes and decodes images in DataLoader workers."""
+
+    def __init__(self, items: list[Item], prep: Preprocess, max_pixels: int):
+        self.items, self.prep, self.max_pixels = items, prep, max_pixels
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        item = self.items[i]
+        try:
+            with open(item.path, "rb") as fh:
+                data = fh.read()
+        except OSError as exc:
+            return i, None, "", f"cannot read file: {exc.strerror or exc}"
+        sha = hashlib.sha256(data).hexdigest()
+        try:
+            return i, decode(data, self.prep, self.max_pixels), sha, None
+        except ImageDecodeError as exc:
+            return i, None, sha, str(exc)
+
+
+def _collate(samples):
+    ok = [s for s in samples if s[1] is not None]
+    bad = [(s[0], s[2], s[3]) for s in samples if s[1] is None]
+    tensor = torch.stack([s[1] for s in ok]) if ok else None
+    return [s[0] for s in ok], tensor, [s[2] for s in ok], bad
+
+
+def _versions() -> dict:
+    import h5py
+    import PIL
+    import torchvision
+
+    from . import __version__
+
+    return {"cnncodes": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "numpy": np.__version__, "h5py": h5py.__version__, "pillow": PIL.__version__,
+            "python": platform.python_version()}
+
+
+def extract(
+    source,
+    *,
+    out,
+    backbone: str = "mobilenet_v2",
+    layers=None,
+    pooling: str = "avg",
+    weights="imagenet",
+    labels=None,
+    image_size: int | None = None,
+    batch_size: int = 64,
+    device="auto",
+    num_workers="auto",
+    dtype: str = "float32",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    progress: bool = True,
+) -> ExtractResult:
+    """Extract CNN codes of images into an HDF5 code store; resume and skip what is there.
+
+    Parameters
+    ----------
+    source : path or list of paths
+        A folder with one subfolder per class (labels from the folder names), a flat folder
+        (no labels), a ``.csv`` of ``path[,label]``, or a list of image paths.
+    out : path
+        The ``.h5`` store to create or extend. Re-running extracts only new content.
+    backbone : str
+        A registered backbone (``cnncodes.list_backbones()``).
+    layers : str or list of str, optional
+        Aliases (``"block4"``) or raw FX node names; the backbone's pre-logits layer when
+        omitted. All layers are read in one forward pass.
+    pooling : {"avg", "max", "gem", "flatten"}
+        How a feature map becomes a vector.
+    weights : str, path or None
+        ``"imagenet"`` (the original IMAGENET1K_V1 weights, the best for transfer),
+        ``"DEFAULT"`` (torchvision's default), a torchvision weights name, a local checkpoint
+        file, or ``None`` for random weights (never used unless asked for).
+    labels : list, optional
+        One label per path, when `source` is a list of paths.
+    image_size : int, optional
+        Crop size; the weights' own preprocessing (resize/crop ratio kept) when omitted.
+    batch_size, device, num_workers
+        Streaming settings; ``device="auto"`` uses CUDA when present. They do not change
+        the codes beyond floating-point noise.
+    dtype : {"float32", "float16"}
+        Storage type of the codes.
+    max_pixels : int
+        Larger images are recorded as failures (decompression-bomb guard).
+    progress : bool
+        Show a progress bar with images/s on stderr.
+
+    Returns
+    -------
+    ExtractResult
+
+    Examples
+    --------
+    >>> from cnncodes import extract, CodeStore                        # doctest: +SKIP
+    >>> extract("flowers/", out="codes.h5", layers=["block4", "block5"])  # doctest: +SKIP
+    >>> CodeStore("codes.h5").codes("block4").shape                      # doctest: +SKIP
+    (4317, 96)
+    """
+    t0 = time.perf_counter()
+    check_pooling(pooling)
+    if dtype not in DTYPES:
+        raise CnnCodesError(f"unknown dtype {dtype!r}. Valid dtypes: {', '.join(DTYPES)}.")
+    if batch_size < 1:
+        raise CnnCodesError(f"batch_size must be >= 1, got {batch_size}.")
+    spec_b = get_backbone(backbone)
+    if isinstance(layers, str):
+        layers = [layers]
+    infos = [spec_b.layer(name) for name in (layers or [spec_b.default_layer])]
+    by_node = {}
+    for info in infos:
+        by_node.setdefault(info.node, info)
+    infos = list(by_node.values())
+    w = resolve(spec_b, weights)
+    prep = Preprocess.from_weights(weights_enum(spec_b)[w.preprocessing_from], image_size)
+    shapes = output_shapes(backbone, tuple(i.node for i in infos), prep.crop_size)
+    code_dims = {i.alias: code_size(shapes[i.node], pooling) for i in infos}
+    spec = {
+        "backbone": backbone,
+        "weights": w.id,
+        "weights_sha256": w.sha256,
+        "layers": {i.alias: i.node for i in infos},
+        "pooling": pooling,
+        "preprocessing": {**prep.as_dict(), "description": prep.describe()},
+        "precision": "float32",
+        "dtype": dtype,
+    }
+    src = read_source(source, labels)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = ExtractResult(str(out), len(src.items), skipped_files=src.skipped, layers=code_dims)
+
+    with StoreLock(out):
+        store = CodeStore(out) if out.exists() else None
+        if store is not None:
+            check_spec(store.spec, spec, out.name)
+        journal = Journal(out)
+        journal.open(spec)
+        plan = _plan(src.items, store, journal)
+        result.n_unchanged = plan.n_unchanged
+        result.failures = list(plan.failures)
+        index = journal.next_index()
+        if plan.compute:
+            t1 = time.perf_counter()
+            failed_shas, index = _run(plan.compute, spec_b, w, infos, pooling, prep, dtype, journal,
+                                      index, batch_size, device, num_workers, max_pixels, progress,
+                                      result)
+            result.compute_seconds = time.perf_counter() - t1
+        else:
+            failed_shas = {}
+        reused = [(i, s) for i, s in plan.reused if s not in failed_shas]
+        late_failures = [(i.id, s, failed_shas[s]) for i, s in plan.reused if s in failed_shas]
+        result.n_reused = len(reused)
+        result.failures += [(rid, why) for rid, _, why in late_failures]
+        if reused or plan.failures_with_sha or late_failures:
+            journal.write(index, ids=[i.id for i, _ in reused], sha256=[s for _, s in reused],
+                          labels=[i.label for i, _ in reused],
+                          failures=plan.failures_with_sha + late_failures)
+        if journal.batches():
+            merge(out, journal, spec, code_dims, _provenance(src, w))
+        else:
+            journal.remove()
+        final = CodeStore(out)
+        result.n_rows = len(final)
+        result.conflicts = final.conflicts()
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _provenance(src, w) -> dict:
+    return {
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "data_root": os.path.abspath(src.root),
+        "source_kind": src.kind,
+        "weights_path": w.path,
+        "versions": _versions(),
+        "command": " ".join(sys.argv),
+    }
+
+
+@dataclass
+class _Plan:
+    compute: list[Item] = field(default_factory=list)
+    reused: list[tuple[Item, str]] = field(default_factory=list)
+    failures_with_sha: list[tuple[str, str, str]] = field(default_factory=list)
+    n_unchanged: int = 0
+
+    @property
+    def failures(self):
+        return [(rid, why) for rid, _, why in self.failures_with_sha]
+
+
+def _plan(items: list[Item], store: CodeStore | None, journal: Journal) -> _Plan:
+    """Decide per image: unchanged, reuse identical content, compute, or unreadable."""
+    plan = _Plan()
+    known_ids, known_shas, known_fail = {}, set(), {}
+    if store is not None:
+        names = store.class_names
+        for rid, sha, lab in zip(store.ids, store.sha256, store.labels):
+            known_ids[rid] = (sha, names[lab] if lab >= 0 else None)
+            known_shas.add(sha)
+        known_fail = {rid: (sha, why) for rid, sha, why in store.failure_records()}
+    j_ids, j_shas, j_fail = journal.done()
+    known_shas |= set(j_shas)
+    known_fail.update(j_fail)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        hashed = list(pool.map(lambda it: _sha256_file(it.path), items))
+    scheduled = set()
+    for item, (sha, err) in zip(items, hashed):
+        if sha is None:
+            plan.failures_with_sha.append((item.id, "", err))
+            continue
+        if known_ids.get(item.id) == (sha, item.label) or j_ids.get(item.id) == sha:
+            plan.n_unchanged += 1
+        elif item.id in known_fail and known_fail[item.id][0] == sha:
+            plan.n_unchanged += 1
+        elif sha in known_shas or sha in scheduled:
+            plan.reused.append((item, sha))
+        else:
+            scheduled.add(sha)
+            plan.compute.append(item)
+    return plan
+
+
+def _default_workers(n: int, batch_size: int) -> int:
+    if n <= batch_size:
+        return 0
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def _run(items, spec_b, w, infos, pooling, prep, dtype, journal, index, batch_size, device,
+         num_workers, max_pixels, progress, result):
+    from tqdm.auto import tqdm
+
+    dev = _resolve_device(device)
+    model = CodesModel(load_model(spec_b, w), {i.node: i.alias for i in infos}, pooling).to(dev).eval()
+    workers = _default_workers(len(items), batch_size) if num_workers in (None, "auto") else int(num_workers)
+    loader = torch.utils.data.DataLoader(
+        _Images(items, prep, max_pixels), batch_size=batch_size, shuffle=False,
+        num_workers=workers, collate_fn=_collate, pin_memory=dev.type == "cuda",
+    )
+    failed_shas = {}
+    pending = []
+    bar = tqdm(total=len(items), unit="img", desc="extract", disable=not progress, dynamic_ncols=True)
+    with ThreadPoolExecutor(max_workers=1) as writer, torch.inference_mode():
+        for idx, batch, shas, bad in loader:
+            failures = []
+            for i, sha, why in bad:
+                failures.append((items[i].id, sha, why))
+                if sha:
+                    failed_shas[sha] = why
+            codes = {}
+            if batch is not None:
+                x = prep.normalize(batch.to(dev, non_blocking=True))
+                out = model(x)
+                codes = {a: t.float().cpu().numpy() for a, t in out.items()}
+                finite = np.all([np.isfinite(c).all(axis=1) for c in codes.values()], axis=0)
+                if not finite.all():
+                    for k in np.flatnonzero(~finite):
+                        why = "the backbone produced non-finite codes (NaN/inf)"
+                        failures.append((items[idx[k]].id, shas[k], why))
+                        failed_shas[shas[k]] = why
+                    keep = np.flatnonzero(finite)
+                    idx, shas = [idx[k] for k in keep], [shas[k] for k in keep]
+                    codes = {a: c[keep] for a, c in codes.items()}
+                codes = {a: c.astype(dtype) for a, c in codes.items()}
+            for fut in [p for p in pending if p.done()]:
+                fut.result()
+                pending.remove(fut)
+            pending.append(writer.submit(
+                journal.write, index, ids=[items[i].id for i in idx], sha256=shas,
+                labels=[items[i].label for i in idx], codes=codes if idx else None, failures=failures,
+            ))
+            index += 1
+            result.n_extracted += len(idx)
+            result.failures += [(rid, why) for rid, _, why in failures]
+            bar.update(len(idx) + len(bad))
+            bar.set_postfix(failed=len(result.failures), refresh=False)
+        for fut in pending:
+            fut.result()
+    bar.close()
+    return failed_shas, index

@@ -1,0 +1,130 @@
+"""Decoding any image file to a fixed-size uint8 RGB tensor with the weights' preprocessing."""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = (
+    ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm",
+)
+DEFAULT_MAX_PIXELS = 100_000_000
+
+
+class ImageDecodeError(Exception):
+    """An image could not be decoded; the message is the recorded failure reason."""
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """The weights' preprocessing: resize shorter side, centre crop, normalise."""
+
+    resize_size: int
+    crop_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bilinear"
+    antialias: bool = True
+
+    @classmethod
+    def from_weights(cls, member, image_size: int | None = None) -> "Preprocess":
+        """Read the preprocessing of torchvision weights; optionally rescale it to image_size."""
+        t = member.transforms()
+        resize, crop = int(t.resize_size[0]), int(t.crop_size[0])
+        if image_size is not None:
+            resize, crop = int(round(image_size * resize / crop)), int(image_size)
+        return cls(resize, crop, tuple(t.mean), tuple(t.std), t.interpolation.value, bool(t.antialias))
+
+    def describe(self) -> str:
+        return (
+            f"resize shorter side to {self.resize_size} ({self.interpolation}, "
+            f"antialias={self.antialias}), centre crop {self.crop_size}, rescale to [0, 1], "
+            f"normalise mean={list(self.mean)} std={list(self.std)}"
+        )
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
+
+    def normalize(self, batch: torch.Tensor) -> torch.Tensor:
+        """uint8 NCHW -> float NCHW, normalised; done per batch, on the model's device."""
+        mean = torch.tensor(self.mean, device=batch.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=batch.device).view(1, 3, 1, 1)
+        return (batch.float().div_(255.0) - mean) / std
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB: EXIF orientation applied, alpha composited on white."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode == "F":
+            scale = 255.0 if arr.max(initial=0) <= 1.0 else 1.0
+        else:
+            scale = 1.0 / 257.0 if (img.mode.startswith("I;16") or arr.max(initial=0) > 255) else 1.0
+        img = Image.fromarray(np.clip(arr * scale, 0, 255).astype(np.uint8), mode="L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
+def _interpolation(name: str):
+    return {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}[name]
+
+
+def preprocess(img: Image.Image, prep: Preprocess) -> torch.Tensor:
+    """Resize the shorter side, centre crop; return uint8 CHW (as torchvision's transform)."""
+    import torchvision.transforms.functional as F
+
+    w, h = img.size
+    short, long_ = min(w, h), max(w, h)
+    # A very elongated image would be resized to an enormous strip and then mostly cropped
+    # away: crop the source to what survives (plus a margin for the filter) first.
+    keep = math.ceil(short * prep.crop_size / prep.resize_size) + 8
+    if long_ > 4 * short and long_ > keep:
+        if w > h:
+            left = (w - keep) // 2
+            img = img.crop((left, 0, left + keep, h))
+        else:
+            top = (h - keep) // 2
+            img = img.crop((0, top, w, top + keep))
+    interp = F.InterpolationMode(prep.interpolation)
+    img = F.resize(img, [prep.resize_size], interpolation=interp, antialias=prep.antialias)
+    img = F.center_crop(img, [prep.crop_size])
+    return F.pil_to_tensor(img)
+
+
+def decode(data: bytes, prep: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """Decode file bytes to a uint8 CHW tensor, or raise ImageDecodeError with the reason."""
+    if not data:
+        raise ImageDecodeError("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > max_pixels:
+                raise ImageDecodeError(
+                    f"decompression bomb: {w}x{h} = {w * h:,} pixels exceeds max_pixels={max_pixels:,}"
+                )
+            img.seek(0)  # first frame of animations
+            img.load()
+            rgb = to_rgb(img)
+    except ImageDecodeError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(f"decompression bomb: {exc}") from None
+    except Image.UnidentifiedImageError:
+        raise ImageDecodeError("not an image (PIL cannot identify the file format)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageDecodeError(f"cannot decode: {exc}") from None
+    return preprocess(rgb, prep)

@@ -1,0 +1,137 @@
+"""Image sources: a folder per class, a flat folder, a CSV of path[,label], a list of paths."""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ._errors import SourceError
+from ._images import IMAGE_EXTENSIONS
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image to extract: its id (path relative to the root), file path and label name."""
+
+    id: str
+    path: str
+    label: str | None
+
+
+@dataclass
+class Source:
+    """The listed images of a source, in a stable order, and what was left out."""
+
+    root: str
+    items: list[Item]
+    kind: str  # "class-folders" | "flat-folder" | "csv" | "paths"
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (id, reason)
+
+    @property
+    def class_names(self) -> list[str]:
+        return sorted({i.label for i in self.items if i.label is not None})
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _walk(folder: Path) -> list[Path]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        out.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith("."))
+    return out
+
+
+def _from_folder(root: Path) -> Source:
+    files = _walk(root)
+    skipped = []
+    rel = [(f, f.relative_to(root).as_posix()) for f in files]
+    labelled = any(_is_image(r) and "/" in r for _, r in rel)
+    items = []
+    for path, rid in rel:
+        if not _is_image(rid):
+            skipped.append((rid, "not an image file extension"))
+        elif labelled and "/" not in rid:
+            skipped.append((rid, "outside the class folders"))
+        else:
+            label = rid.split("/", 1)[0] if labelled else None
+            items.append(Item(rid, str(path), label))
+    if not items:
+        raise SourceError(
+            f"no images found in {str(root)!r}. Expected image files ({', '.join(IMAGE_EXTENSIONS)}) "
+            f"in one subfolder per class, or directly in the folder."
+        )
+    return Source(str(root), items, "class-folders" if labelled else "flat-folder", skipped)
+
+
+def _from_csv(path: Path) -> Source:
+    root = path.parent
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        rows = [r for r in csv.reader(fh) if r and any(c.strip() for c in r)]
+    if rows and rows[0][0].strip().lower() in ("path", "file", "filename", "image"):
+        rows = rows[1:]
+    if not rows:
+        raise SourceError(f"CSV {str(path)!r} has no rows. Expected lines of path[,label].")
+    items, seen = [], set()
+    for lineno, row in enumerate(rows, start=1):
+        if len(row) > 2:
+            raise SourceError(
+                f"CSV {str(path)!r} row {lineno} has {len(row)} columns; expected path[,label]."
+            )
+        file = Path(row[0].strip())
+        full = file if file.is_absolute() else root / file
+        rid = os.path.relpath(full, root).replace(os.sep, "/")
+        if rid in seen:
+            continue
+        seen.add(rid)
+        label = row[1].strip() if len(row) == 2 and row[1].strip() else None
+        items.append(Item(rid, str(full), label))
+    if len({i.label is None for i in items}) > 1:
+        raise SourceError(f"CSV {str(path)!r} gives a label for some rows only; label all or none.")
+    return Source(str(root), items, "csv")
+
+
+def _from_paths(paths, labels) -> Source:
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise SourceError("the list of image paths is empty.")
+    if labels is not None and len(labels) != len(paths):
+        raise SourceError(f"got {len(paths)} paths but {len(labels)} labels; give one label per path.")
+    absolute = [p.resolve() for p in paths]
+    root = Path(os.path.commonpath([p.parent for p in absolute]))
+    items, seen = [], set()
+    for i, p in enumerate(absolute):
+        rid = p.relative_to(root).as_posix()
+        if rid in seen:
+            continue
+        seen.add(rid)
+        items.append(Item(rid, str(p), None if labels is None else str(labels[i])))
+    return Source(str(root), items, "paths")
+
+
+def read_source(source, labels=None) -> Source:
+    """List the images of a source.
+
+    `source` is a folder (one subfolder per class gives labels; a flat folder gives none),
+    a ``.csv`` file of ``path[,label]`` rows (paths relative to the CSV), or a list of paths
+    (with optional `labels`, one per path).
+    """
+    if isinstance(source, (list, tuple)):
+        return _from_paths(source, labels)
+    if labels is not None:
+        raise SourceError("labels= is only for a list of paths; folders and CSVs carry their labels.")
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _from_folder(path)
+    if path.is_file() and path.suffix.lower() == ".csv":
+        return _from_csv(path)
+    if path.is_file():
+        raise SourceError(
+            f"{str(path)!r} is a file, not a folder or a .csv. Give a folder of images "
+            f"(one subfolder per class), a CSV of path[,label], or a list of paths."
+        )
+    raise SourceError(f"{str(path)!r} does not exist. Give a folder of images or a CSV file.")

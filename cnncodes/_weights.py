@@ -1,0 +1,177 @@
+"""Checkpoint resolution: torchvision's weights API, an offline search path, local files."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from ._backbones import BackboneSpec, build_model, finish_model, weights_enum
+from ._errors import WeightsError
+
+WEIGHTS_PATH_ENV = "CNNCODES_WEIGHTS_PATH"
+OFFLINE_ENV = "CNNCODES_OFFLINE"
+# torchvision (and torch.hub) put the first hex digits of the file's sha256 in its name.
+_HASH_IN_NAME = re.compile(r"-([a-f0-9]{6,})\.")
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Where a backbone's parameters come from; recorded in every store."""
+
+    id: str  # "IMAGENET1K_V1", "file:ft.pt" or "random"
+    sha256: str  # of the checkpoint file; "" for random weights
+    path: str  # the file used; "" for random weights
+    preprocessing_from: str  # id of the torchvision weights whose preprocessing applies
+
+
+def search_dirs() -> list[Path]:
+    """Return the folders searched for checkpoints, in order."""
+    dirs = [Path(p).expanduser() for p in os.environ.get(WEIGHTS_PATH_ENV, "").split(os.pathsep) if p]
+    dirs.append(Path(torch.hub.get_dir()) / "checkpoints")
+    return dirs
+
+
+@lru_cache(maxsize=32)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Return the sha256 of a file, cached per (path, size, mtime)."""
+    st = os.stat(path)
+    return _sha256(os.fspath(path), st.st_size, st.st_mtime_ns)
+
+
+# cnncodes' default: the original ImageNet weights of each architecture (what the Keras
+# tutorials use). torchvision's newer "V2" recipes (label smoothing, mixup, cutmix, long
+# schedules) raise ImageNet accuracy but make penultimate features transfer worse
+# (Kornblith et al., 2021), and codes are what we are after. "DEFAULT" is torchvision's pick.
+IMAGENET = "imagenet"
+_IMAGENET_MEMBER = "IMAGENET1K_V1"
+
+
+def _enum_member(spec: BackboneSpec, weights):
+    enum = weights_enum(spec)
+    if isinstance(weights, enum):
+        return weights
+    key = str(weights)
+    if key.lower() == IMAGENET:
+        return enum[_IMAGENET_MEMBER]
+    if key.upper() == "DEFAULT":
+        return enum.DEFAULT
+    try:
+        return enum[key]
+    except KeyError:
+        names = ", ".join([IMAGENET, "DEFAULT", *enum.__members__])
+        raise WeightsError(
+            f"{spec.name} has no weights {key!r}. Use one of {names}, a checkpoint file "
+            f"path, or weights=None for random weights."
+        ) from None
+
+
+def _looks_like_path(weights) -> bool:
+    if isinstance(weights, os.PathLike):
+        return True
+    return isinstance(weights, str) and (os.sep in weights or "." in weights or os.path.exists(weights))
+
+
+def resolve(spec: BackboneSpec, weights=IMAGENET) -> Weights:
+    """Find the checkpoint for `weights` without loading it.
+
+    `weights` is ``"imagenet"`` (IMAGENET1K_V1), ``"DEFAULT"`` (torchvision's default), a
+    torchvision weights name (``"IMAGENET1K_V2"``) or enum member, a path to a local
+    checkpoint, or ``None`` for random weights (only on request).
+    """
+    default_id = _IMAGENET_MEMBER
+    if weights is None:
+        return Weights("random", "", "", default_id)
+    if _looks_like_path(weights):
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise WeightsError(
+                f"checkpoint file {str(path)!r} does not exist. Give the path of a "
+                f"state-dict file (.pth/.pt), or a weights name such as DEFAULT."
+            )
+        return Weights(f"file:{path.name}", file_sha256(path), str(path.resolve()), default_id)
+    member = _enum_member(spec, weights)
+    filename = member.url.rsplit("/", 1)[-1]
+    looked = search_dirs()
+    for folder in looked:
+        candidate = folder / filename
+        if candidate.is_file():
+            return Weights(member.name, _verify(candidate), str(candidate.resolve()), member.name)
+    if os.environ.get(OFFLINE_ENV, "") not in ("", "0"):
+        raise _missing(spec, member, filename, looked, reason=f"{OFFLINE_ENV} is set")
+    try:
+        # The normal path on a machine with network: torchvision's own download + hash check.
+        torch.hub.load_state_dict_from_url(member.url, progress=True, check_hash=True)
+    except Exception as exc:  # noqa: BLE001 - any download failure means "not available"
+        raise _missing(spec, member, filename, looked, reason=f"download failed: {exc}") from None
+    candidate = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    return Weights(member.name, _verify(candidate), str(candidate.resolve()), member.name)
+
+
+def _missing(spec, member, filename, looked, reason) -> WeightsError:
+    where = "\n".join(f"  - {d}" for d in looked)
+    return WeightsError(
+        f"no checkpoint {filename!r} for {spec.name} {member.name} ({reason}).\n"
+        f"Looked in:\n{where}\n"
+        f"Fix: download {member.url} on a machine with network and put it in one of "
+        f"those folders (or point {WEIGHTS_PATH_ENV} at its folder), or pass "
+        f"--weights PATH/TO/{filename}."
+    )
+
+
+def _verify(path: Path) -> str:
+    digest = file_sha256(path)
+    match = _HASH_IN_NAME.search(path.name)
+    if match and not digest.startswith(match.group(1)):
+        raise WeightsError(
+            f"checkpoint {str(path)!r} is corrupt or not the file its name promises: its "
+            f"sha256 starts with {digest[:len(match.group(1))]}, the name says "
+            f"{match.group(1)}. Delete it and fetch the file again."
+        )
+    return digest
+
+
+def _state_dict(path: str) -> dict:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise WeightsError(
+            f"cannot load checkpoint {path!r} safely ({type(exc).__name__}: {exc}). "
+            f"cnncodes loads plain state dicts only (torch.save(model.state_dict(), path))."
+        ) from None
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict):
+        raise WeightsError(f"checkpoint {path!r} holds a {type(obj).__name__}, not a state dict.")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_model(spec: BackboneSpec, weights: Weights) -> torch.nn.Module:
+    """Build the backbone and load the resolved checkpoint into it (eval mode)."""
+    model = build_model(spec, pretrained=weights.id != "random")
+    if weights.path:
+        state = _state_dict(weights.path)
+        result = model.load_state_dict(state, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise WeightsError(
+                f"checkpoint {weights.path!r} does not fit {spec.name}: "
+                f"{len(result.missing_keys)} missing keys (e.g. {result.missing_keys[:3]}), "
+                f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[:3]}). "
+                f"Pick the backbone the checkpoint was trained as."
+            )
+    return finish_model(spec, model)
