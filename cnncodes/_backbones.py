@@ -192,13 +192,28 @@ def finish_model(spec: BackboneSpec, model: nn.Module) -> nn.Module:
 
 @lru_cache(maxsize=None)
 def graph_nodes(name: str) -> tuple[str, ...]:
-    """Return the FX graph node names (eval mode) of a backbone, without any weights."""
+    """Return the layer names a backbone accepts (eval mode), shallow to deep, without weights.
+
+    These are the FX graph node names plus the module paths that hold them ("features.14",
+    "layer3"), each placed after its last node: create_feature_extractor accepts a module
+    path and returns the output of its last node, and the registry's aliases use them.
+    """
     from torchvision.models.feature_extraction import get_graph_node_names
 
     spec = get_backbone(name)
     with torch.device("meta"):
         model = finish_model(spec, build_model(spec, pretrained=False))
-    return tuple(get_graph_node_names(model)[1])
+    nodes = get_graph_node_names(model)[1]
+    last = {}  # module path -> index of its last node
+    for i, node in enumerate(nodes):
+        parts = node.split(".")
+        for k in range(1, len(parts)):
+            last[".".join(parts[:k])] = i
+    names = list(nodes)
+    # Insert from the end so earlier indices stay valid; inner modules before outer ones.
+    for path, i in sorted(last.items(), key=lambda item: (item[1], -item[0].count(".")), reverse=True):
+        names.insert(i + 1, path)
+    return tuple(dict.fromkeys(names))
 
 
 def default_image_size(spec: BackboneSpec) -> int:

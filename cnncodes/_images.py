@@ -88,8 +88,9 @@ def preprocess(img: Image.Image, prep: Preprocess) -> torch.Tensor:
     w, h = img.size
     short, long_ = min(w, h), max(w, h)
     # A very elongated image would be resized to an enormous strip and then mostly cropped
-    # away: crop the source to what survives (plus a margin for the filter) first.
-    keep = math.ceil(short * prep.crop_size / prep.resize_size) + 8
+    # away: crop the source to what survives (plus a margin for the filter) first. The crop
+    # is never narrower than the short side, which must stay the short side for the resize.
+    keep = max(short, math.ceil(short * prep.crop_size / prep.resize_size) + 8)
     if long_ > 4 * short and long_ > keep:
         if w > h:
             left = (w - keep) // 2
@@ -127,4 +128,6 @@ def decode(data: bytes, prep: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS) 
         raise ImageDecodeError("not an image (PIL cannot identify the file format)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageDecodeError(f"cannot decode: {exc}") from None
+    except Exception as exc:  # PIL raises struct.error, TypeError ... on malformed files
+        raise ImageDecodeError(f"cannot decode: {type(exc).__name__}: {exc}") from None
     return preprocess(rgb, prep)

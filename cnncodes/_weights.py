@@ -166,7 +166,14 @@ def load_model(spec: BackboneSpec, weights: Weights) -> torch.nn.Module:
     model = build_model(spec, pretrained=weights.id != "random")
     if weights.path:
         state = _state_dict(weights.path)
-        result = model.load_state_dict(state, strict=False)
+        try:
+            result = model.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # size mismatches raise even with strict=False
+            raise WeightsError(
+                f"checkpoint {weights.path!r} does not fit {spec.name}: {exc}\n"
+                f"Pick the backbone the checkpoint was trained as; cnncodes builds the "
+                f"standard torchvision model, 1000-class ImageNet head included."
+            ) from None
         if result.missing_keys or result.unexpected_keys:
             raise WeightsError(
                 f"checkpoint {weights.path!r} does not fit {spec.name}: "

