@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -35,8 +36,7 @@ def pytest_configure(config):
         os.environ["CNNCODES_WEIGHTS_PATH"] = str(folder)
     os.environ["CNNCODES_OFFLINE"] = "1"
     # An empty torch hub cache, so a checkpoint left in ~/.cache by hand cannot leak in.
-    hub = Path(config.rootpath) / ".pytest_cache" / "torch-home"
-    hub.mkdir(parents=True, exist_ok=True)
+    hub = Path(tempfile.mkdtemp(prefix="cnncodes-torch-home-"))
     os.environ["TORCH_HOME"] = str(hub)
     torch.hub.set_dir(str(hub / "hub"))
 
