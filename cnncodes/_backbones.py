@@ -294,6 +294,7 @@ class CodesModel(nn.Module):
         from torchvision.models.feature_extraction import create_feature_extractor
 
         super().__init__()
+        check_pooling(pooling)
         # create_feature_extractor keeps only the graph up to the requested nodes, so
         # several layers cost one forward pass and nothing after the deepest one is run.
         self.body = create_feature_extractor(model, return_nodes=nodes)

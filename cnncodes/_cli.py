@@ -97,7 +97,7 @@ def _extract(args) -> int:
         max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, progress=not args.quiet,
     )
     print(result.summary())
-    return EXIT_FAILURES if result.failures else EXIT_OK
+    return EXIT_FAILURES if result.failures or result.known_failures else EXIT_OK
 
 
 def _backbones(args) -> int:

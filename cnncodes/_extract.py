@@ -35,6 +35,8 @@ class ExtractResult:
     n_reused: int = 0  # identical content already computed: codes copied, not recomputed
     n_unchanged: int = 0  # already in the store (or in the journal of an interrupted run)
     failures: list[tuple[str, str]] = field(default_factory=list)  # this run's (id, reason)
+    # failures recorded by an earlier run for files still unchanged in the source
+    known_failures: list[tuple[str, str]] = field(default_factory=list)
     skipped_files: list[tuple[str, str]] = field(default_factory=list)
     conflicts: list[list[tuple[str, str]]] = field(default_factory=list)
     n_rows: int = 0
@@ -60,6 +62,10 @@ class ExtractResult:
             lines += [f"  {rid}: {why}" for rid, why in self.failures[:20]]
             if len(self.failures) > 20:
                 lines.append(f"  ... and {len(self.failures) - 20} more (CodeStore(path).failures).")
+        if self.known_failures:
+            lines.append(f"{len(self.known_failures)} unchanged images failed in an earlier run "
+                         f"(recorded; fix or remove them):")
+            lines += [f"  {rid}: {why}" for rid, why in self.known_failures[:20]]
         if self.skipped_files:
             lines.append(f"{len(self.skipped_files)} files skipped: "
                          + "; ".join(f"{i} ({why})" for i, why in self.skipped_files[:5])
@@ -233,6 +239,7 @@ def extract(
         journal.open(spec)
         plan = _plan(src.items, store, journal)
         result.n_unchanged = plan.n_unchanged
+        result.known_failures = plan.known_failures
         result.failures = list(plan.failures)
         index = journal.next_index()
         if plan.compute:
@@ -278,6 +285,7 @@ class _Plan:
     compute: list[Item] = field(default_factory=list)
     reused: list[tuple[Item, str]] = field(default_factory=list)
     failures_with_sha: list[tuple[str, str, str]] = field(default_factory=list)
+    known_failures: list[tuple[str, str]] = field(default_factory=list)
     n_unchanged: int = 0
 
     @property
@@ -309,6 +317,7 @@ def _plan(items: list[Item], store: CodeStore | None, journal: Journal) -> _Plan
             plan.n_unchanged += 1
         elif item.id in known_fail and known_fail[item.id][0] == sha:
             plan.n_unchanged += 1
+            plan.known_failures.append((item.id, known_fail[item.id][1]))
         elif sha in known_shas or sha in scheduled:
             plan.reused.append((item, sha))
         else:

@@ -67,8 +67,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
             scale = 255.0 if arr.max(initial=0) <= 1.0 else 1.0
         else:
             scale = 1.0 / 257.0 if (img.mode.startswith("I;16") or arr.max(initial=0) > 255) else 1.0
-        img = Image.fromarray(np.clip(arr * scale, 0, 255).astype(np.uint8), mode="L")
-    if img.mode == "P" and "transparency" in img.info:
+        img = Image.fromarray(np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8), mode="L")
+    if img.mode in ("P", "L", "RGB") and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img.convert("RGBA")

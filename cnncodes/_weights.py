@@ -79,10 +79,16 @@ def _enum_member(spec: BackboneSpec, weights):
         ) from None
 
 
-def _looks_like_path(weights) -> bool:
+def _looks_like_path(spec: BackboneSpec, weights) -> bool:
     if isinstance(weights, os.PathLike):
         return True
-    return isinstance(weights, str) and (os.sep in weights or "." in weights or os.path.exists(weights))
+    if not isinstance(weights, str):
+        return False
+    # A weights name wins over a same-named file in the working directory.
+    names = {IMAGENET, "default", *(m.lower() for m in weights_enum(spec).__members__)}
+    if weights.lower() in names:
+        return False
+    return os.sep in weights or "." in weights or os.path.exists(weights)
 
 
 def resolve(spec: BackboneSpec, weights=IMAGENET) -> Weights:
@@ -95,7 +101,7 @@ def resolve(spec: BackboneSpec, weights=IMAGENET) -> Weights:
     default_id = _IMAGENET_MEMBER
     if weights is None:
         return Weights("random", "", "", default_id)
-    if _looks_like_path(weights):
+    if _looks_like_path(spec, weights):
         path = Path(weights).expanduser()
         if not path.is_file():
             raise WeightsError(

@@ -90,6 +90,12 @@ def test_rerun_extracts_nothing_and_keeps_failures(odd_folder, tmp_path, fast, c
     assert list(after.ids) == ids
     np.testing.assert_array_equal(after.codes(), codes)
     assert after.failures == failures and len(failures) == len(broken)
+    assert sorted(r for r, _ in result.known_failures) == sorted(broken)
+    capsys.readouterr()
+    assert _cli(folder, out) == 1  # recorded failures still make the exit status say so
+    stdout = capsys.readouterr().out
+    assert f"{len(broken)} unchanged images failed in an earlier run" in stdout
+    assert "0 failed;" in stdout
 
 
 @pytest.mark.parametrize("fixed, content", [
