@@ -46,28 +46,40 @@ def check_spec(stored: dict, wanted: dict, where: str) -> None:
 
 
 class StoreLock:
-    """An exclusive advisory lock (flock) beside the store; released if the process dies."""
+    """An exclusive lock beside the store (``codes.h5.lock``), released if the process dies.
 
-    def __init__(self, path: Path):
-        self.path = Path(f"{path}.lock")
+    POSIX record locks (``lockf``) belong to the process: unlike ``flock`` they are not
+    inherited by forked DataLoader workers, so an orphaned worker of a killed run cannot
+    keep the store locked. They do not exclude the same process, hence ``_held``.
+    """
+
+    _held: set[str] = set()
+
+    def __init__(self, path):
+        self.path = Path(f"{path}").resolve().with_name(f"{Path(path).name}.lock")
         self._fh = None
+
+    def _refuse(self, holder: str) -> StoreLockedError:
+        return StoreLockedError(
+            f"{self.path.name[:-5]} is being written by another process (pid {holder}). "
+            f"Wait for it to finish, or write to another file; if no such process "
+            f"runs, the lock is released already and a retry will succeed."
+        )
 
     def acquire(self) -> "StoreLock":
         import fcntl
 
+        if str(self.path) in self._held:
+            raise self._refuse(f"{os.getpid()}, this process")
         while True:
             fh = open(self.path, "a+")
             try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+                fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
                 fh.seek(0)
                 holder = fh.read().strip() or "unknown"
                 fh.close()
-                raise StoreLockedError(
-                    f"{self.path.name[:-5]} is being written by another process (pid {holder}). "
-                    f"Wait for it to finish, or write to another file; if no such process "
-                    f"runs, the lock is released already and a retry will succeed."
-                ) from None
+                raise self._refuse(holder) from None
             # The previous holder may have deleted the file between our open and our lock.
             if os.path.exists(self.path) and os.stat(self.path).st_ino == os.fstat(fh.fileno()).st_ino:
                 break
@@ -77,6 +89,7 @@ class StoreLock:
         fh.write(str(os.getpid()))
         fh.flush()
         self._fh = fh
+        self._held.add(str(self.path))
         return self
 
     def release(self) -> None:
@@ -87,6 +100,7 @@ class StoreLock:
                 pass
             self._fh.close()
             self._fh = None
+            self._held.discard(str(self.path))
 
     def __enter__(self):
         return self.acquire()

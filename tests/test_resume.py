@@ -14,9 +14,9 @@ from cnncodes import CodeStore, extract
 from cnncodes._store import Journal
 
 
-def _start(data, out, *extra):
+def _start(data, out, *extra, workers=0):
     cmd = [sys.executable, "-m", "cnncodes", "extract", str(data), "-o", str(out), "--quiet",
-           "--image-size", "64", "--batch-size", "1", "--workers", "0", "--layer", "block4",
+           "--image-size", "64", "--batch-size", "1", "--workers", str(workers), "--layer", "block4",
            "--layer", "block5", *extra]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
@@ -65,6 +65,16 @@ def test_sigkill_then_rerun_equals_uninterrupted(tmp_path, sample_dir, reference
     rerun = _start(sample_dir, out)
     assert rerun.wait(timeout=300) == 0, rerun.stderr.read().decode()
     assert not Journal(out).exists() and not os.path.exists(f"{out}.lock")
+    _assert_same(CodeStore(out), reference)
+
+
+def test_sigkill_with_decoding_workers_then_immediate_rerun(tmp_path, sample_dir, reference):
+    """Check that orphaned decoding workers of a killed run do not keep the store locked."""
+    out = tmp_path / "codes.h5"
+    proc = _start(sample_dir, out, workers=2)
+    _kill_after(proc, out, 5)
+    rerun = _start(sample_dir, out, workers=2)  # at once: the orphans may still be alive
+    assert rerun.wait(timeout=300) == 0, rerun.stderr.read().decode()
     _assert_same(CodeStore(out), reference)
 
 

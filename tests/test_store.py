@@ -196,6 +196,11 @@ def test_second_writer_is_refused(photos, tmp_path, fast):
         holder.kill()
         holder.wait()
     # The kernel drops the lock with its holder: the next run goes through.
+    from cnncodes._store import StoreLock
+
+    with StoreLock(out):  # the same process cannot lock twice either
+        with pytest.raises(StoreLockedError, match="this process"):
+            extract(photos, out=out, **fast)
     assert extract(photos, out=out, **fast).n_rows == 12
 
 
