@@ -33,7 +33,8 @@ class ExtractResult:
     n_images: int
     n_extracted: int = 0
     n_reused: int = 0  # identical content already computed: codes copied, not recomputed
-    n_unchanged: int = 0  # already in the store (or in the journal of an interrupted run)
+    n_unchanged: int = 0  # already in the store
+    n_resumed: int = 0  # done by an interrupted run (in its journal), merged now
     failures: list[tuple[str, str]] = field(default_factory=list)  # this run's (id, reason)
     # failures recorded by an earlier run for files still unchanged in the source
     known_failures: list[tuple[str, str]] = field(default_factory=list)
@@ -52,7 +53,9 @@ class ExtractResult:
         lines = [
             f"{self.n_images} images: {self.n_extracted} extracted "
             f"({self.images_per_second:.1f} img/s), {self.n_reused} reused from identical "
-            f"content, {self.n_unchanged} already in the store, {len(self.failures)} failed; "
+            f"content, {self.n_unchanged} already in the store, "
+            + (f"{self.n_resumed} resumed from an interrupted run, " if self.n_resumed else "")
+            + f"{len(self.failures)} failed; "
             f"{self.seconds:.1f} s in all.",
             f"{self.path}: {self.n_rows} rows; "
             + ", ".join(f"{a} ({d})" for a, d in self.layers.items()) + ".",
@@ -239,6 +242,7 @@ def extract(
         journal.open(spec)
         plan = _plan(src.items, store, journal)
         result.n_unchanged = plan.n_unchanged
+        result.n_resumed = plan.n_resumed
         result.known_failures = plan.known_failures
         result.failures = list(plan.failures)
         index = journal.next_index()
@@ -287,6 +291,7 @@ class _Plan:
     failures_with_sha: list[tuple[str, str, str]] = field(default_factory=list)
     known_failures: list[tuple[str, str]] = field(default_factory=list)
     n_unchanged: int = 0
+    n_resumed: int = 0
 
     @property
     def failures(self):
@@ -313,8 +318,10 @@ def _plan(items: list[Item], store: CodeStore | None, journal: Journal) -> _Plan
         if sha is None:
             plan.failures_with_sha.append((item.id, "", err))
             continue
-        if known_ids.get(item.id) == (sha, item.label) or j_ids.get(item.id) == sha:
+        if known_ids.get(item.id) == (sha, item.label):
             plan.n_unchanged += 1
+        elif j_ids.get(item.id) == sha:
+            plan.n_resumed += 1
         elif item.id in known_fail and known_fail[item.id][0] == sha:
             plan.n_unchanged += 1
             plan.known_failures.append((item.id, known_fail[item.id][1]))

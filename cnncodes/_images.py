@@ -60,7 +60,10 @@ class Preprocess:
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL mode to RGB: EXIF orientation applied, alpha composited on white."""
-    img = ImageOps.exif_transpose(img)
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001 - a corrupt EXIF block: the pixels are fine, keep them
+        pass  # as browsers do when the orientation cannot be read
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
         if img.mode == "F":

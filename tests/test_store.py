@@ -227,7 +227,8 @@ def test_failed_merge_keeps_old_store_and_journal(photos, tmp_path, sample_dir, 
     assert _sha(out) == digest and Journal(out).exists()
     assert not list(tmp_path.glob(".codes.h5.*.tmp"))
     result = extract(photos, out=out, **fast)
-    assert result.n_extracted == 0 and result.n_unchanged == 13  # taken from the journal
+    assert result.n_extracted == 0 and (result.n_unchanged, result.n_resumed) == (12, 1)
+    assert "1 resumed from an interrupted run" in result.summary()
     assert len(CodeStore(out)) == 13 and not Journal(out).exists()
 
 
