@@ -43,6 +43,16 @@ def plain_loop(folder: Path, backbone: str, node: str, batch_size: int) -> tuple
     return time.perf_counter() - t0, len(data)
 
 
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def subset(src: Path, dst: Path, n: int, seed: int = 0) -> list[Path]:
     files = sorted(p for p in src.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     random.Random(seed).shuffle(files)
@@ -71,7 +81,7 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="cnncodes-bench-"))
     rest = subset(args.data, work / "data", args.n)
     n = sum(1 for _ in (work / "data").rglob("*.*"))
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
+    print(f"# {cpu_name()}, {os.cpu_count()} cores, torch "
           f"{torch.__version__}, {args.backbone} {args.layer} ({node}), {n} images, batch {args.batch_size}")
     rows = []
     t_plain, _ = plain_loop(work / "data", args.backbone, node, args.batch_size)

@@ -15,7 +15,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._backbones import CodesModel, check_pooling, code_size, get_backbone, output_shapes, weights_enum
+from ._backbones import (
+    CodesModel,
+    check_pooling,
+    code_size,
+    get_backbone,
+    graph_nodes,
+    output_shapes,
+    weights_enum,
+)
 from ._errors import CnnCodesError
 from ._images import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocess, decode
 from ._sources import Item, read_source
@@ -155,6 +163,7 @@ def extract(
     dtype: str = "float32",
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: bool = True,
+    root=None,
 ) -> ExtractResult:
     """Extract CNN codes of images into an HDF5 code store; resume and skip what is there.
 
@@ -189,6 +198,11 @@ def extract(
         Larger images are recorded as failures (decompression-bomb guard).
     progress : bool
         Show a progress bar with images/s on stderr.
+    root : path, optional
+        For a list of paths only: ids are the paths relative to `root` (every image must lie
+        under it, else `SourceError`). By default they are relative to the common parent of
+        the list, which changes with the list; ``root="/"`` gives ids that do not, so that
+        appending other subsets of the same images never stores one file under two ids.
 
     Returns
     -------
@@ -214,7 +228,8 @@ def extract(
     by_node = {}
     for info in infos:
         by_node.setdefault(info.node, info)
-    infos = list(by_node.values())
+    depth = {node: k for k, node in enumerate(graph_nodes(backbone))}
+    infos = sorted(by_node.values(), key=lambda i: depth[i.node])  # shallow to deep
     w = resolve(spec_b, weights)
     prep = Preprocess.from_weights(weights_enum(spec_b)[w.preprocessing_from], image_size)
     shapes = output_shapes(backbone, tuple(i.node for i in infos), prep.crop_size)
@@ -229,7 +244,7 @@ def extract(
         "precision": "float32",
         "dtype": dtype,
     }
-    src = read_source(source, labels)
+    src = read_source(source, labels, root=root)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result = ExtractResult(str(out), len(src.items), skipped_files=src.skipped, layers=code_dims)
