@@ -1,7 +1,8 @@
 """cnncodes: transfer learning by CNN codes — a frozen ImageNet backbone, cached HDF5 codes, sklearn.
 
->>> from cnncodes import extract, CodeStore                     # doctest: +SKIP
+>>> from cnncodes import extract, fit, save                       # doctest: +SKIP
 >>> extract("photos/", out="codes.h5", layers=["block4", "block5"])  # doctest: +SKIP
+>>> save(fit("codes.h5", layer="block5"), "model.skops")             # doctest: +SKIP
 """
 
 __version__ = "0.1.0"
@@ -18,12 +19,22 @@ from ._errors import (
     WeightsError,
 )
 from ._extract import ExtractResult, extract
+from ._fit import fit, split_store
+from ._knn import FaissKNNClassifier
+from ._model import Evaluation, Model, ModelFileError, Prediction, evaluate, load, predict, save
 from ._store import CodeStore
+from ._transformer import CNNCodes
 
 __all__ = [
+    "CNNCodes",
     "CnnCodesError",
     "CodeStore",
+    "Evaluation",
     "ExtractResult",
+    "FaissKNNClassifier",
+    "Model",
+    "ModelFileError",
+    "Prediction",
     "SourceError",
     "StoreError",
     "StoreLockedError",
@@ -32,10 +43,16 @@ __all__ = [
     "UnknownLayerError",
     "WeightsError",
     "__version__",
+    "evaluate",
     "extract",
+    "fit",
     "layer_table",
     "list_backbones",
+    "load",
+    "predict",
     "sample_dir",
+    "save",
+    "split_store",
 ]
 
 

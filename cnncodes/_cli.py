@@ -14,6 +14,9 @@ EXAMPLES = {
     "layers": "cnncodes layers resnet50 --pooling avg",
     "info": "cnncodes info codes.h5",
     "demo": "cnncodes demo -o demo.h5",
+    "fit": "cnncodes fit codes.h5 --layer block5 --classifier logreg --test-size 0.25 -o model.skops",
+    "predict": "cnncodes predict model.skops new_photos/ --top-k 3 --csv predictions.csv",
+    "evaluate": "cnncodes evaluate model.skops codes.h5 --plot confusion.png",
 }
 
 
@@ -57,6 +60,40 @@ def _parser() -> argparse.ArgumentParser:
     info = command("info", "describe a code store", "Describe a code store: rows, layers, classes, "
                    "failures, label conflicts and provenance.")
     info.add_argument("store")
+
+    fit = command("fit", "fit a classifier on the codes of a store",
+                  "Fit logistic regression, a linear SVM or faiss kNN on a store's codes and save "
+                  "it with its extractor spec as a .skops file (loads without running code).")
+    fit.add_argument("store", help="a .h5 store from `cnncodes extract`")
+    fit.add_argument("-o", "--out", required=True, help="model file to write (.skops)")
+    fit.add_argument("--layer", help="stored layer to use (default: the deepest)")
+    fit.add_argument("--classifier", default="logreg", choices=["logreg", "linear_svm", "knn"])
+    fit.add_argument("--C", default="auto", help="regularisation: 'auto' (cross-validated) or a number")
+    fit.add_argument("--n-neighbors", type=int, default=10, help="for knn (default %(default)s)")
+    fit.add_argument("--metric", default="cosine", choices=["cosine", "l2", "ip"], help="for knn")
+    fit.add_argument("--test-size", type=float, help="hold out this fraction (stratified, identical "
+                     "content on one side) and report its accuracy; evaluate uses it too")
+    fit.add_argument("--random-state", type=int, default=0)
+    fit.add_argument("--cv", type=int, default=5, help="folds for C='auto' (default %(default)s)")
+    fit.add_argument("--jobs", type=int, default=-1, help="parallel jobs for the cross-validation (default: all cores)")
+
+    pred = command("predict", "classify photos with a saved model",
+                   "Extract photos with the model's own extractor spec and print the top-k labels "
+                   "with probabilities.")
+    pred.add_argument("model", help="a .skops file from `cnncodes fit`")
+    pred.add_argument("images", nargs="+", help="a folder, a .csv, or image files")
+    pred.add_argument("--top-k", type=int, default=1)
+    pred.add_argument("--csv", help="also write id,label,probability,... to this CSV")
+    pred.add_argument("--store", help="store to extract into and reuse (default: a temporary one)")
+    pred.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    ev = command("evaluate", "accuracy, per-class report and confusion matrix of a model",
+                 "Evaluate a saved model on a store (its held-out rows when the model was fit with "
+                 "--test-size on it) or on a labelled folder.")
+    ev.add_argument("model")
+    ev.add_argument("data", help="a .h5 store or a folder with one subfolder per class")
+    ev.add_argument("--plot", help="write the confusion matrix as a PNG (needs matplotlib)")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
 
     demo = command("demo", "extract the bundled photo sample and describe the result",
                    "Extract the small flower sample shipped with cnncodes (MobileNetV2, "
@@ -185,7 +222,71 @@ def _demo(args) -> int:
     return EXIT_FAILURES if result.failures else EXIT_OK
 
 
-HANDLERS = {"extract": _extract, "backbones": _backbones, "layers": _layers, "info": _info, "demo": _demo}
+def _fit(args) -> int:
+    from ._errors import CnnCodesError
+    from ._fit import fit, split_store
+    from ._model import evaluate, save
+    from ._store import CodeStore
+
+    store = CodeStore(args.store)
+    try:
+        C = args.C if args.C == "auto" else float(args.C)
+    except ValueError:
+        raise CnnCodesError(f"--C must be 'auto' or a number, got {args.C!r}.") from None
+    rows = None
+    if args.test_size is not None:
+        rows, test = split_store(store, test_size=args.test_size, random_state=args.random_state)
+    model = fit(store, classifier=args.classifier, layer=args.layer, C=C, n_neighbors=args.n_neighbors,
+                metric=args.metric, cv=args.cv, rows=rows, n_jobs=args.jobs, random_state=args.random_state)
+    info, layer = model.cnncodes_["fit"], model.cnncodes_["layer"]
+    dims = store.codes_shape(layer)[1]
+    line = f"fit {args.classifier} on {info['n_train']} rows of {store.path.name} ({layer}, {dims} dims)"
+    if "C" in info:
+        line += f", C={info['C']:g}"
+        if "cv_scores" in info:
+            cv_accuracy = info["cv_scores"][f"{info['C']:g}"]
+            line += f" ({args.cv}-fold CV accuracy {cv_accuracy:.4f})"
+    print(line + f"; {info['seconds']:.1f} s.")
+    save(model, args.out)
+    if args.test_size is not None:
+        ev = evaluate(model, args.store)
+        print(f"held-out accuracy {ev.accuracy:.4f} on {ev.n} rows (test size {args.test_size}, "
+              f"random_state {args.random_state}).")
+    print(f"wrote {args.out}")
+    return EXIT_OK
+
+
+def _predict(args) -> int:
+    import csv
+
+    from ._model import predict
+
+    images = args.images[0] if len(args.images) == 1 else args.images
+    preds = predict(args.model, images, top_k=args.top_k, store=args.store, progress=not args.quiet)
+    for p in preds:
+        print(p.id + "\t" + "\t".join(f"{lab} {prob:.3f}" for lab, prob in zip(p.labels, p.probabilities)))
+    if args.csv:
+        with open(args.csv, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["id"] + [f"{c}{k + 1}" for k in range(args.top_k) for c in ("label", "probability")])
+            for p in preds:
+                w.writerow([p.id] + [v for pair in zip(p.labels, p.probabilities) for v in pair])
+        print(f"wrote {args.csv}")
+    return EXIT_OK
+
+
+def _evaluate(args) -> int:
+    from ._model import evaluate
+
+    ev = evaluate(args.model, args.data, progress=not args.quiet)
+    print(ev.summary())
+    if args.plot:
+        print(f"wrote {ev.plot(args.plot)}")
+    return EXIT_OK
+
+
+HANDLERS = {"extract": _extract, "backbones": _backbones, "layers": _layers, "info": _info,
+            "demo": _demo, "fit": _fit, "predict": _predict, "evaluate": _evaluate}
 
 
 def main(argv=None) -> int:

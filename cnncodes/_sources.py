@@ -95,14 +95,25 @@ def _from_csv(path: Path) -> Source:
     return Source(str(root), items, "csv")
 
 
-def _from_paths(paths, labels) -> Source:
+def _from_paths(paths, labels, root=None) -> Source:
     paths = [Path(p) for p in paths]
     if not paths:
         raise SourceError("the list of image paths is empty.")
     if labels is not None and len(labels) != len(paths):
         raise SourceError(f"got {len(paths)} paths but {len(labels)} labels; give one label per path.")
     absolute = [p.resolve() for p in paths]
-    root = Path(os.path.commonpath([p.parent for p in absolute]))
+    if root is None:
+        root = Path(os.path.commonpath([p.parent for p in absolute]))
+    else:
+        # A fixed root keeps ids stable when the list varies (e.g. between CV folds).
+        root = Path(root).expanduser().resolve()
+        outside = [str(p) for p in absolute if not p.is_relative_to(root)]
+        if outside:
+            raise SourceError(
+                f"{len(outside)} image(s) are outside root {str(root)!r}, e.g. {outside[0]!r}. "
+                f"Ids are paths relative to root: give a root folder that holds every image, "
+                f"or root=None for the common parent of the list."
+            )
     items, seen = [], set()
     for i, p in enumerate(absolute):
         rid = p.relative_to(root).as_posix()
@@ -113,17 +124,20 @@ def _from_paths(paths, labels) -> Source:
     return Source(str(root), items, "paths")
 
 
-def read_source(source, labels=None) -> Source:
+def read_source(source, labels=None, root=None) -> Source:
     """List the images of a source.
 
     `source` is a folder (one subfolder per class gives labels; a flat folder gives none),
     a ``.csv`` file of ``path[,label]`` rows (paths relative to the CSV), or a list of paths
-    (with optional `labels`, one per path).
+    (with optional `labels`, one per path, and an optional `root`: ids are then paths
+    relative to `root` instead of to the common parent of the list).
     """
     if isinstance(source, (list, tuple)):
-        return _from_paths(source, labels)
+        return _from_paths(source, labels, root)
     if labels is not None:
         raise SourceError("labels= is only for a list of paths; folders and CSVs carry their labels.")
+    if root is not None:
+        raise SourceError("root= is only for a list of paths; ids of a folder or CSV are relative to it.")
     path = Path(source).expanduser()
     if path.is_dir():
         return _from_folder(path)

@@ -1,0 +1,209 @@
+"""Classical classifiers on CNN codes: `fit` with cross-validated C, and a leak-free split."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+from sklearn.model_selection import StratifiedKFold, train_test_split
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+
+from ._errors import CnnCodesError
+from ._store import CodeStore
+
+CLASSIFIERS = ("logreg", "linear_svm", "knn")
+C_GRID = tuple(float(c) for c in np.round(np.logspace(-4, 1, 11), 10))  # 1e-4, 3e-4, ... 10
+
+
+def split_store(store, *, test_size: float = 0.25, random_state: int | None = 0):
+    """Stratified train/test split of a store's labelled rows, identical content on one side.
+
+    Rows with the same content sha256 (e.g. one photo under two class folders) form one
+    group and go to the same side, so no test image is also a training image.
+
+    Returns
+    -------
+    train, test : ndarray of int
+        Row indices into the store.
+    """
+    store = _as_store(store)
+    labels, shas = store.labels, store.sha256
+    rows = np.flatnonzero(labels >= 0)
+    if not 0 < test_size < 1:
+        raise CnnCodesError(f"test_size must be between 0 and 1, got {test_size}.")
+    first = {}
+    for r in rows:  # one representative per content, labelled with its first label
+        first.setdefault(shas[r], r)
+    reps = np.array(list(first.values()))
+    try:
+        rep_train, rep_test = train_test_split(reps, test_size=test_size, stratify=labels[reps],
+                                               random_state=random_state)
+    except ValueError as exc:
+        raise CnnCodesError(f"cannot make a stratified split of {store.path.name}: {exc}. "
+                            f"Each class needs at least 2 distinct images.") from None
+    test_shas = {shas[r] for r in rep_test}
+    is_test = np.array([shas[r] in test_shas for r in rows])
+    return rows[~is_test], rows[is_test]
+
+
+def _as_store(codes) -> CodeStore:
+    return codes if isinstance(codes, CodeStore) else CodeStore(codes)
+
+
+def _load_xy(codes, labels, layer, rows):
+    """Return X, y (class names as strings) and the store (or None) for arrays or a store."""
+    if isinstance(codes, (str, Path, CodeStore)):
+        store = _as_store(codes)
+        layer = layer or store.layers[-1]
+        X = store.codes(layer)
+        names = np.array(store.class_names, dtype=object)
+        idx = store.labels
+        if rows is None:
+            rows = np.flatnonzero(idx >= 0)
+        if len(rows) == 0:
+            raise CnnCodesError(f"{store.path.name} has no labelled rows; extract a folder with one "
+                                f"subfolder per class, or a CSV with labels.")
+        return X[rows], names[idx[rows]].astype(str), store, layer, rows
+    if labels is None:
+        raise CnnCodesError("fit(X) on arrays needs labels: fit(X, y).")
+    X = np.asarray(codes)
+    if rows is not None:
+        X, labels = X[rows], np.asarray(labels)[rows]
+    return X, np.asarray(labels), None, layer, rows
+
+
+def _best_c(classifier, X, y, cv, n_jobs):
+    from sklearn.model_selection import GridSearchCV
+
+    if classifier == "logreg":
+        from sklearn.linear_model import LogisticRegressionCV
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # sklearn's transition notices
+            search = LogisticRegressionCV(Cs=list(C_GRID), cv=cv, max_iter=3000, n_jobs=n_jobs,
+                                          scoring="accuracy")
+            search.fit(X, y)
+        scores = np.mean([s.mean(axis=0) for s in search.scores_.values()], axis=0)
+        return float(search.C_[0]), dict(zip(C_GRID, scores))
+    from sklearn.svm import LinearSVC
+
+    search = GridSearchCV(LinearSVC(max_iter=5000), {"C": list(C_GRID)}, cv=cv, n_jobs=n_jobs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ConvergenceWarning at large C is expected in a sweep
+        search.fit(X, y)
+    return float(search.best_params_["C"]), dict(zip(C_GRID, search.cv_results_["mean_test_score"]))
+
+
+def fit(
+    codes,
+    labels=None,
+    *,
+    classifier: str = "logreg",
+    layer: str | None = None,
+    C="auto",
+    n_neighbors: int = 10,
+    metric: str = "cosine",
+    cv: int = 5,
+    rows=None,
+    n_jobs: int | None = -1,
+    random_state: int | None = 0,
+) -> Pipeline:
+    """Fit a scikit-learn classifier on CNN codes.
+
+    Parameters
+    ----------
+    codes : path, CodeStore or array of shape (n, d)
+        A code store (its labelled rows are used) or a feature matrix.
+    labels : array of shape (n,), optional
+        Labels when `codes` is an array.
+    classifier : {"logreg", "linear_svm", "knn"}
+        Logistic regression, a linear SVM (probabilities calibrated by Platt scaling), or
+        k-nearest neighbours through faiss.
+    layer : str, optional
+        Which stored layer to use (the deepest one by default).
+    C : "auto" or float
+        Inverse regularisation of the linear models; ``"auto"`` picks it from
+        ``1e-4, 3e-4, ..., 10`` (half-decade steps) by stratified `cv`-fold cross-validation
+        on the training rows (warm-started for logreg).
+    n_neighbors, metric
+        For ``classifier="knn"``: neighbours and ``"cosine"`` | ``"l2"`` | ``"ip"``.
+    rows : array of int, optional
+        Store rows to train on (e.g. the train side of :func:`split_store`).
+    n_jobs : int, optional
+        Parallel jobs for the cross-validation (joblib; all cores by default).
+
+    Returns
+    -------
+    sklearn.pipeline.Pipeline
+        Fitted; ``classes_`` are the class names. When fitted from a store it carries
+        ``cnncodes_`` (the extractor spec, layer and training rows) for :func:`save`.
+
+    Examples
+    --------
+    >>> from cnncodes import fit, split_store                        # doctest: +SKIP
+    >>> train, test = split_store("codes.h5", test_size=0.25)        # doctest: +SKIP
+    >>> model = fit("codes.h5", layer="block5", rows=train)          # doctest: +SKIP
+    """
+    if classifier not in CLASSIFIERS:
+        raise CnnCodesError(f"unknown classifier {classifier!r}. Valid classifiers: {', '.join(CLASSIFIERS)}.")
+    if not (C == "auto" or isinstance(C, (int, float)) and C > 0):
+        raise CnnCodesError(f"C must be 'auto' or a positive number, got {C!r}.")
+    t0 = time.perf_counter()
+    X, y, store, layer, rows = _load_xy(codes, labels, layer, rows)
+    if len(np.unique(y)) < 2:
+        raise CnnCodesError(f"fit needs at least 2 classes, got {len(np.unique(y))} ({np.unique(y)[:3]}).")
+    info = {"classifier": classifier, "n_train": int(len(y))}
+    if classifier == "knn":
+        from ._knn import FaissKNNClassifier
+
+        model = Pipeline([("knn", FaissKNNClassifier(n_neighbors=n_neighbors, metric=metric))])
+        model.fit(X, y)
+    else:
+        scaler = StandardScaler().fit(X)
+        Xs = scaler.transform(X)
+        if C == "auto":
+            smallest = int(np.unique(y, return_counts=True)[1].min())
+            if smallest < 2:
+                raise CnnCodesError("C='auto' cross-validates, so every class needs at least 2 "
+                                    "training images; give C a number or add images.")
+            folds = StratifiedKFold(n_splits=min(cv, smallest), shuffle=True, random_state=random_state)
+            C, scores = _best_c(classifier, Xs, y, folds, n_jobs)
+            info["cv_scores"] = {f"{c:g}": float(s) for c, s in scores.items()}
+        info["C"] = float(C)
+        if classifier == "logreg":
+            from sklearn.linear_model import LogisticRegression
+
+            head = LogisticRegression(C=C, max_iter=3000)
+        else:
+            from sklearn.calibration import CalibratedClassifierCV
+            from sklearn.svm import LinearSVC
+
+            head = CalibratedClassifierCV(LinearSVC(C=C, max_iter=5000), method="sigmoid", cv=3)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            head.fit(Xs, y)
+        model = Pipeline([("scale", scaler), (classifier, head)])
+    info["seconds"] = time.perf_counter() - t0
+    model.cnncodes_ = {
+        "fit": info,
+        "layer": layer,
+        "extractor": None if store is None else _extractor_spec(store, layer),
+        "train_ids": None if store is None else [str(i) for i in store.ids[rows]],
+        "store": None if store is None else str(store.path),
+    }
+    return model
+
+
+def _extractor_spec(store: CodeStore, layer: str) -> dict:
+    """The store's settings narrowed to one layer: what extracting new photos needs."""
+    spec = dict(store.spec)
+    if layer not in spec["layers"]:
+        nodes = {n: a for a, n in spec["layers"].items()}
+        layer = nodes.get(layer, layer)
+    spec["layers"] = {layer: store.spec["layers"][layer]}
+    spec["image_size"] = spec["preprocessing"]["crop_size"]
+    spec["weights_path"] = store.attrs.get("weights_path", "")
+    return spec

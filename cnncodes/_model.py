@@ -1,0 +1,273 @@
+"""Model files that load without running code (skops), prediction on photos, evaluation."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ._errors import CnnCodesError, StoreMismatchError
+from ._store import CodeStore, check_spec
+
+MODEL_FORMAT = "cnncodes.model"
+MODEL_VERSION = 1
+# Types cnncodes writes besides the public scikit-learn ones skops trusts by itself.
+TRUSTED = [
+    "cnncodes._knn.FaissKNNClassifier",
+    "sklearn.calibration._CalibratedClassifier",
+    "sklearn.calibration._SigmoidCalibration",
+]
+
+
+class ModelFileError(CnnCodesError):
+    """A model file cannot be read, or is not trusted."""
+
+
+def save(model, path, *, extractor: dict | None = None) -> Path:
+    """Write a fitted model and what it needs to classify new photos to a ``.skops`` file.
+
+    The file bundles the estimator, the extractor spec (backbone, weights id and sha256,
+    layer, pooling, preprocessing), the class names and the ids it was trained on. It is a
+    skops file: :func:`load` rebuilds it without unpickling, so a file from a stranger
+    cannot run code.
+    """
+    import skops.io as sio
+
+    meta = dict(getattr(model, "cnncodes_", {}) or {})
+    extractor = extractor or meta.get("extractor")
+    bundle = {
+        "format": MODEL_FORMAT,
+        "format_version": MODEL_VERSION,
+        "estimator": model,
+        "classes": [str(c) for c in getattr(model, "classes_", [])],
+        "extractor": extractor,
+        "fit": meta.get("fit"),
+        "train_ids": meta.get("train_ids"),
+        "store": meta.get("store"),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sio.dump(bundle, path)
+    return path
+
+
+@dataclass
+class Model:
+    """A loaded model file: the estimator and what it was made from."""
+
+    estimator: object
+    classes: list[str]
+    extractor: dict | None
+    fit: dict | None
+    train_ids: list[str] | None
+    path: str
+
+    def predict_proba(self, X):
+        return self.estimator.predict_proba(X)
+
+
+def load(path, *, trusted=()) -> Model:
+    """Read a model file written by :func:`save`, refusing any type not known to be safe.
+
+    Parameters
+    ----------
+    trusted : sequence of str
+        Extra type names (as listed in the refusal message) to allow. Only for files whose
+        origin you trust: allowing a type lets the file construct it.
+    """
+    import skops.io as sio
+    from skops.io.exceptions import UntrustedTypesFoundException
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"model file {str(path)!r} does not exist. Make one with `cnncodes fit`.")
+    try:
+        untrusted = sio.get_untrusted_types(file=path)
+        refused = [t for t in untrusted if t not in TRUSTED and t not in trusted]
+        if refused:
+            raise ModelFileError(
+                f"{path.name} contains types cnncodes does not trust: {', '.join(refused)}. "
+                f"Loading it could run code. If you trust its origin, pass "
+                f"trusted={refused!r} to cnncodes.load."
+            )
+        bundle = sio.load(path, trusted=[t for t in untrusted if t not in refused])
+    except UntrustedTypesFoundException as exc:
+        raise ModelFileError(f"{path.name} was refused: {exc}") from None
+    except ModelFileError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a corrupt or foreign file
+        raise ModelFileError(f"{str(path)!r} is not a readable cnncodes model file ({type(exc).__name__}: {exc}).") from None
+    if not isinstance(bundle, dict) or bundle.get("format") != MODEL_FORMAT:
+        raise ModelFileError(f"{str(path)!r} is a skops file but not a cnncodes model.")
+    if bundle["format_version"] > MODEL_VERSION:
+        raise ModelFileError(f"{path.name} has model format {bundle['format_version']}; this cnncodes "
+                             f"reads up to {MODEL_VERSION}. Upgrade cnncodes.")
+    return Model(bundle["estimator"], bundle["classes"], bundle["extractor"], bundle["fit"],
+                 bundle["train_ids"], str(path))
+
+
+def _as_model(model) -> Model:
+    if isinstance(model, Model):
+        return model
+    if isinstance(model, (str, Path)):
+        return load(model)
+    meta = getattr(model, "cnncodes_", {}) or {}
+    return Model(model, [str(c) for c in model.classes_], meta.get("extractor"), meta.get("fit"),
+                 meta.get("train_ids"), "")
+
+
+def _codes_for(model: Model, source, store=None, progress=False) -> tuple[CodeStore, str]:
+    """Extract `source` with the model's extractor spec into `store` (a temp file if None)."""
+    from ._extract import extract
+
+    spec = model.extractor
+    if spec is None:
+        raise CnnCodesError("this model was fitted on arrays, not on a code store, so it does not "
+                            "know how to extract codes; fit it from a store made by `cnncodes extract`.")
+    weights = spec["weights"]
+    if weights.startswith("file:"):
+        weights = spec.get("weights_path") or weights[5:]
+    elif weights == "random":
+        weights = None
+    out = Path(store) if store else Path(tempfile.mkdtemp(prefix="cnncodes-predict-")) / "codes.h5"
+    (layer,) = spec["layers"]
+    extract(source, out=out, backbone=spec["backbone"], layers=[spec["layers"][layer]],
+            pooling=spec["pooling"], weights=weights, image_size=spec["image_size"],
+            dtype=spec["dtype"], progress=progress)
+    return CodeStore(out), layer
+
+
+def _check_store(model: Model, store: CodeStore) -> str:
+    spec = dict(model.extractor or {})
+    (layer,) = spec["layers"]
+    if layer not in store.spec["layers"]:
+        raise StoreMismatchError(
+            f"{store.path.name} holds layers {', '.join(store.layers)}; the model needs "
+            f"{layer} ({spec['layers'][layer]}). Extract that layer, or pass a folder of photos."
+        )
+    narrowed = {**store.spec, "layers": {layer: store.spec["layers"][layer]}}
+    check_spec(narrowed, spec, store.path.name)
+    return layer
+
+
+@dataclass
+class Prediction:
+    """Top-k labels with probabilities for one image."""
+
+    id: str
+    labels: list[str]
+    probabilities: list[float]
+
+
+def predict(model, images, *, top_k: int = 1, store=None, progress: bool = False):
+    """Classify photos with a fitted model: extract them with its spec, return top-k.
+
+    Parameters
+    ----------
+    model : path, Model or fitted estimator from :func:`fit`
+    images : folder, CSV, list of paths
+    store : path, optional
+        A store to extract into (and reuse on the next call); a temporary one by default.
+
+    Returns
+    -------
+    list of Prediction
+        Images that could not be decoded are left out and listed by the extract summary.
+    """
+    model = _as_model(model)
+    codes, layer = _codes_for(model, images, store, progress)
+    X = codes.codes(layer)
+    proba = model.predict_proba(X)
+    classes = np.asarray(model.estimator.classes_).astype(str)
+    k = max(1, min(top_k, len(classes)))
+    order = np.argsort(-proba, axis=1, kind="stable")[:, :k]
+    return [Prediction(rid, list(classes[o]), [float(p) for p in proba[i, o]])
+            for i, (rid, o) in enumerate(zip(codes.ids, order))]
+
+
+@dataclass
+class Evaluation:
+    """Accuracy, per-class precision/recall/F1 and the confusion matrix of a model on a set."""
+
+    accuracy: float
+    classes: list[str]
+    confusion: np.ndarray
+    report: str
+    n: int
+    on: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        width = max(len(c) for c in self.classes)
+        head = " " * (width + 2) + " ".join(f"{c[:8]:>8}" for c in self.classes)
+        rows = [f"{c:<{width}}  " + " ".join(f"{v:>8d}" for v in row)
+                for c, row in zip(self.classes, self.confusion)]
+        return "\n".join([
+            f"accuracy {self.accuracy:.4f} on {self.n} images ({self.on})", "",
+            self.report.rstrip(), "",
+            "confusion matrix (rows: true, columns: predicted)", head, *rows,
+        ])
+
+    def plot(self, path) -> Path:
+        """Write the confusion matrix as a PNG (needs matplotlib: pip install 'cnncodes[plot]')."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            raise CnnCodesError("plotting needs matplotlib: pip install 'cnncodes[plot]'.") from None
+        from sklearn.metrics import ConfusionMatrixDisplay
+
+        fig, ax = plt.subplots(figsize=(1.2 * len(self.classes) + 2, 1.2 * len(self.classes) + 1.5))
+        ConfusionMatrixDisplay(self.confusion, display_labels=self.classes).plot(ax=ax, colorbar=False)
+        ax.set_title(f"accuracy {self.accuracy:.3f} on {self.n} images")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return Path(path)
+
+
+def evaluate(model, data, *, progress: bool = False) -> Evaluation:
+    """Evaluate a model on a code store (its held-out rows when the model knows them) or a folder.
+
+    On a store that the model was trained from, only rows it was not trained on are used,
+    so the figure is a held-out one; on any other store or folder, every labelled row.
+    """
+    from sklearn.metrics import classification_report, confusion_matrix
+
+    model = _as_model(model)
+    path = Path(data)
+    if path.is_file() and path.suffix in (".h5", ".hdf5"):
+        store = CodeStore(path)
+        layer = _check_store(model, store)
+        on = f"all labelled rows of {path.name}"
+    else:
+        store, layer = _codes_for(model, data, None, progress)
+        on = f"all labelled images of {path}"
+    labels = store.labels
+    rows = np.flatnonzero(labels >= 0)
+    if model.train_ids:
+        train = set(model.train_ids)
+        held = np.array([r for r in rows if store.ids[r] not in train], dtype=int)
+        if len(held) < len(rows):
+            train_shas = {s for i, s in zip(store.ids, store.sha256) if i in train}
+            held = np.array([r for r in held if store.sha256[r] not in train_shas], dtype=int)
+            on = f"{len(held)} held-out rows of {path.name} (not used in training)"
+        rows = held
+    if len(rows) == 0:
+        raise CnnCodesError(f"nothing to evaluate in {path}: no labelled rows outside the training set.")
+    names = np.array(store.class_names, dtype=object)
+    y = names[labels[rows]].astype(str)
+    pred = np.asarray(model.estimator.predict(store.codes(layer)[rows])).astype(str)
+    classes = sorted(set(model.classes) | set(y))
+    return Evaluation(
+        accuracy=float((pred == y).mean()),
+        classes=classes,
+        confusion=confusion_matrix(y, pred, labels=classes),
+        report=classification_report(y, pred, labels=classes, digits=3, zero_division=0),
+        n=int(len(rows)),
+        on=on,
+    )

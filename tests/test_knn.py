@@ -1,0 +1,345 @@
+"""Tests of FaissKNNClassifier: sklearn's estimator battery, parity with KNeighborsClassifier,
+the approximate indexes, error messages and persistence (pickle, clone, skops)."""
+
+import copy
+import doctest
+import pickle
+import re
+
+import faiss
+import numpy as np
+import pytest
+from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+import cnncodes._knn
+from cnncodes._knn import FaissKNNClassifier, default_nlist
+
+skops_io = pytest.importorskip("skops.io")
+
+SKLEARN_METRIC = {"l2": "euclidean", "cosine": "cosine"}
+
+
+def gaussian(n_train=500, n_query=200, dim=64, n_classes=4, seed=0):
+    """Random gaussian codes and labels: no ties between distances."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n_train + n_query, dim)).astype(np.float32)
+    y = rng.integers(n_classes, size=n_train + n_query)
+    return X[:n_train], y[:n_train], X[n_train:]
+
+
+def clustered(n, dim, n_classes=10, modes=4, sep=0.8, seed=0):
+    """Code-like data: a few gaussian modes per class, rectified like pooled CNN activations."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(scale=sep, size=(n_classes, modes, dim))
+    y = rng.integers(n_classes, size=n)
+    X = centers[y, rng.integers(modes, size=n)] + rng.normal(size=(n, dim))
+    return np.maximum(X, 0).astype(np.float32), y
+
+
+# ------------------------------------------------------------------ estimator battery
+
+
+@parametrize_with_checks(
+    [
+        FaissKNNClassifier(),
+        FaissKNNClassifier(metric="cosine", weights="distance"),
+        FaissKNNClassifier(index="hnsw"),
+        FaissKNNClassifier(index="ivf", nprobe=2),
+        FaissKNNClassifier(metric="ip"),
+    ],
+    # No expected failures: every check of the battery passes.
+)
+def test_sklearn_estimator_checks(estimator, check):
+    """Check that the classifier passes scikit-learn's estimator checks."""
+    check(estimator)
+
+
+# ------------------------------------------------------------------ parity with scikit-learn
+
+
+@pytest.mark.parametrize("weights", ["uniform", "distance"])
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_same_as_kneighborsclassifier(metric, weights):
+    """Check that neighbours, distances, probabilities and labels are those of sklearn's brute KNN."""
+    X, y, Q = gaussian()
+    ours = FaissKNNClassifier(metric=metric, weights=weights).fit(X, y)
+    ref = KNeighborsClassifier(algorithm="brute", metric=SKLEARN_METRIC[metric], weights=weights)
+    ref.fit(X, y)
+
+    dist, ind = ours.kneighbors(Q)
+    ref_dist, ref_ind = ref.kneighbors(Q)
+    np.testing.assert_array_equal(ind, ref_ind)
+    np.testing.assert_allclose(dist, ref_dist, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(ours.predict_proba(Q), ref.predict_proba(Q), rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(ours.predict(Q), ref.predict(Q))
+
+    # other n_neighbors, indices only
+    np.testing.assert_array_equal(
+        ours.kneighbors(Q, n_neighbors=17, return_distance=False),
+        ref.kneighbors(Q, n_neighbors=17, return_distance=False),
+    )
+    # X=None: the training points, each left out of its own neighbours
+    dist, ind = ours.kneighbors()
+    ref_dist, ref_ind = ref.kneighbors()
+    np.testing.assert_array_equal(ind, ref_ind)
+    np.testing.assert_allclose(dist, ref_dist, rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(ours.predict(None), ref.predict(None))
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_same_as_kneighborsclassifier_on_codes(metric):
+    """Check that on clustered, rectified code-like data with string labels the labels match sklearn's."""
+    X, y = clustered(3000, 256, sep=0.4)
+    names = np.array(["ant", "bee", "cat", "dog", "eel", "fox", "gnu", "hen", "ibis", "jay"])
+    X, Q, y, yq = X[:2500], X[2500:], names[y[:2500]], names[y[2500:]]
+    ours = FaissKNNClassifier(n_neighbors=7, metric=metric).fit(X, y)
+    ref = KNeighborsClassifier(7, algorithm="brute", metric=SKLEARN_METRIC[metric]).fit(X, y)
+    np.testing.assert_array_equal(ours.classes_, ref.classes_)
+    pred = ours.predict(Q)
+    np.testing.assert_array_equal(pred, ref.predict(Q))
+    assert 0.6 < np.mean(pred == yq) < 0.95  # neither trivial nor noise: votes are contested
+    np.testing.assert_array_equal(ours.kneighbors(Q)[1], ref.kneighbors(Q)[1])
+    np.testing.assert_allclose(ours.predict_proba(Q), ref.predict_proba(Q))
+
+
+def test_exact_matches_get_all_the_weight():
+    """Check that with weights='distance' a query equal to a training point takes its label only."""
+    X = np.array([[0.0, 0.0], [0.0, 1.0], [0.0, 1.1], [0.0, 1.2]], dtype=np.float32)
+    clf = FaissKNNClassifier(n_neighbors=3, weights="distance").fit(X, [0, 1, 1, 1])
+    np.testing.assert_array_equal(clf.predict_proba([[0.0, 0.0]]), [[1.0, 0.0]])
+    np.testing.assert_array_equal(clf.predict([[0.0, 0.0], [0.0, 0.8]]), [0, 1])
+
+
+def test_callable_weights():
+    """Check that a callable gets the distances and its weights drive the vote, as in sklearn."""
+    X, y, Q = gaussian()
+    weights = lambda dist: np.exp(-dist)  # noqa: E731
+    ours = FaissKNNClassifier(n_neighbors=9, weights=weights).fit(X, y)
+    ref = KNeighborsClassifier(9, algorithm="brute", weights=weights).fit(X, y)
+    np.testing.assert_allclose(ours.predict_proba(Q), ref.predict_proba(Q), rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(ours.predict(Q), ref.predict(Q))
+
+
+def test_inner_product_distances_are_negated_similarities():
+    """Check that metric='ip' returns -<x, y>, nearest (largest product) first."""
+    X, y, Q = gaussian(n_train=300, n_query=20)
+    dist, ind = FaissKNNClassifier(metric="ip", n_neighbors=4).fit(X, y).kneighbors(Q)
+    products = Q.astype(np.float64) @ X.T.astype(np.float64)
+    np.testing.assert_array_equal(ind, np.argsort(-products, axis=1)[:, :4])
+    np.testing.assert_allclose(dist, -np.take_along_axis(products, ind, axis=1), rtol=1e-4)
+    assert np.all(np.diff(dist, axis=1) >= 0)
+
+
+def test_training_points_with_duplicates_leave_themselves_out():
+    """Check that kneighbors(X=None) never returns a point as its own neighbour, even duplicated."""
+    X, y, _ = gaussian(n_train=50)
+    X, y = np.repeat(X, 3, axis=0), np.repeat(y, 3)
+    for index in ["flat", "hnsw", "ivf"]:
+        dist, ind = FaissKNNClassifier(n_neighbors=2, index=index).fit(X, y).kneighbors()
+        assert not np.any(ind == np.arange(len(X))[:, None]), index
+        np.testing.assert_allclose(dist, 0, atol=1e-3)
+        assert np.all(ind // 3 == np.arange(len(X))[:, None] // 3), index
+
+
+def test_n_jobs_sets_and_restores_faiss_threads():
+    """Check that n_jobs gives the same answers and leaves faiss's thread count as it was."""
+    X, y, Q = gaussian()
+    before = faiss.omp_get_max_threads()
+    one = FaissKNNClassifier(n_jobs=1).fit(X, y)
+    np.testing.assert_array_equal(one.predict(Q), FaissKNNClassifier(n_jobs=-1).fit(X, y).predict(Q))
+    assert faiss.omp_get_max_threads() == before
+
+
+# ------------------------------------------------------------------ approximate indexes
+
+
+@pytest.fixture(scope="module")
+def codes_20k():
+    """20k x 128 clustered training codes, 1000 queries, and their exact 10 neighbours."""
+    X, y = clustered(21000, 128)
+    X, Q, y, yq = X[:20000], X[20000:], y[:20000], y[20000:]
+    exact = FaissKNNClassifier(n_neighbors=10).fit(X, y)
+    return X, y, Q, yq, exact.kneighbors(Q, return_distance=False), exact.score(Q, yq)
+
+
+@pytest.mark.parametrize("index", ["ivf", "hnsw"])
+def test_approximate_index_recall_and_accuracy(codes_20k, index):
+    """Check that IVF and HNSW find >= 90 % of the exact 10 neighbours and classify as well."""
+    X, y, Q, yq, exact_ind, exact_score = codes_20k
+    clf = FaissKNNClassifier(n_neighbors=10, index=index).fit(X, y)
+    ind = clf.kneighbors(Q, return_distance=False)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ind, exact_ind)])
+    assert recall >= 0.9, recall
+    assert clf.score(Q, yq) >= exact_score - 0.02
+    assert clf.nlist_ == (default_nlist(20000) if index == "ivf" else None)
+
+
+def test_query_time_parameters_need_no_refit():
+    """Check that nprobe = nlist makes a fitted IVF index exact without refitting."""
+    X, y, Q = gaussian(n_train=2000)
+    exact = FaissKNNClassifier(n_neighbors=10).fit(X, y).kneighbors(Q, return_distance=False)
+    ivf = FaissKNNClassifier(n_neighbors=10, index="ivf", nlist=40, nprobe=1).fit(X, y)
+    assert not np.array_equal(ivf.kneighbors(Q, return_distance=False), exact)
+    ivf.set_params(nprobe=40)
+    np.testing.assert_array_equal(ivf.kneighbors(Q, return_distance=False), exact)
+
+
+def test_short_ivf_lists_still_give_k_neighbours():
+    """Check that queries whose visited IVF lists hold fewer than k points get k real neighbours."""
+    X, y, Q = gaussian(n_train=400)
+    exact = FaissKNNClassifier(n_neighbors=100).fit(X, y).kneighbors(Q, return_distance=False)
+    ivf = FaissKNNClassifier(n_neighbors=100, index="ivf", nlist=10, nprobe=1).fit(X, y)
+    ind = ivf.kneighbors(Q, return_distance=False)
+    assert ind.min() >= 0
+    np.testing.assert_array_equal(np.sort(ind, axis=1), np.sort(exact, axis=1))
+
+
+def test_default_nlist():
+    """Check that the default nlist is about 4 sqrt(n), with >= 39 points per list."""
+    assert default_nlist(50_000) == 894
+    assert default_nlist(20_000) == 512
+    assert default_nlist(100) == 2
+    assert default_nlist(1) == 1
+
+
+# ------------------------------------------------------------------ errors
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"metric": "manhattan"},
+         "Expected metric to be one of 'l2', 'cosine', 'ip', but got metric='manhattan'"),
+        ({"weights": "gaussian"},
+         "Expected weights to be one of 'uniform', 'distance', but got weights='gaussian'"),
+        ({"index": "ivfpq"},
+         "Expected index to be one of 'flat', 'ivf', 'hnsw', but got index='ivfpq'"),
+        ({"n_neighbors": 0}, "Expected n_neighbors to be an integer >= 1, but got n_neighbors=0"),
+        ({"n_neighbors": 2.5}, "Expected n_neighbors to be an integer >= 1, but got n_neighbors=2.5"),
+        ({"nlist": -3}, "Expected nlist to be an integer >= 1 or None, but got nlist=-3"),
+        ({"n_jobs": 0}, "Expected n_jobs to be None or a non-zero integer"),
+        ({"metric": "ip", "weights": "distance"}, "Expected a metric with non-negative distances"),
+        ({"index": "ivf", "nlist": 50},
+         "Expected nlist <= n_samples for index='ivf', but nlist = 50, n_samples = 20"),
+    ],
+    ids=["metric", "weights", "index", "n_neighbors-0", "n_neighbors-float", "nlist", "n_jobs",
+         "ip-distance", "nlist-too-large"],
+)
+def test_bad_parameters(params, message):
+    """Check that fit refuses bad parameters with a message naming the value and the choices."""
+    X, y, _ = gaussian(n_train=20)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        FaissKNNClassifier(**params).fit(X, y)
+
+
+def test_too_many_neighbours():
+    """Check that asking for more neighbours than fitted samples says both numbers."""
+    X, y, Q = gaussian(n_train=5, n_query=3)
+    clf = FaissKNNClassifier(n_neighbors=6).fit(X, y)
+    expected = "Expected n_neighbors <= n_samples_fit, but n_neighbors = 6, n_samples_fit = 5"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        clf.predict(Q)
+    with pytest.raises(ValueError, match=re.escape("n_neighbors = 9, n_samples_fit = 5")):
+        clf.kneighbors(Q, n_neighbors=9)
+    with pytest.raises(ValueError, match=re.escape("Expected n_neighbors < n_samples_fit when X is None")):
+        clf.kneighbors(n_neighbors=5)
+    assert clf.kneighbors(Q, n_neighbors=5)[1].shape == (3, 5)
+
+
+def test_predict_before_fit():
+    """Check that predict, predict_proba and kneighbors before fit raise NotFittedError."""
+    clf = FaissKNNClassifier()
+    for method in (clf.predict, clf.predict_proba, clf.kneighbors):
+        with pytest.raises(NotFittedError, match="is not fitted yet"):
+            method(np.zeros((2, 4)))
+
+
+def test_wrong_number_of_features():
+    """Check that queries with another number of features are refused with both numbers."""
+    X, y, _ = gaussian(dim=4)
+    clf = FaissKNNClassifier().fit(X, y)
+    with pytest.raises(ValueError, match="X has 3 features, but FaissKNNClassifier is expecting 4"):
+        clf.predict(np.zeros((2, 3)))
+
+
+def test_multi_output_targets_are_refused():
+    """Check that a 2-D y is refused with the shape and a way out."""
+    X, y, _ = gaussian(n_train=20)
+    with pytest.raises(ValueError, match=re.escape("but got shape (20, 2)") + ".*MultiOutputClassifier"):
+        FaissKNNClassifier().fit(X, np.c_[y, y])
+
+
+def test_continuous_targets_are_refused():
+    """Check that regression targets are refused like sklearn's classifiers do."""
+    X, _, _ = gaussian(n_train=20)
+    with pytest.raises(ValueError, match="Unknown label type"):
+        FaissKNNClassifier().fit(X, np.linspace(0, 1, 20))
+
+
+# ------------------------------------------------------------------ persistence
+
+
+FITTED = [
+    pytest.param({}, id="flat"),
+    pytest.param({"metric": "cosine", "weights": "distance"}, id="cosine"),
+    pytest.param({"index": "ivf"}, id="ivf"),
+    pytest.param({"index": "hnsw", "metric": "ip"}, id="hnsw-ip"),
+]
+
+
+def _fitted(params):
+    X, y, Q = gaussian(n_train=800)
+    labels = np.array(["daisy", "rose", "tulip", "iris"])[y]
+    return FaissKNNClassifier(**params).fit(X, labels), Q
+
+
+@pytest.mark.parametrize("params", FITTED)
+def test_pickle_and_deepcopy_round_trip(params):
+    """Check that pickled and deep-copied models give the same answers and the original still works."""
+    clf, Q = _fitted(params)
+    dist, ind = clf.kneighbors(Q)
+    for other in (pickle.loads(pickle.dumps(clf)), copy.deepcopy(clf)):
+        assert type(other.index_) is type(clf.index_)
+        assert other.index_ is not clf.index_
+        np.testing.assert_array_equal(other.kneighbors(Q)[1], ind)
+        np.testing.assert_array_equal(other.kneighbors(Q)[0], dist)
+        np.testing.assert_array_equal(other.predict(Q), clf.predict(Q))
+        np.testing.assert_array_equal(other.kneighbors()[1], clf.kneighbors()[1])
+    assert isinstance(clf.index_, faiss.Index)
+
+
+@pytest.mark.parametrize("params", FITTED)
+def test_skops_round_trip(params):
+    """Check that skops saves the model with only numpy and builtin state and loads it back."""
+    clf, Q = _fitted(params)
+    state = clf.__getstate__()
+    assert isinstance(state["index_"], np.ndarray) and state["index_"].dtype == np.uint8
+    allowed = (np.ndarray, str, int, float, bool, type(None))
+    assert all(isinstance(v, allowed) for v in state.values()), {k: type(v) for k, v in state.items()}
+
+    data = skops_io.dumps(clf)
+    untrusted = skops_io.get_untrusted_types(data=data)
+    assert untrusted == ["cnncodes._knn.FaissKNNClassifier"]
+    loaded = skops_io.loads(data, trusted=untrusted)
+    np.testing.assert_array_equal(loaded.predict(Q), clf.predict(Q))
+    np.testing.assert_array_equal(loaded.predict_proba(Q), clf.predict_proba(Q))
+    assert loaded.get_params() == clf.get_params()
+
+
+def test_clone_is_unfitted_with_same_params():
+    """Check that clone copies the parameters and none of the fitted state."""
+    clf, _ = _fitted({"index": "hnsw", "ef_search": 100, "n_neighbors": 3})
+    twin = clone(clf)
+    assert twin.get_params() == clf.get_params()
+    assert not hasattr(twin, "index_")
+    with pytest.raises(NotFittedError):
+        twin.predict(np.zeros((1, 64)))
+
+
+def test_docstring_example():
+    """Check that the examples in the module's docstrings run as written."""
+    result = doctest.testmod(cnncodes._knn, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
