@@ -22,7 +22,7 @@ import torch
 def plain_loop(folder: Path, backbone: str, node: str, batch_size: int) -> tuple[float, int]:
     """What the tutorials write: ImageFolder + DataLoader + eager float32 model + forward hook."""
     from torchvision import datasets
-    from torchvision.models import get_model, get_model_weights
+    from torchvision.models import get_model_weights
 
     from cnncodes._backbones import get_backbone
     from cnncodes._weights import load_model, resolve
@@ -106,8 +106,8 @@ def main():
     r = extract(work / "data", out=out, backbone=args.backbone, layers=[args.layer], progress=False)
     t_add = time.perf_counter() - t0
     rows.append((f"cnncodes extract (+{r.n_extracted} new images)", t_add, r.n_extracted))
-    print(f"| run | seconds | images/s | time vs first run | speed vs plain loop |")
-    print(f"|---|---|---|---|---|")
+    print("| run | seconds | images/s | time vs first run | speed vs plain loop |")
+    print("|---|---|---|---|---|")
     for name, secs, count in rows:
         rate = count / secs if secs else float("inf")
         print(f"| {name} | {secs:.2f} | {rate:.1f} | {secs / t_first:.3f} | "

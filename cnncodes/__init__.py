@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 from ._backbones import layer_table, list_backbones
 from ._errors import (
     CnnCodesError,
+    FailedImagesError,
     SourceError,
     StoreError,
     StoreLockedError,
@@ -31,6 +32,7 @@ __all__ = [
     "CodeStore",
     "Evaluation",
     "ExtractResult",
+    "FailedImagesError",
     "FaissKNNClassifier",
     "Model",
     "ModelFileError",

@@ -21,6 +21,18 @@ class SourceError(CnnCodesError, ValueError):
     """The image source (folder, CSV, list) cannot be read as given."""
 
 
+class FailedImagesError(SourceError):
+    """Some inputs of `CNNCodes.transform` could not be read or decoded.
+
+    ``failures`` lists them as ``(input, reason)`` pairs, ``input`` being the path given
+    (or ``"X[i]"`` for a row of an image array).
+    """
+
+    def __init__(self, message: str, failures: list[tuple[str, str]]):
+        super().__init__(message)
+        self.failures = failures
+
+
 class StoreError(CnnCodesError):
     """A code store cannot be opened, read or written."""
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import atexit
-import contextlib
 import hashlib
 import io
 import json
@@ -19,7 +18,7 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
 from ._backbones import check_pooling, code_size, get_backbone, output_shapes, weights_enum
-from ._errors import CnnCodesError, SourceError, StoreLockedError
+from ._errors import CnnCodesError, FailedImagesError, SourceError, StoreLockedError
 from ._extract import DTYPES, extract
 from ._images import Preprocess
 from ._store import CodeStore
@@ -29,18 +28,6 @@ from ._weights import resolve
 # same cache store before giving up. The lock is released when its holder dies, so a held
 # lock means a live extraction whose rows we are about to reuse.
 _LOCK_TIMEOUT_S = 3600.0
-
-
-class FailedImagesError(SourceError):
-    """Some inputs of `CNNCodes.transform` could not be read or decoded.
-
-    ``failures`` lists them as ``(input, reason)`` pairs, ``input`` being the path given
-    (or ``"X[i]"`` for a row of an image array).
-    """
-
-    def __init__(self, message: str, failures: list[tuple[str, str]]):
-        super().__init__(message)
-        self.failures = failures
 
 
 class CNNCodes(TransformerMixin, BaseEstimator):
@@ -314,14 +301,13 @@ class CNNCodes(TransformerMixin, BaseEstimator):
         pause = 0.05
         while True:
             try:
-                with _seeded() if self.weights is None else contextlib.nullcontext():
-                    return extract(
-                        paths, out=self.cache_path_, backbone=self.backbone, layers=[self.layer_],
-                        pooling=self.pooling, weights=self.weights, image_size=self.image_size,
-                        batch_size=self.batch_size, device=self.device,
-                        num_workers=self.num_workers, dtype=self.dtype, progress=self.progress,
-                        root=root,
-                    )
+                return extract(
+                    paths, out=self.cache_path_, backbone=self.backbone, layers=[self.layer_],
+                    pooling=self.pooling, weights=self.weights, image_size=self.image_size,
+                    batch_size=self.batch_size, device=self.device,
+                    num_workers=self.num_workers, dtype=self.dtype, progress=self.progress,
+                    root=root,
+                )
             except StoreLockedError as exc:
                 if time.monotonic() > deadline:
                     exc.add_note(f"CNNCodes waited {_LOCK_TIMEOUT_S:.0f} s for the other writer.")
@@ -456,19 +442,6 @@ def _hash_arrays(images: np.ndarray, keep):
     return shas, [], data
 
 
-@contextlib.contextmanager
-def _seeded():
-    """Random weights are drawn at each extraction: make every draw the same network.
-
-    Only the CPU generator (where the model is built) is seeded, and it is restored after.
-    """
-    import torch
-
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(0)
-        yield
-
-
 def _name(kind, images, i) -> str:
     return images[i] if kind == "paths" else f"X[{i}]"
 
@@ -483,8 +456,8 @@ def _failed_images_error(kind, images, failures) -> FailedImagesError:
     return FailedImagesError(
         f"{len(named)} of {len(images)} {what} could not be read or decoded:\n"
         + "\n".join(lines)
-        + f"\nRemove them from X (and their labels from y): a pipeline needs one row of "
-        f"codes per input, and cnncodes never fills in zero vectors.",
+        + "\nRemove them from X (and their labels from y): a pipeline needs one row of "
+        "codes per input, and cnncodes never fills in zero vectors.",
         named,
     )
 

@@ -167,9 +167,20 @@ def _state_dict(path: str) -> dict:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
+RANDOM_SEED = 0
+
+
 def load_model(spec: BackboneSpec, weights: Weights) -> torch.nn.Module:
-    """Build the backbone and load the resolved checkpoint into it (eval mode)."""
-    model = build_model(spec, pretrained=weights.id != "random")
+    """Build the backbone and load the resolved checkpoint into it (eval mode).
+
+    Random weights are drawn from a fixed seed (without touching the caller's generator), so
+    every run of a store made with ``weights=None`` uses the same network.
+    """
+    if weights.id == "random":
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(RANDOM_SEED)  # built on the CPU
+            return finish_model(spec, build_model(spec, pretrained=False))
+    model = build_model(spec, pretrained=True)
     if weights.path:
         state = _state_dict(weights.path)
         try:

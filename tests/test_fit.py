@@ -49,10 +49,11 @@ def test_fit_on_arrays(blobs, classifier):
 def test_auto_c_matches_a_manual_search(blobs):
     """Check that C='auto' picks the C with the best cross-validated accuracy on the grid."""
     from sklearn.model_selection import StratifiedKFold, cross_val_score
-    from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from cnncodes._fit import C_GRID
+    from cnncodes._fit import C_GRIDS
+
+    C_GRID = C_GRIDS["logreg"]
 
     X, y = blobs
     model = fit(X, y, classifier="logreg", cv=3)

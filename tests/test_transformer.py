@@ -27,7 +27,7 @@ from cnncodes import (
     extract,
 )
 from cnncodes._store import StoreLock
-from cnncodes._transformer import CNNCodes, FailedImagesError
+from cnncodes import CNNCodes, FailedImagesError
 
 SMALL = dict(image_size=64, num_workers=0)
 

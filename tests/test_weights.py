@@ -7,6 +7,7 @@ import shutil
 import urllib.error
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -274,3 +275,26 @@ def test_missing_local_checkpoint(tmp_path):
     path = tmp_path / "nope.pth"
     with pytest.raises(WeightsError, match=re.escape(f"checkpoint file '{path}' does not exist")):
         resolve(SPEC, str(path))
+
+
+def test_random_weights_are_the_same_network_every_time(sample_dir, tmp_path):
+    """Check that weights=None draws one fixed network, so a random-weights store never mixes two."""
+    import torch
+
+    from cnncodes import CodeStore, extract
+
+    state = torch.random.get_rng_state()
+    a = load_model(get_backbone("resnet18"), resolve(get_backbone("resnet18"), None))
+    b = load_model(get_backbone("resnet18"), resolve(get_backbone("resnet18"), None))
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's generator is untouched
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+    photos = sorted(sample_dir.rglob("*.jpg"))
+    out = tmp_path / "random.h5"
+    kw = dict(out=out, backbone="resnet18", weights=None, layers=["block2"], image_size=32,
+              num_workers=0, progress=False)
+    extract([str(p) for p in photos[:4]], **kw)
+    extract([str(p) for p in photos[:6]], **kw)  # a second run appends two rows
+    once = tmp_path / "once.h5"
+    extract([str(p) for p in photos[:6]], **{**kw, "out": once})
+    np.testing.assert_allclose(CodeStore(out).codes(), CodeStore(once).codes(), rtol=1e-5, atol=1e-6)
