@@ -200,6 +200,7 @@ def fit(
         "layer": layer,
         "extractor": None if store is None else _extractor_spec(store, layer),
         "train_ids": None if store is None else [str(i) for i in store.ids[rows]],
+        "train_sha256": None if store is None else sorted({str(h) for h in store.sha256[rows]}),
         "store": None if store is None else str(store.path),
     }
     return model

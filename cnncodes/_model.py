@@ -45,6 +45,7 @@ def save(model, path, *, extractor: dict | None = None) -> Path:
         "extractor": extractor,
         "fit": meta.get("fit"),
         "train_ids": meta.get("train_ids"),
+        "train_sha256": meta.get("train_sha256"),
         "store": meta.get("store"),
     }
     path = Path(path)
@@ -63,6 +64,7 @@ class Model:
     fit: dict | None
     train_ids: list[str] | None
     path: str
+    train_sha256: list[str] | None = None
 
     def predict_proba(self, X):
         return self.estimator.predict_proba(X)
@@ -105,7 +107,7 @@ def load(path, *, trusted=()) -> Model:
         raise ModelFileError(f"{path.name} has model format {bundle['format_version']}; this cnncodes "
                              f"reads up to {MODEL_VERSION}. Upgrade cnncodes.")
     return Model(bundle["estimator"], bundle["classes"], bundle["extractor"], bundle["fit"],
-                 bundle["train_ids"], str(path))
+                 bundle["train_ids"], str(path), bundle.get("train_sha256"))
 
 
 def _as_model(model) -> Model:
@@ -115,7 +117,7 @@ def _as_model(model) -> Model:
         return load(model)
     meta = getattr(model, "cnncodes_", {}) or {}
     return Model(model, [str(c) for c in model.classes_], meta.get("extractor"), meta.get("fit"),
-                 meta.get("train_ids"), "")
+                 meta.get("train_ids"), "", meta.get("train_sha256"))
 
 
 def _codes_for(model: Model, source, store=None, progress=False) -> tuple[CodeStore, str]:
@@ -231,10 +233,11 @@ class Evaluation:
 
 
 def evaluate(model, data, *, progress: bool = False) -> Evaluation:
-    """Evaluate a model on a code store (its held-out rows when the model knows them) or a folder.
+    """Evaluate a model on a code store or a labelled folder, on content it was not trained on.
 
-    On a store that the model was trained from, only rows it was not trained on are used,
-    so the figure is a held-out one; on any other store or folder, every labelled row.
+    Rows whose image content (sha256) the model saw in training are left out, so on the
+    store it was fitted from (with ``rows=`` or ``--test-size``) the figure is a held-out
+    one, and a copy of a training photo elsewhere cannot inflate it.
     """
     from sklearn.metrics import classification_report, confusion_matrix
 
@@ -249,13 +252,14 @@ def evaluate(model, data, *, progress: bool = False) -> Evaluation:
         on = f"all labelled images of {path}"
     labels = store.labels
     rows = np.flatnonzero(labels >= 0)
-    if model.train_ids:
-        train = set(model.train_ids)
-        held = np.array([r for r in rows if store.ids[r] not in train], dtype=int)
+    if model.train_sha256:
+        # Leave out every image whose content the model was trained on, whatever its name
+        # or store: the figure is then a held-out one.
+        seen = set(model.train_sha256)
+        shas = store.sha256
+        held = np.array([r for r in rows if shas[r] not in seen], dtype=int)
         if len(held) < len(rows):
-            train_shas = {s for i, s in zip(store.ids, store.sha256) if i in train}
-            held = np.array([r for r in held if store.sha256[r] not in train_shas], dtype=int)
-            on = f"{len(held)} held-out rows of {path.name} (not used in training)"
+            on = f"{len(held)} held-out rows of {path.name} (content not used in training)"
         rows = held
     if len(rows) == 0:
         raise CnnCodesError(f"nothing to evaluate in {path}: no labelled rows outside the training set.")

@@ -101,12 +101,13 @@ def _from_paths(paths, labels, root=None) -> Source:
         raise SourceError("the list of image paths is empty.")
     if labels is not None and len(labels) != len(paths):
         raise SourceError(f"got {len(paths)} paths but {len(labels)} labels; give one label per path.")
-    absolute = [p.resolve() for p in paths]
+    # abspath, not resolve: a symlinked image keeps its own name, as in a folder source.
+    absolute = [Path(os.path.abspath(p.expanduser())) for p in paths]
     if root is None:
         root = Path(os.path.commonpath([p.parent for p in absolute]))
     else:
         # A fixed root keeps ids stable when the list varies (e.g. between CV folds).
-        root = Path(root).expanduser().resolve()
+        root = Path(os.path.abspath(Path(root).expanduser()))
         outside = [str(p) for p in absolute if not p.is_relative_to(root)]
         if outside:
             raise SourceError(

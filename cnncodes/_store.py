@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 from collections import defaultdict
+from functools import cached_property
 from pathlib import Path
 
 import h5py
@@ -414,18 +415,32 @@ class CodeStore:
         """Row ids: paths relative to the data root."""
         return self._ids.copy()
 
+    # The reader is a snapshot of the file as opened: small per-row arrays are read once.
+    @cached_property
+    def _labels(self) -> np.ndarray:
+        return self._read("labels").astype(np.int64)
+
+    @cached_property
+    def _class_names(self) -> list[str]:
+        return [c.decode() for c in self._read("classes")]
+
+    @cached_property
+    def _sha256(self) -> np.ndarray:
+        return np.array([s.decode() for s in self._read("sha256")], dtype=object)
+
     @property
     def labels(self) -> np.ndarray:
         """Label index per row (-1 when unlabelled); names in `class_names`."""
-        return self._read("labels").astype(np.int64)
+        return self._labels.copy()
 
     @property
     def class_names(self) -> list[str]:
-        return [c.decode() for c in self._read("classes")]
+        return list(self._class_names)
 
     @property
     def sha256(self) -> np.ndarray:
-        return np.array([s.decode() for s in self._read("sha256")], dtype=object)
+        """Content sha256 (hex) of each row's file."""
+        return self._sha256.copy()
 
     def codes(self, layer: str | None = None) -> np.ndarray:
         """Return the (n_rows, dim) codes of one layer (the only or deepest one by default)."""

@@ -48,8 +48,9 @@ def main():
     ids = {path.relative_to(args.data).as_posix() for path, _ in items}
     mine = np.flatnonzero([rid in ids for rid in store.ids])
     train, test = (rows[np.isin(rows, mine)] for rows in split_store(store, test_size=0.25))
-    names = np.array(store.class_names)
-    y_test = names[store.labels[test]]
+    # CodeStore's properties read the file on each access: read them once.
+    store_ids, labels = store.ids, np.array(store.class_names)[store.labels]
+    y_test = labels[test]
     print(f"\n{len(train)} train / {len(test)} test photos; C of the linear models by 5-fold CV")
 
     print(f"\n{'layer':<7} {'classifier':<11} {'dims':>5} {'C':>7} {'fit s':>6}  test accuracy")
@@ -74,10 +75,10 @@ def main():
     # One held-out photo of each of the first three classes, classified from the file alone.
     firsts = {}
     for r in test:
-        firsts.setdefault(names[store.labels[r]], r)
+        firsts.setdefault(labels[r], r)
     chosen = [firsts[c] for c in sorted(firsts)[:3]]
-    files = [str(Path(args.data, store.ids[r])) for r in chosen]
-    true = {Path(f).name: names[store.labels[r]] for f, r in zip(files, chosen)}
+    files = [str(Path(args.data, store_ids[r])) for r in chosen]
+    true = {Path(f).name: labels[r] for f, r in zip(files, chosen)}
     print(f"\ntop-3 of {len(files)} held-out photos with the reloaded model:")
     for pred in predict(model, files, top_k=3):
         top = ", ".join(f"{label} {p:.3f}" for label, p in zip(pred.labels, pred.probabilities))

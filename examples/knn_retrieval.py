@@ -65,9 +65,9 @@ def main():
     store = CodeStore(args.store)
     ids = {path.relative_to(args.data).as_posix() for path, _ in items}
     rows = np.flatnonzero([rid in ids for rid in store.ids])  # this run's photos only
-    names = np.array(store.class_names)
-    labels = names[store.labels[rows]]
-    index = FaissKNNClassifier(metric="cosine").fit(store.codes("block5")[rows], labels)
+    # CodeStore's properties read the file on each access: read them once.
+    store_ids, shas, labels = store.ids, store.sha256, np.array(store.class_names)[store.labels]
+    index = FaissKNNClassifier(metric="cosine").fit(store.codes("block5")[rows], labels[rows])
 
     # The query's code, with the store's settings (a temporary store of one row).
     with tempfile.TemporaryDirectory() as tmp:
@@ -75,22 +75,21 @@ def main():
                 pooling=store.spec["pooling"], progress=False)
         query = CodeStore(Path(tmp, "query.h5")).codes("block5")
     sha = hashlib.sha256(Path(args.query).read_bytes()).hexdigest()
-    same = int(np.sum(store.sha256[rows] == sha))  # the query itself (or copies) in the index
+    same = int(np.sum(shas[rows] == sha))  # the query itself (or copies) in the index
     dist, nearest = index.kneighbors(query, n_neighbors=min(args.k + same, len(rows)))
-    hits = [(rows[i], 1 - d) for d, i in zip(dist[0], nearest[0]) if store.sha256[rows[i]] != sha]
-    hits = hits[:args.k]
+    hits = [(rows[i], 1 - d) for d, i in zip(dist[0], nearest[0]) if shas[rows[i]] != sha][:args.k]
 
     print(f"\nquery {args.query}; {len(hits)} nearest of {len(rows)} photos "
           f"({same} with the query's content left out), block5 cosine similarity:")
     for rank, (r, sim) in enumerate(hits, 1):
-        print(f"{rank:3d}  {sim:.3f}  {names[store.labels[r]]:<10} {store.ids[r]}")
+        print(f"{rank:3d}  {sim:.3f}  {labels[r]:<10} {store_ids[r]}")
 
     fig, axes = plt.subplots(1, len(hits) + 1, figsize=(2.2 * (len(hits) + 1), 2.8))
     folder = Path(args.query).parent.name  # the query's class, when it sits in a class folder
-    show(axes[0], args.query, f"query\n{folder if folder in names else Path(args.query).name}",
+    show(axes[0], args.query, f"query\n{folder if folder in labels else Path(args.query).name}",
          fontweight="bold", color="tab:blue")
     for ax, (r, sim) in zip(axes[1:], hits):
-        show(ax, Path(args.data, store.ids[r]), f"{names[store.labels[r]]}\n{sim:.3f}")
+        show(ax, Path(args.data, store_ids[r]), f"{labels[r]}\n{sim:.3f}")
     fig.tight_layout()
     fig.savefig(args.out, dpi=100)
     print(f"\ncontact sheet: {args.out}")

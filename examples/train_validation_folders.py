@@ -10,8 +10,9 @@ cross-validation) learns on the train codes and is scored on the validation code
 step is timed: re-running finds the codes stored and skips the extraction.
 
 --limit N takes the first N photos (by name) of each class, before the split, for a quick run.
---train-store and --validation-store may name the same store (e.g. one of the unsplit folder):
-rows are picked by id, so it is read, not extended.
+--train-store and --validation-store may name the same store, e.g. one made from the unsplit
+folder with the same settings: rows are picked by id, so a store holding more photos is only
+read (ids are paths relative to each split folder, such as daisy/123.jpg).
 """
 
 import time

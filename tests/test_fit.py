@@ -249,3 +249,23 @@ def test_cli_fit_predict_evaluate(sample_store, tmp_path, capsys):
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert main(["fit", str(out), "--C", "lots", "-o", str(model)]) == 2
     assert "--C must be 'auto' or a number, got 'lots'" in capsys.readouterr().err
+
+
+def test_evaluate_leaves_out_training_content_not_names(sample_store, tmp_path):
+    """Check that evaluate excludes by content: same names elsewhere count, copies do not."""
+    out, data = sample_store
+    store = CodeStore(out)
+    train, test = split_store(store)
+    model = fit(out, layer="block5", rows=train, C=0.1)
+    # Another store where every id of the training set names a *different* photo.
+    other = tmp_path / "other"
+    test_ids = [store.ids[r] for r in test]
+    for k, rid in enumerate(store.ids[train][:5]):
+        (other / rid).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(data / test_ids[k], other / rid)
+    # ... and a training photo under a new name.
+    shutil.copy(data / store.ids[train[-1]], other / "daisy" / "renamed_training_photo.jpg")
+    other_h5 = tmp_path / "other.h5"
+    extract(other, out=other_h5, layers=["block5"], image_size=64, num_workers=0, progress=False)
+    ev = evaluate(model, other_h5)
+    assert ev.n == 5 and "content not used in training" in ev.on

@@ -360,3 +360,18 @@ def test_labels_for_a_list_only(photos, tmp_path, fast):
         extract(photos, labels=["a"], out=tmp_path / "x.h5", **fast)
     with pytest.raises(SourceError, match="got 2 paths but 1 labels"):
         extract([str(p) for p in sorted(photos.rglob("*.jpg"))[:2]], labels=["a"], out=tmp_path / "x.h5", **fast)
+
+
+def test_path_list_keeps_symlink_names(photos, tmp_path, fast):
+    """Check that a list of symlinks gives the links' own names as ids, like a folder does."""
+    links = tmp_path / "links"
+    links.mkdir()
+    targets = sorted(photos.rglob("*.jpg"))[:3]
+    for k, target in enumerate(targets):
+        (links / f"link{k}.jpg").symlink_to(target)
+    out = tmp_path / "links.h5"
+    extract([str(p) for p in sorted(links.iterdir())], root=links, out=out, **fast)
+    assert list(CodeStore(out).ids) == ["link0.jpg", "link1.jpg", "link2.jpg"]
+    folder = tmp_path / "folder.h5"
+    extract(links, out=folder, **fast)
+    assert list(CodeStore(folder).ids) == list(CodeStore(out).ids)
