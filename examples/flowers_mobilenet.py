@@ -18,16 +18,9 @@ import numpy as np
 
 from cnncodes import CodeStore, extract, fit, load, predict, save, split_store
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
+from _common import photos  # examples/ is on sys.path when a script runs
 
 
-def photos(folder, limit=None):
-    """(path, label) of the photos in folder/<class>/, the first `limit` of each class by name."""
-    out = []
-    for class_dir in sorted(p for p in Path(folder).iterdir() if p.is_dir()):
-        files = sorted(f for f in class_dir.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
-        out += [(f, class_dir.name) for f in files[:limit]]
-    return out
 
 
 def main():

@@ -25,21 +25,18 @@ from sklearn.pipeline import Pipeline
 
 from cnncodes import CNNCodes, CodeStore
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
+from _common import photos  # examples/ is on sys.path when a script runs
 
 
-def photos(folder, limit=None):
-    """(path, label) of the photos in folder/<class>/, the first `limit` of each class by name."""
-    out = []
-    for class_dir in sorted(p for p in Path(folder).iterdir() if p.is_dir()):
-        files = sorted(f for f in class_dir.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
-        out += [(str(f), class_dir.name) for f in files[:limit]]
-    return out
 
 
 def store_rows(cache):
     """Rows of each layer's cache store: the (photo, layer) pairs extracted so far."""
     return {CodeStore(f).layers[0]: len(CodeStore(f)) for f in sorted(Path(cache).glob("*.h5"))}
+
+
+def _photo_strs(folder, limit=None):
+    return [(str(f), label) for f, label in photos(folder, limit)]
 
 
 def main():
@@ -49,7 +46,7 @@ def main():
     p.add_argument("--limit", type=int, default=40, help="the first N photos of each class (0: all)")
     args = p.parse_args()
 
-    items = photos(args.data, args.limit or None)
+    items = _photo_strs(args.data, args.limit or None)
     X = np.array([path for path, _ in items])
     y = np.array([label for _, label in items])
     pipe = Pipeline([("codes", CNNCodes(cache=args.cache)),

@@ -27,16 +27,9 @@ from PIL import Image, ImageOps
 
 from cnncodes import CodeStore, FaissKNNClassifier, extract
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
+from _common import photos  # examples/ is on sys.path when a script runs
 
 
-def photos(folder, limit=None):
-    """(path, label) of the photos in folder/<class>/, the first `limit` of each class by name."""
-    out = []
-    for class_dir in sorted(p for p in Path(folder).iterdir() if p.is_dir()):
-        files = sorted(f for f in class_dir.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
-        out += [(f, class_dir.name) for f in files[:limit]]
-    return out
 
 
 def show(ax, path, title, **style):

@@ -22,21 +22,14 @@ import numpy as np
 
 from cnncodes import CodeStore, extract, fit, split_store
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
+from _common import photos  # examples/ is on sys.path when a script runs
+
 RANDOM_WARNING = """
 !!! --weights random: VGG16 with RANDOM weights. The codes below come from an untrained
 !!! network, so the accuracies only show that the pipeline runs; they are meaningless as
 !!! a measure of VGG16 features. Use --weights imagenet (or a checkpoint) for real results.
 """
 
-
-def photos(folder, limit=None):
-    """(path, label) of the photos in folder/<class>/, the first `limit` of each class by name."""
-    out = []
-    for class_dir in sorted(p for p in Path(folder).iterdir() if p.is_dir()):
-        files = sorted(f for f in class_dir.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
-        out += [(f, class_dir.name) for f in files[:limit]]
-    return out
 
 
 def main():
