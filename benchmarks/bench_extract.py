@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import random
 import shutil
 import tempfile
@@ -17,6 +16,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from _machine import cpu_name  # benchmarks/ is on sys.path when a script runs
 
 
 def plain_loop(folder: Path, backbone: str, node: str, batch_size: int) -> tuple[float, int]:
@@ -42,15 +43,6 @@ def plain_loop(folder: Path, backbone: str, node: str, batch_size: int) -> tuple
     hook.remove()
     return time.perf_counter() - t0, len(data)
 
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def subset(src: Path, dst: Path, n: int, seed: int = 0) -> list[Path]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 
 import numpy as np
@@ -22,6 +21,8 @@ from sklearn.neighbors import KNeighborsClassifier
 
 import faiss
 from cnncodes._knn import FaissKNNClassifier
+
+from _machine import cpu_name  # benchmarks/ is on sys.path when a script runs
 
 
 def synthetic_codes(n, dim, n_classes=10, modes=4, sep=0.5, seed=0):
@@ -50,15 +51,6 @@ def recall_at(found, exact):
     k = exact.shape[1]
     return float(np.mean([len(np.intersect1d(a, b)) / k for a, b in zip(found, exact)]))
 
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv=None):
