@@ -31,21 +31,27 @@ class Preprocess:
     std: tuple[float, float, float]
     interpolation: str = "bilinear"
     antialias: bool = True
+    # Decode large JPEGs at a reduced DCT scale (PIL's draft), never below twice the resize
+    # target, so the antialiased resize still sees >= 2x oversampling.
+    jpeg_draft: bool = False
 
     @classmethod
-    def from_weights(cls, member, image_size: int | None = None) -> "Preprocess":
+    def from_weights(cls, member, image_size: int | None = None, jpeg_draft: bool = False) -> "Preprocess":
         """Read the preprocessing of torchvision weights; optionally rescale it to image_size."""
         t = member.transforms()
         resize, crop = int(t.resize_size[0]), int(t.crop_size[0])
         if image_size is not None:
             resize, crop = int(round(image_size * resize / crop)), int(image_size)
-        return cls(resize, crop, tuple(t.mean), tuple(t.std), t.interpolation.value, bool(t.antialias))
+        return cls(resize, crop, tuple(t.mean), tuple(t.std), t.interpolation.value, bool(t.antialias),
+                   bool(jpeg_draft))
 
     def describe(self) -> str:
         return (
             f"resize shorter side to {self.resize_size} ({self.interpolation}, "
             f"antialias={self.antialias}), centre crop {self.crop_size}, rescale to [0, 1], "
             f"normalise mean={list(self.mean)} std={list(self.std)}"
+            + (f"; JPEGs larger than {2 * self.resize_size} px decoded at reduced scale"
+               if self.jpeg_draft else "")
         )
 
     def as_dict(self) -> dict:
@@ -121,6 +127,10 @@ def decode(data: bytes, prep: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS) 
                     f"decompression bomb: {w}x{h} = {w * h:,} pixels exceeds max_pixels={max_pixels:,}"
                 )
             img.seek(0)  # first frame of animations
+            if prep.jpeg_draft and img.format == "JPEG" and min(w, h) >= 4 * prep.resize_size:
+                # DCT-domain downscaling: 1/2, 1/4 or 1/8 of the pixels to decode and resize.
+                floor = 2 * prep.resize_size / min(w, h)
+                img.draft("RGB", (math.ceil(w * floor), math.ceil(h * floor)))
             img.load()
             rgb = to_rgb(img)
     except ImageDecodeError:

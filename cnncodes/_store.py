@@ -19,7 +19,7 @@ FORMAT = "cnncodes.codes"
 FORMAT_VERSION = 1
 # The settings that make codes comparable; a store refuses rows made with other values.
 SPEC_KEYS = ("backbone", "weights", "weights_sha256", "layers", "pooling", "preprocessing",
-             "precision", "dtype")
+             "precision", "tta", "dtype")
 _STR = h5py.string_dtype("utf-8")
 
 
@@ -31,8 +31,17 @@ def _describe(key, value) -> str:
     return str(value)
 
 
+def normalize_spec(spec: dict) -> dict:
+    """Fill the settings that stores written before they existed used implicitly."""
+    spec = dict(spec)
+    spec.setdefault("tta", "none")
+    spec["preprocessing"] = {"jpeg_draft": False, **spec.get("preprocessing", {})}
+    return spec
+
+
 def check_spec(stored: dict, wanted: dict, where: str) -> None:
     """Raise StoreMismatchError naming both values of the first setting that differs."""
+    stored, wanted = normalize_spec(stored), normalize_spec(wanted)
     for key in SPEC_KEYS:
         if stored.get(key) != wanted.get(key):
             raise StoreMismatchError(
@@ -386,7 +395,7 @@ class CodeStore:
                 f"{FORMAT_VERSION}. Upgrade cnncodes (pip install -U cnncodes)."
             )
         self.attrs = attrs
-        self.spec = json.loads(attrs["spec"])
+        self.spec = normalize_spec(json.loads(attrs["spec"]))
 
     def _read(self, key):
         with h5py.File(self.path, "r") as f:

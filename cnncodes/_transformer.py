@@ -19,7 +19,8 @@ from sklearn.utils.validation import check_is_fitted
 
 from ._backbones import check_pooling, code_size, get_backbone, output_shapes, weights_enum
 from ._errors import CnnCodesError, FailedImagesError, SourceError, StoreLockedError
-from ._extract import DTYPES, extract
+from ._accel import resolve_device, resolve_precision
+from ._extract import DTYPES, TTAS, extract
 from ._images import Preprocess
 from ._store import CodeStore
 from ._weights import resolve
@@ -63,6 +64,11 @@ class CNNCodes(TransformerMixin, BaseEstimator):
         Streaming settings passed to :func:`cnncodes.extract`; they do not change the codes.
     dtype : {"float32", "float16"}, default="float32"
         Storage type of the cached codes; `transform` always returns float32.
+    precision : {"auto", "float32", "bfloat16", "float16"}, default="auto"
+        Arithmetic of the forward pass, as in :func:`cnncodes.extract` (``"auto"``: bfloat16
+        where the device runs it natively, else float32). Part of the cache store's name.
+    tta : {"none", "flip"}, default="none"
+        ``"flip"`` averages the codes of each image and its mirror image.
 
     Attributes
     ----------
@@ -104,6 +110,8 @@ class CNNCodes(TransformerMixin, BaseEstimator):
         device="auto",
         num_workers="auto",
         dtype="float32",
+        precision="auto",
+        tta="none",
         progress=False,
     ):
         self.backbone = backbone
@@ -116,6 +124,8 @@ class CNNCodes(TransformerMixin, BaseEstimator):
         self.device = device
         self.num_workers = num_workers
         self.dtype = dtype
+        self.precision = precision
+        self.tta = tta
         self.progress = progress
 
     # ------------------------------------------------------------------ sklearn API
@@ -148,15 +158,20 @@ class CNNCodes(TransformerMixin, BaseEstimator):
             raise CnnCodesError(
                 f"image_size must be a positive int or None, got {self.image_size!r}."
             )
+        if self.tta not in TTAS:
+            raise CnnCodesError(f"unknown tta {self.tta!r}. Valid values: {', '.join(TTAS)}.")
+        self.precision_ = resolve_precision(self.precision, resolve_device(self.device))
         w = resolve(spec, self.weights)
-        prep = Preprocess.from_weights(weights_enum(spec)[w.preprocessing_from], self.image_size)
+        prep = Preprocess.from_weights(weights_enum(spec)[w.preprocessing_from], self.image_size,
+                                       jpeg_draft=True)
         shape = output_shapes(spec.name, (info.node,), prep.crop_size)[info.node]
         self.layer_ = info.alias
         self.n_features_out_ = int(code_size(shape, self.pooling))
         # The store file is named by everything that makes codes comparable (what the
         # store's own spec checks), so settings never collide and never split needlessly.
         settings = {"pooling": self.pooling, "weights": w.id, "weights_sha256": w.sha256,
-                    "preprocessing": prep.as_dict(), "dtype": self.dtype}
+                    "preprocessing": prep.as_dict(), "dtype": self.dtype,
+                    "precision": self.precision_, "tta": self.tta}
         digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
         safe_layer = info.alias.replace(os.sep, "_")
         self._store_name = f"{spec.name}-{safe_layer}-{self.pooling}-{digest}.h5"
@@ -305,7 +320,8 @@ class CNNCodes(TransformerMixin, BaseEstimator):
                     paths, out=self.cache_path_, backbone=self.backbone, layers=[self.layer_],
                     pooling=self.pooling, weights=self.weights, image_size=self.image_size,
                     batch_size=self.batch_size, device=self.device,
-                    num_workers=self.num_workers, dtype=self.dtype, progress=self.progress,
+                    num_workers=self.num_workers, dtype=self.dtype, precision=self.precision_,
+                    tta=self.tta, jpeg_draft=True, progress=self.progress,
                     root=root,
                 )
             except StoreLockedError as exc:

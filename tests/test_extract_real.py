@@ -51,7 +51,7 @@ def test_default_codes_are_the_pre_logits_features(ten_photos, tmp_path):
     from cnncodes._backbones import get_backbone
     from cnncodes._weights import load_model, resolve
 
-    store, codes = _codes(ten_photos, tmp_path, "pre")
+    store, codes = _codes(ten_photos, tmp_path, "pre", precision="float32")
     spec = get_backbone("mobilenet_v2")
     model = load_model(spec, resolve(spec, "imagenet"))
     transform = MobileNet_V2_Weights.IMAGENET1K_V1.transforms()

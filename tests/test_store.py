@@ -77,7 +77,7 @@ def test_codes_match_a_direct_forward_pass(photos, tmp_path, fast):
     from torchvision.models import MobileNet_V2_Weights
 
     out = tmp_path / "codes.h5"
-    extract(photos, out=out, layers=["block5"], **fast)
+    extract(photos, out=out, layers=["block5"], precision="float32", **fast)
     store = CodeStore(out)
     spec = get_backbone("mobilenet_v2")
     model = CodesModel(load_model(spec, resolve(spec)), {"features.18": "block5"}, "avg").eval()

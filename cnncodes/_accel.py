@@ -1,0 +1,63 @@
+"""Device and numeric-precision choices shared by extraction and fine-tuning."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ._errors import CnnCodesError
+
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_device(device) -> torch.device:
+    """``"auto"``/None -> CUDA when present, else CPU; a named device is checked."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise CnnCodesError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CnnCodesError(f"device {device!r} was asked for but CUDA is not available here; use device='cpu'.")
+    return dev
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU computes bfloat16 natively (AVX-512 BF16 or AMX), where autocast pays."""
+    cpu = getattr(torch, "cpu", None)
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        fn = getattr(cpu, probe, None)
+        try:
+            if fn is not None and fn():
+                return True
+        except RuntimeError:  # pragma: no cover - probe unavailable in this build
+            pass
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """Turn ``"auto"`` into the fastest precision this device runs without a silent loss.
+
+    ``"auto"`` is bfloat16 autocast on a CUDA GPU that supports it and on a CPU with native
+    bfloat16 instructions, float32 elsewhere. float16 is offered on CUDA only: on a CPU it is
+    emulated and slower than float32.
+    """
+    if precision not in PRECISIONS:
+        raise CnnCodesError(f"unknown precision {precision!r}. Valid precisions: {', '.join(PRECISIONS)}.")
+    if precision == "auto":
+        if device.type == "cuda":
+            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return "bfloat16" if device.type == "cpu" and cpu_has_fast_bf16() else "float32"
+    if precision == "float16" and device.type != "cuda":
+        raise CnnCodesError("precision 'float16' needs a CUDA device; on a CPU use 'bfloat16' or 'float32'.")
+    return precision
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context for a resolved precision (a no-op for float32)."""
+    if precision == "float32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bfloat16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
