@@ -1,8 +1,17 @@
-"""Extraction benchmark: `cnncodes extract` vs the plain tutorial loop, and the cost of re-runs.
+"""Extraction benchmark: `cnncodes extract` vs the plain tutorial loop, model-only, decode-only.
 
-Prints images/s for each, measured in the same run on the same images, and the ratios.
+For the same images, model and layer, in one run (these machines are noisy: compare the
+ratios, not the absolute rates):
+
+- the plain loop every tutorial writes (ImageFolder + DataLoader, eager float32, forward hook);
+- decode-only: cnncodes' readers and decoders (DataLoader workers), no model;
+- model-only: cnncodes' forward pass on already-decoded tensors, at the same settings;
+- `cnncodes extract`, first run, end to end (hashing, decoding, model, journal, merge);
+- an unchanged re-run, and a re-run after adding 1 % new images.
 
     python benchmarks/bench_extract.py ../shared/datasets/flowers5 --n 1000
+    python benchmarks/bench_extract.py ../shared/datasets/flowers5 --n all --compile
+    python benchmarks/bench_extract.py ../shared/datasets/flowers5 --backbone resnet50 --weights random
 """
 
 from __future__ import annotations
@@ -20,34 +29,85 @@ import torch
 from _machine import cpu_name  # benchmarks/ is on sys.path when a script runs
 
 
-def plain_loop(folder: Path, backbone: str, node: str, batch_size: int) -> tuple[float, int]:
+def _model(backbone: str, weights):
+    from cnncodes._backbones import get_backbone
+    from cnncodes._weights import resolve
+
+    spec = get_backbone(backbone)
+    return spec, resolve(spec, weights)
+
+
+def plain_loop(folder: Path, backbone: str, weights, node: str, batch_size: int) -> float:
     """What the tutorials write: ImageFolder + DataLoader + eager float32 model + forward hook."""
     from torchvision import datasets
     from torchvision.models import get_model_weights
 
-    from cnncodes._backbones import get_backbone
-    from cnncodes._weights import load_model, resolve
+    from cnncodes._weights import load_model
 
-    spec = get_backbone(backbone)
-    model = load_model(spec, resolve(spec, "imagenet"))  # same weights; torchvision would download
+    spec, w = _model(backbone, weights)
+    model = load_model(spec, w)  # the same network; torchvision's builder would download
     transform = get_model_weights(backbone)["IMAGENET1K_V1"].transforms()
     data = datasets.ImageFolder(str(folder), transform=transform)
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=0)
     feats = []
-    module = model.get_submodule(node)
-    hook = module.register_forward_hook(lambda m, i, o: feats.append(o.mean(dim=(2, 3))))
+    hook = model.get_submodule(node).register_forward_hook(lambda m, i, o: feats.append(o.mean(dim=(2, 3))))
     t0 = time.perf_counter()
     with torch.no_grad():
         for x, _ in loader:
             model(x)
     hook.remove()
-    return time.perf_counter() - t0, len(data)
+    return time.perf_counter() - t0
 
 
+def _items_and_prep(folder: Path, backbone: str, weights):
+    from cnncodes._backbones import weights_enum
+    from cnncodes._images import Preprocess
+    from cnncodes._sources import read_source
 
-def subset(src: Path, dst: Path, n: int, seed: int = 0) -> list[Path]:
+    spec, w = _model(backbone, weights)
+    prep = Preprocess.from_weights(weights_enum(spec)[w.preprocessing_from], jpeg_draft=True)
+    return read_source(folder).items, prep
+
+
+def decode_only(folder: Path, backbone: str, weights, batch_size: int):
+    """cnncodes' reading, hashing and decoding in DataLoader workers; returns seconds and the batches."""
+    from cnncodes._extract import _collate, _default_workers, _Images
+
+    items, prep = _items_and_prep(folder, backbone, weights)
+    loader = torch.utils.data.DataLoader(
+        _Images(items, prep, 10**9), batch_size=batch_size, num_workers=_default_workers(len(items), batch_size),
+        collate_fn=_collate,
+    )
+    t0 = time.perf_counter()
+    batches = [batch for _, batch, _, _ in loader]
+    return time.perf_counter() - t0, batches
+
+
+def model_only(batches, backbone: str, weights, layer: str, precision: str, compile_: bool, batch_size: int):
+    """cnncodes' forward pass on decoded uint8 batches; returns (seconds, warm-up seconds)."""
+    from cnncodes._accel import resolve_device, resolve_precision
+    from cnncodes._backbones import weights_enum
+    from cnncodes._extract import CodesForward
+    from cnncodes._images import Preprocess
+
+    spec, w = _model(backbone, weights)
+    prep = Preprocess.from_weights(weights_enum(spec)[w.preprocessing_from], jpeg_draft=True)
+    dev = resolve_device("auto")
+    forward = CodesForward(spec, w, [spec.layer(layer)], "avg", prep, dev, resolve_precision(precision, dev),
+                           compile=compile_, batch_size=batch_size)
+    t0 = time.perf_counter()
+    forward(batches[0])  # warm-up (and the compilation, when compiling)
+    warm = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for batch in batches:
+        forward(batch)
+    return time.perf_counter() - t0, warm
+
+
+def subset(src: Path, dst: Path, n: int | None, seed: int = 0) -> list[Path]:
     files = sorted(p for p in src.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     random.Random(seed).shuffle(files)
+    n = len(files) if n is None else n
     chosen = sorted(files[:n])
     for f in chosen:
         target = dst / f.relative_to(src)
@@ -61,49 +121,81 @@ def main():
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", type=Path, help="a folder of class subfolders, e.g. ../shared/datasets/flowers5")
-    p.add_argument("--n", type=int, default=1000, help="number of images (default 1000)")
+    p.add_argument("--n", default="1000", help="number of images, or 'all' (default 1000)")
     p.add_argument("--backbone", default="mobilenet_v2")
-    p.add_argument("--layer", default="block5")
+    p.add_argument("--weights", default="imagenet", help="'random' for backbones without offline weights "
+                   "(the speed does not depend on the weights)")
+    p.add_argument("--layer", help="layer alias (default: the backbone's pre-logits layer)")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--precision", default="auto")
+    p.add_argument("--compile", action="store_true", help="also time the torch.compile'd path")
+    p.add_argument("--no-reruns", action="store_true", help="skip the re-run rows")
     args = p.parse_args()
 
+    from cnncodes._accel import resolve_device, resolve_precision
     from cnncodes._backbones import get_backbone
 
-    node = get_backbone(args.backbone).layer(args.layer).node
+    weights = None if args.weights == "random" else args.weights
+    spec = get_backbone(args.backbone)
+    layer = args.layer or spec.default_layer
+    node = spec.layer(layer).node
+    precision = resolve_precision(args.precision, resolve_device("auto"))
     work = Path(tempfile.mkdtemp(prefix="cnncodes-bench-"))
-    rest = subset(args.data, work / "data", args.n)
+    rest = subset(args.data, work / "data", None if args.n == "all" else int(args.n))
     n = sum(1 for _ in (work / "data").rglob("*.*"))
-    print(f"# {cpu_name()}, {os.cpu_count()} cores, torch "
-          f"{torch.__version__}, {args.backbone} {args.layer} ({node}), {n} images, batch {args.batch_size}")
+    print(f"# {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.backbone} {layer} "
+          f"({node}), weights {args.weights}, {n} images, batch {args.batch_size}, precision {precision}")
+    print(f"# command: python benchmarks/bench_extract.py {args.data} --n {args.n} --backbone {args.backbone} "
+          f"--weights {args.weights}" + (" --compile" if args.compile else ""))
+    settings = dict(backbone=args.backbone, layers=[layer], weights=weights, batch_size=args.batch_size,
+                    progress=False, precision=args.precision)
     rows = []
-    t_plain, _ = plain_loop(work / "data", args.backbone, node, args.batch_size)
-    rows.append(("plain loop (ImageFolder, eager fp32, hook)", t_plain, n))
+    t_plain = plain_loop(work / "data", args.backbone, weights, node, args.batch_size)
+    rows.append(("plain loop (ImageFolder, eager fp32, hook)", t_plain, n, ""))
+    t_dec, batches = decode_only(work / "data", args.backbone, weights, args.batch_size)
+    rows.append(("decode only (cnncodes workers)", t_dec, n, ""))
+    t_fp32, _ = model_only(batches, args.backbone, weights, layer, "float32", False, args.batch_size)
+    rows.append(("model only, float32 channels-last", t_fp32, n, ""))
+    t_model, _ = model_only(batches, args.backbone, weights, layer, precision, False, args.batch_size)
+    rows.append((f"model only, {precision} (extract's default)", t_model, n, ""))
+    if args.compile:
+        t_cmodel, warm = model_only(batches, args.backbone, weights, layer, precision, True, args.batch_size)
+        rows.append((f"model only, {precision} + torch.compile", t_cmodel, n, f"compile {warm:.0f} s"))
+    del batches
     out = work / "codes.h5"
     t0 = time.perf_counter()
-    extract(work / "data", out=out, backbone=args.backbone, layers=[args.layer],
-            batch_size=args.batch_size, progress=False)
+    r = extract(work / "data", out=out, compile=False, **settings)
     t_first = time.perf_counter() - t0
-    rows.append(("cnncodes extract (first run)", t_first, n))
-    t0 = time.perf_counter()
-    r = extract(work / "data", out=out, backbone=args.backbone, layers=[args.layer], progress=False)
-    t_rerun = time.perf_counter() - t0
-    assert r.n_extracted == 0
-    rows.append(("cnncodes extract (unchanged re-run)", t_rerun, n))
-    extra = max(1, n // 100)
-    for f in rest[:extra]:
-        target = work / "data" / f.relative_to(args.data)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(f, target)
-    t0 = time.perf_counter()
-    r = extract(work / "data", out=out, backbone=args.backbone, layers=[args.layer], progress=False)
-    t_add = time.perf_counter() - t0
-    rows.append((f"cnncodes extract (+{r.n_extracted} new images)", t_add, r.n_extracted))
-    print("| run | seconds | images/s | time vs first run | speed vs plain loop |")
+    rows.append(("cnncodes extract (first run, end to end)", t_first, n,
+                 f"{t_model / t_first * 100:.0f} % of model-only"))
+    if args.compile:
+        t0 = time.perf_counter()
+        r = extract(work / "data", out=work / "compiled.h5", compile=True, **settings)
+        t_comp = time.perf_counter() - t0
+        rows.append(("cnncodes extract --compile (end to end, incl. compiling)", t_comp, n,
+                     f"{r.images_per_second:.1f} img/s after compiling"))
+    if not args.no_reruns:
+        t0 = time.perf_counter()
+        r = extract(work / "data", out=out, **settings)
+        t_rerun = time.perf_counter() - t0
+        assert r.n_extracted == 0
+        rows.append(("cnncodes extract (unchanged re-run)", t_rerun, n, f"{t_rerun / t_first * 100:.1f} % of first run"))
+        extra = max(1, n // 100)
+        for f in rest[:extra]:
+            target = work / "data" / f.relative_to(args.data)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, target)
+        t0 = time.perf_counter()
+        r = extract(work / "data", out=out, **settings)
+        t_add = time.perf_counter() - t0
+        rows.append((f"cnncodes extract (+{r.n_extracted} new images)", t_add, r.n_extracted,
+                     f"{t_add / t_first * 100:.1f} % of first run"))
+    print("| run | seconds | images/s | speed vs plain loop | note |")
     print("|---|---|---|---|---|")
-    for name, secs, count in rows:
+    plain_rate = n / t_plain
+    for name, secs, count, note in rows:
         rate = count / secs if secs else float("inf")
-        print(f"| {name} | {secs:.2f} | {rate:.1f} | {secs / t_first:.3f} | "
-              f"{(count / secs) / (n / t_plain):.2f}x |")
+        print(f"| {name} | {secs:.2f} | {rate:.1f} | {rate / plain_rate:.2f}x | {note} |")
     shutil.rmtree(work)
 
 

@@ -198,3 +198,14 @@ def test_compile_gives_the_eager_codes(photos, tmp_path, fast):
     eager, compiled = CodeStore(tmp_path / "eager.h5"), CodeStore(tmp_path / "compiled.h5")
     assert len(compiled) == 5 and list(compiled.ids) == list(eager.ids)
     np.testing.assert_allclose(compiled.codes("block4"), eager.codes("block4"), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_cuda_codes_agree_with_cpu_float32(precision_pair, sample_dir, tmp_path):
+    """Check that CUDA extraction (auto precision: bfloat16/float16) agrees with CPU float32."""
+    out = tmp_path / "cuda.h5"
+    extract(sample_dir, out=out, layers=["block1", "block4", "block5"], device="cuda", progress=False)
+    gpu, cpu = CodeStore(out), precision_pair["float32"]
+    assert gpu.spec["precision"] in ("bfloat16", "float16") and list(gpu.ids) == list(cpu.ids)
+    for layer in ("block4", "block5"):
+        assert _cosines(gpu.codes(layer), cpu.codes(layer)).min() >= 0.999, layer
