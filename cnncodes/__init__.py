@@ -7,6 +7,7 @@
 
 __version__ = "0.1.0"
 
+from ._advise import Advice, AdviceRun, Measurements, Recommendation, Scenario, advise
 from ._backbones import layer_table, list_backbones
 from ._errors import (
     CnnCodesError,
@@ -20,34 +21,50 @@ from ._errors import (
     WeightsError,
 )
 from ._extract import ExtractResult, extract
+from ._finetune import EpochStats, FinetuneResult, FineTunedModel, finetune
 from ._fit import fit, split_store
+from ._stream import fit_streaming
 from ._knn import FaissKNNClassifier
 from ._model import Evaluation, Model, ModelFileError, Prediction, evaluate, load, predict, save
 from ._store import CodeStore
+from ._sweep import LayerScore, SweepResult, sweep
 from ._transformer import CNNCodes
 
 __all__ = [
+    "Advice",
+    "AdviceRun",
     "CNNCodes",
     "CnnCodesError",
     "CodeStore",
+    "EpochStats",
     "Evaluation",
     "ExtractResult",
     "FailedImagesError",
     "FaissKNNClassifier",
+    "FineTunedModel",
+    "FinetuneResult",
+    "LayerScore",
+    "Measurements",
     "Model",
     "ModelFileError",
     "Prediction",
+    "Recommendation",
+    "Scenario",
     "SourceError",
     "StoreError",
     "StoreLockedError",
     "StoreMismatchError",
+    "SweepResult",
     "UnknownBackboneError",
     "UnknownLayerError",
     "WeightsError",
     "__version__",
+    "advise",
     "evaluate",
     "extract",
+    "finetune",
     "fit",
+    "fit_streaming",
     "layer_table",
     "list_backbones",
     "load",
@@ -55,6 +72,7 @@ __all__ = [
     "sample_dir",
     "save",
     "split_store",
+    "sweep",
 ]
 
 

@@ -17,6 +17,9 @@ EXAMPLES = {
     "fit": "cnncodes fit codes.h5 --layer block5 --classifier logreg --test-size 0.25 -o model.skops",
     "predict": "cnncodes predict model.skops new_photos/ --top-k 3 --csv predictions.csv",
     "evaluate": "cnncodes evaluate model.skops codes.h5 --plot confusion.png",
+    "finetune": "cnncodes finetune photos/ -o ft.pt --unfreeze block4 --epochs 8 --init-head codes.h5",
+    "sweep": "cnncodes sweep photos/ --backbone mobilenet_v2 --store codes.h5 --cv 5 --plot sweep.png",
+    "advise": "cnncodes advise photos/ --store codes.h5 --run -o model.skops",
 }
 
 
@@ -47,6 +50,16 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("data", nargs="+", help="a folder, a .csv file, or image files")
     e.add_argument("-o", "--out", required=True, help="the .h5 store to create or extend")
     _extract_options(e)
+    e.add_argument("--engine", default="local", choices=["local", "ray"],
+                   help="ray: decode in Ray tasks and run the backbone in a pool of Ray actors, "
+                   "each writing shards that join into the store (pip install 'cnncodes[ray]')")
+    e.add_argument("--address", help="with --engine ray: the Ray cluster (auto, ray://head:10001; "
+                   "default: a local cluster)")
+    e.add_argument("--ray-workers", type=int, help="with --engine ray: backbone actors (default: one "
+                   "per --gpus-per-worker GPUs, or half the CPUs); not --workers, the decoding processes "
+                   "of the local engine")
+    e.add_argument("--gpus-per-worker", type=float, default=0,
+                   help="with --engine ray: GPUs per actor (default 0: CPU actors)")
 
     command("backbones", "list the registered backbones", "List the registered backbones.")
 
@@ -67,7 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("store", help="a .h5 store from `cnncodes extract`")
     fit.add_argument("-o", "--out", required=True, help="model file to write (.skops)")
     fit.add_argument("--layer", help="stored layer to use (default: the deepest)")
-    fit.add_argument("--classifier", default="logreg", choices=["logreg", "linear_svm", "knn"])
+    fit.add_argument("--classifier", default="logreg", choices=["logreg", "linear_svm", "knn", "sgd"],
+                     help="sgd: logistic regression by SGD over chunks, for stores larger than memory")
     fit.add_argument("--C", default="auto", help="regularisation: 'auto' (cross-validated) or a number")
     fit.add_argument("--n-neighbors", type=int, default=10, help="for knn (default %(default)s)")
     fit.add_argument("--metric", default="cosine", choices=["cosine", "l2", "ip"], help="for knn")
@@ -80,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     pred = command("predict", "classify photos with a saved model",
                    "Extract photos with the model's own extractor spec and print the top-k labels "
                    "with probabilities.")
-    pred.add_argument("model", help="a .skops file from `cnncodes fit`")
+    pred.add_argument("model", help="a .skops file from `cnncodes fit`, or a .pt from `cnncodes finetune`")
     pred.add_argument("images", nargs="+", help="a folder, a .csv, or image files")
     pred.add_argument("--top-k", type=int, default=1)
     pred.add_argument("--csv", help="also write id,label,probability,... to this CSV")
@@ -90,17 +104,112 @@ def _parser() -> argparse.ArgumentParser:
     ev = command("evaluate", "accuracy, per-class report and confusion matrix of a model",
                  "Evaluate a saved model on a store (its held-out rows when the model was fit with "
                  "--test-size on it) or on a labelled folder.")
-    ev.add_argument("model")
+    ev.add_argument("model", help="a .skops file from `cnncodes fit`, or a .pt from `cnncodes finetune` "
+                    "(evaluated on a folder)")
     ev.add_argument("data", help="a .h5 store or a folder with one subfolder per class")
     ev.add_argument("--plot", help="write the confusion matrix as a PNG (needs matplotlib)")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    ft = command("finetune", "fine-tune the top blocks of a pretrained backbone on labelled photos",
+                 "Fine-tune a pretrained backbone with a new head: the layers from --unfreeze on are "
+                 "trained (lower learning rate than the head), the rest stay frozen (BatchNorm in "
+                 "inference mode); augmented training split, early stopping on a validation split, "
+                 "and --test-size held out exactly as `cnncodes fit --test-size` holds it out. With "
+                 "--init-head codes.h5 (the backbone's pre-logits codes) the head starts from a "
+                 "logistic regression fitted on them. Writes a checkpoint usable by predict, evaluate "
+                 "and `extract --weights`; an interrupted run resumes when re-run.")
+    ft.add_argument("data", help="a folder with one subfolder per class, or a .csv of path,label")
+    ft.add_argument("-o", "--out", required=True, help="the checkpoint to write (.pt)")
+    ft.add_argument("--backbone", default="mobilenet_v2", help="registered backbone (default %(default)s)")
+    ft.add_argument("--weights", default="imagenet", help="pretrained weights, as for extract (default imagenet)")
+    ft.add_argument("--unfreeze", default="block4", help="train this block and every deeper one (an alias), "
+                    "a number of top blocks (0: the head only), or 'all' (default %(default)s)")
+    ft.add_argument("--epochs", type=int, default=8, help="at most (default %(default)s)")
+    ft.add_argument("--lr", type=float, default=2e-4, help="learning rate of the pretrained layers (default %(default)s)")
+    ft.add_argument("--head-lr", type=float, default=1e-3, help="learning rate of the head (default %(default)s)")
+    ft.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default %(default)s)")
+    ft.add_argument("--batch-size", type=int, default=32)
+    ft.add_argument("--no-augment", dest="augment", action="store_false",
+                    help="no random crop / flip / colour jitter of the training images")
+    ft.add_argument("--dropout", type=float, default=0.2, help="before the head (default %(default)s)")
+    ft.add_argument("--label-smoothing", type=float, default=0.1, help="of the training loss (default %(default)s)")
+    ft.add_argument("--tta", choices=["flip", "none"], default="flip",
+                    help="test-time augmentation of validation, test and predictions (default %(default)s)")
+    ft.add_argument("--train-bn", action="store_true", help="BatchNorm of the trained blocks uses batch "
+                    "statistics (default: every BatchNorm in inference mode, its scale and shift trained)")
+    ft.add_argument("--val-fraction", type=float, default=0.1,
+                    help="validation share of the non-test images (default %(default)s; 0: none)")
+    ft.add_argument("--patience", type=int, default=3,
+                    help="early stopping after N epochs without a better validation accuracy (default "
+                    "%(default)s; 0: off)")
+    ft.add_argument("--target-accuracy", type=float, help="stop once the validation accuracy reaches it")
+    ft.add_argument("--test-size", type=float, default=0.25,
+                    help="held-out fraction scored at the end (default %(default)s; 0: none)")
+    ft.add_argument("--random-state", type=int, default=0)
+    ft.add_argument("--init-head", metavar="CODES.h5|MODEL.skops",
+                    help="two-stage: initialise the head from a logistic regression on these pre-logits "
+                    "codes (or this fitted logreg model)")
+    ft.add_argument("--image-size", type=int, help="crop size (default: the weights' own)")
+    ft.add_argument("--restart", action="store_true", help="train from the start, overwriting -o")
+    ft.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="autocast precision (default auto: bfloat16 where the hardware runs it natively)")
+    ft.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    ft.add_argument("--workers", default="auto", help="decoding processes (default auto)")
+    ft.add_argument("--jobs", type=int, default=-1, help="parallel jobs of the --init-head fit (default: all cores)")
+    ft.add_argument("--quiet", action="store_true", help="no progress output")
 
     demo = command("demo", "extract the bundled photo sample and describe the result",
                    "Extract the small flower sample shipped with cnncodes (MobileNetV2, "
                    "block4 + block5) and describe the store.")
     demo.add_argument("-o", "--out", default="cnncodes-demo.h5", help="store to write (default %(default)s)")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    sw = command("sweep", "cross-validated linear probe of every layer: where are the useful features?",
+                 "Extract every layer alias of a backbone in one pass (or read a store's layers), "
+                 "then score a linear probe per layer by stratified k-fold cross-validation grouped "
+                 "by image content (C chosen inside each fold). Prints accuracy ± std per layer and "
+                 "the best layer.")
+    sw.add_argument("data", help="a folder with one subfolder per class, a .csv of path,label, or a .h5 store")
+    sw.add_argument("--store", help="store to extract into and reuse (default: a temporary one)")
+    sw.add_argument("--layer", action="append", dest="layers", metavar="LAYER",
+                    help="sweep only these layers; repeat (default: every alias, or the store's layers)")
+    sw.add_argument("--cv", type=int, default=5, help="folds (default %(default)s)")
+    sw.add_argument("--classifier", default="logreg", choices=["logreg", "linear_svm"], help="the probe")
+    sw.add_argument("--plot", help="write accuracy per layer as a PNG (needs matplotlib)")
+    sw.add_argument("--max-images", type=int, help="probe a stratified sample of at most N images")
+    _probe_options(sw)
+
+    adv = command("advise", "place a data set in the four-scenario guide and recommend what to do",
+                  "Measure the data set (images per class), how the pretrained ImageNet head reacts "
+                  "to it, and where its useful features are (a layer sweep); place it in the "
+                  "small/large x similar/different table; recommend a layer and a linear classifier, "
+                  "or fine-tuning (blocks to unfreeze, learning rates), with the numbers behind it. "
+                  "--run carries the recommendation out.")
+    adv.add_argument("data", help="a folder with one subfolder per class, a .csv of path,label, or a .h5 store")
+    adv.add_argument("--store", help="store the sweep extracts into (default: a temporary one)")
+    adv.add_argument("--cv", type=int, default=5, help="folds of the sweep (default %(default)s)")
+    adv.add_argument("--max-images", type=int, default=5000,
+                     help="the sweep probes a stratified sample of at most N images (default %(default)s; 0: all)")
+    adv.add_argument("--head-images", type=int, default=256,
+                     help="images shown to the ImageNet head (default %(default)s)")
+    adv.add_argument("--run", action="store_true",
+                     help="carry the recommendation out: fit and save a model, or fine-tune")
+    adv.add_argument("-o", "--out", help="with --run: the model file (default model.skops, or "
+                     "finetuned.pt when fine-tuning)")
+    _probe_options(adv)
     return p
+
+
+def _probe_options(e) -> None:
+    e.add_argument("--backbone", default="mobilenet_v2", help="registered backbone (default %(default)s)")
+    e.add_argument("--weights", default="imagenet", help="as for extract (default imagenet)")
+    e.add_argument("--image-size", type=int, help="crop size of the extraction (default: the weights' own)")
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    e.add_argument("--workers", default="auto", help="decoding processes (default auto)")
+    e.add_argument("--random-state", type=int, default=0, help="seed of the folds and samples")
+    e.add_argument("--jobs", type=int, default=-1, help="parallel probe fits (default: all cores)")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _extract_options(e) -> None:
@@ -115,7 +224,18 @@ def _extract_options(e) -> None:
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     e.add_argument("--workers", default="auto", help="decoding processes (default auto)")
-    e.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    e.add_argument("--dtype", default="float32", choices=["float32", "float16"],
+                   help="storage type of the codes (default float32)")
+    e.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="arithmetic of the forward pass; auto: the store's, else bfloat16 where the "
+                   "CPU/GPU runs it natively, else float32")
+    e.add_argument("--compile", dest="compile", action="store_const", const=True, default="auto",
+                   help="torch.compile the model (~35 s, then ~2x faster; auto: on a CPU from 10,000 images)")
+    e.add_argument("--no-compile", dest="compile", action="store_const", const=False)
+    e.add_argument("--tta", choices=["none", "flip"],
+                   help="average the codes of each image and its mirror image (default: the store's, else none)")
+    e.add_argument("--no-jpeg-draft", dest="jpeg_draft", action="store_const", const=False, default=None,
+                   help="decode large JPEGs at full size (default: reduced DCT scale, never below 2x the resize)")
     e.add_argument("--max-pixels", type=int, help="larger images are recorded as failures")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -123,6 +243,10 @@ def _extract_options(e) -> None:
 def _extract(args) -> int:
     from ._extract import extract
     from ._images import DEFAULT_MAX_PIXELS
+    from ._errors import CnnCodesError
+
+    if args.engine != "ray" and (args.address or args.ray_workers or args.gpus_per_worker):
+        raise CnnCodesError("--address, --ray-workers and --gpus-per-worker need --engine ray.")
 
     source = args.data[0] if len(args.data) == 1 else args.data
     weights = None if args.weights.lower() in ("random", "none") else args.weights
@@ -130,8 +254,11 @@ def _extract(args) -> int:
     result = extract(
         source, out=args.out, backbone=args.backbone, layers=args.layers, pooling=args.pooling,
         weights=weights, image_size=args.image_size, batch_size=args.batch_size,
-        device=args.device, num_workers=workers, dtype=args.dtype,
+        device=args.device, num_workers=workers, dtype=args.dtype, precision=args.precision,
+        compile=args.compile, tta=args.tta, jpeg_draft=args.jpeg_draft,
         max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, progress=not args.quiet,
+        engine=args.engine, ray_address=args.address, ray_workers=args.ray_workers,
+        gpus_per_worker=args.gpus_per_worker,
     )
     print(result.summary())
     return EXIT_FAILURES if result.failures or result.known_failures else EXIT_OK
@@ -285,8 +412,74 @@ def _evaluate(args) -> int:
     return EXIT_OK
 
 
+def _finetune(args) -> int:
+    from ._finetune import finetune
+
+    result = finetune(
+        args.data, out=args.out, backbone=args.backbone,
+        weights=None if args.weights.lower() in ("random", "none") else args.weights,
+        unfreeze=args.unfreeze, epochs=args.epochs, lr=args.lr, head_lr=args.head_lr,
+        weight_decay=args.weight_decay, batch_size=args.batch_size, augment=args.augment,
+        dropout=args.dropout, train_bn=args.train_bn, label_smoothing=args.label_smoothing, tta=args.tta,
+        val_fraction=args.val_fraction,
+        early_stopping=args.patience if args.patience and args.val_fraction else None,
+        target_accuracy=args.target_accuracy, test_size=args.test_size or None,
+        random_state=args.random_state, init_head=args.init_head, image_size=args.image_size,
+        resume=not args.restart, precision=args.precision, device=args.device,
+        num_workers=args.workers if args.workers == "auto" else int(args.workers), n_jobs=args.jobs,
+        progress=not args.quiet,
+    )
+    print(result.summary())
+    return EXIT_FAILURES if result.failures else EXIT_OK
+
+
+def _sweep(args) -> int:
+    from ._sweep import sweep
+
+    result = sweep(
+        args.data, backbone=args.backbone, layers=args.layers, store=args.store, cv=args.cv,
+        classifier=args.classifier, random_state=args.random_state, max_images=args.max_images,
+        weights=None if args.weights.lower() in ("random", "none") else args.weights,
+        image_size=args.image_size, batch_size=args.batch_size, device=args.device,
+        num_workers=args.workers if args.workers == "auto" else int(args.workers),
+        n_jobs=args.jobs, plot=args.plot, progress=not args.quiet,
+    )
+    if result.extract is not None:
+        print(result.extract.summary().splitlines()[0])
+    print(result.table())
+    print(f"{result.seconds:.1f} s in all ({result.probe_seconds:.1f} s probing).")
+    if args.store is None and result.extract is not None:
+        print("The codes were in a temporary store; pass --store codes.h5 to keep them for `cnncodes fit`.")
+    if args.plot:
+        print(f"wrote {args.plot}")
+    return EXIT_OK
+
+
+def _advise(args) -> int:
+    from ._advise import advise
+    from ._errors import CnnCodesError
+
+    if args.out and not args.run:
+        raise CnnCodesError("-o/--out names the model that --run writes; add --run, or drop -o.")
+    advice = advise(
+        args.data, backbone=args.backbone, store=args.store, cv=args.cv,
+        max_images=args.max_images or None, head_images=args.head_images,
+        weights=None if args.weights.lower() in ("random", "none") else args.weights,
+        image_size=args.image_size, batch_size=args.batch_size, device=args.device,
+        num_workers=args.workers if args.workers == "auto" else int(args.workers),
+        random_state=args.random_state, n_jobs=args.jobs, progress=not args.quiet,
+    )
+    print(advice.report())
+    if args.run:
+        print(f"\nRunning the recommendation ({advice.recommendation.strategy}):")
+        done = advice.run(args.out, progress=not args.quiet, n_jobs=args.jobs)
+        print(done.summary)
+    return EXIT_OK
+
+
 HANDLERS = {"extract": _extract, "backbones": _backbones, "layers": _layers, "info": _info,
-            "demo": _demo, "fit": _fit, "predict": _predict, "evaluate": _evaluate}
+            "demo": _demo, "fit": _fit, "predict": _predict, "evaluate": _evaluate,
+            "sweep": _sweep, "advise": _advise, "finetune": _finetune}
 
 
 def main(argv=None) -> int:

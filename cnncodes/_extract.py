@@ -164,6 +164,10 @@ def extract(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: bool = True,
     root=None,
+    engine: str = "local",
+    ray_address: str | None = None,
+    ray_workers: int | None = None,
+    gpus_per_worker: float = 0,
 ) -> ExtractResult:
     """Extract CNN codes of images into an HDF5 code store; resume and skip what is there.
 
@@ -218,6 +222,21 @@ def extract(
         under it, else `SourceError`). By default they are relative to the common parent of
         the list, which changes with the list; ``root="/"`` gives ids that do not, so that
         appending other subsets of the same images never stores one file under two ids.
+    engine : {"local", "ray"}
+        ``"ray"`` runs decoding and the backbone on a Ray cluster (``pip install
+        'cnncodes[ray]'``): decoding in Ray Data tasks, the backbone in a pool of
+        `ray_workers` actors (one model each, `gpus_per_worker` GPUs each), every batch
+        written by its actor as a shard of the run's journal, joined into the store as on
+        one machine. Planning, skipping and resuming are the same. Every worker needs the
+        images and the weights file at the same paths (or ``CNNCODES_WEIGHTS_PATH``).
+    ray_address : str, optional
+        The cluster (``"auto"``, ``"ray://head:10001"``); by default the one this process
+        joined, else a local one started for the run.
+    ray_workers : int, optional
+        Actors running the backbone; by default one per `gpus_per_worker` GPUs of the
+        cluster, or half its CPUs.
+    gpus_per_worker : float
+        GPUs per actor (0: CPU actors).
 
     Returns
     -------
@@ -236,6 +255,12 @@ def extract(
         raise CnnCodesError(f"unknown dtype {dtype!r}. Valid dtypes: {', '.join(DTYPES)}.")
     if tta is not None and tta not in TTAS:
         raise CnnCodesError(f"unknown tta {tta!r}. Valid values: {', '.join(TTAS)}.")
+    if engine not in ("local", "ray"):
+        raise CnnCodesError(f"unknown engine {engine!r}. Valid engines: 'local', 'ray'.")
+    if engine == "ray":
+        from ._ray import import_ray
+
+        import_ray()  # fail before any file is touched
     if compile not in ("auto", True, False):
         raise CnnCodesError(f"compile must be True, False or 'auto', got {compile!r}.")
     dev = resolve_device(device)
@@ -293,8 +318,17 @@ def extract(
         result.known_failures = plan.known_failures
         result.failures = list(plan.failures)
         index = journal.next_index()
-        if plan.compute:
-            t1 = time.perf_counter()
+        t1 = time.perf_counter()
+        if plan.compute and engine == "ray":
+            from ._ray import run_ray
+
+            failed_shas, index = run_ray(
+                plan.compute, backbone=backbone, weights=w, infos=infos, pooling=pooling, prep=prep,
+                precision=precision, tta=tta, dtype=dtype, journal=journal, index=index,
+                batch_size=batch_size, max_pixels=max_pixels, progress=progress, result=result,
+                address=ray_address, workers=ray_workers, gpus_per_worker=gpus_per_worker)
+            result.compute_seconds = time.perf_counter() - t1
+        elif plan.compute:
             use_compile = compile is True or (compile == "auto" and dev.type == "cpu"
                                               and len(plan.compute) >= COMPILE_MIN_IMAGES)
             forward = CodesForward(spec_b, w, infos, pooling, prep, dev, precision, tta,

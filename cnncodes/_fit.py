@@ -14,7 +14,7 @@ from sklearn.preprocessing import StandardScaler
 from ._errors import CnnCodesError
 from ._store import CodeStore
 
-CLASSIFIERS = ("logreg", "linear_svm", "knn")
+CLASSIFIERS = ("logreg", "linear_svm", "knn", "sgd")
 def _half_decades(lo: int, hi: int) -> tuple[float, ...]:
     return tuple(float(c) for c in np.round(np.logspace(lo, hi, 2 * (hi - lo) + 1), 12))
 
@@ -36,7 +36,25 @@ def split_store(store, *, test_size: float = 0.25, random_state: int | None = 0)
         Row indices into the store.
     """
     store = _as_store(store)
-    labels, shas = store.labels, store.sha256
+    return split_groups(store.labels, store.sha256, test_size=test_size, random_state=random_state,
+                        where=store.path.name)
+
+
+def split_groups(labels, sha256, *, test_size: float = 0.25, random_state: int | None = 0,
+                 where: str = "the images"):
+    """The split of :func:`split_store` for any rows given as (label index, content sha256).
+
+    `labels` holds a class index per row (-1 for unlabelled rows, which are left out);
+    `sha256` the content hash per row. Rows sharing a hash form one group, labelled by its
+    first row, and go to the same side. The same rows in the same order give the same split
+    whether they come from a store or straight from a folder (fine-tuning uses this).
+
+    Returns
+    -------
+    train, test : ndarray of int
+        Row indices.
+    """
+    labels, shas = np.asarray(labels), np.asarray(sha256, dtype=object)
     rows = np.flatnonzero(labels >= 0)
     if not 0 < test_size < 1:
         raise CnnCodesError(f"test_size must be between 0 and 1, got {test_size}.")
@@ -48,10 +66,10 @@ def split_store(store, *, test_size: float = 0.25, random_state: int | None = 0)
         rep_train, rep_test = train_test_split(reps, test_size=test_size, stratify=labels[reps],
                                                random_state=random_state)
     except ValueError as exc:
-        raise CnnCodesError(f"cannot make a stratified split of {store.path.name}: {exc}. "
+        raise CnnCodesError(f"cannot make a stratified split of {where}: {exc}. "
                             f"Each class needs at least 2 distinct images.") from None
     test_shas = {shas[r] for r in rep_test}
-    is_test = np.array([shas[r] in test_shas for r in rows])
+    is_test = np.array([shas[r] in test_shas for r in rows], dtype=bool)
     return rows[~is_test], rows[is_test]
 
 
@@ -127,9 +145,11 @@ def fit(
         A code store (its labelled rows are used) or a feature matrix.
     labels : array of shape (n,), optional
         Labels when `codes` is an array.
-    classifier : {"logreg", "linear_svm", "knn"}
-        Logistic regression, a linear SVM (probabilities calibrated by Platt scaling), or
-        k-nearest neighbours through faiss.
+    classifier : {"logreg", "linear_svm", "knn", "sgd"}
+        Logistic regression, a linear SVM (probabilities calibrated by Platt scaling),
+        k-nearest neighbours through faiss, or ``"sgd"``: logistic regression by SGD over
+        chunks of the store, for stores larger than memory (:func:`cnncodes.fit_streaming`
+        with its defaults; `C`, `cv` and `n_jobs` do not apply).
     layer : str, optional
         Which stored layer to use (the deepest one by default).
     C : "auto" or float
@@ -159,6 +179,10 @@ def fit(
         raise CnnCodesError(f"unknown classifier {classifier!r}. Valid classifiers: {', '.join(CLASSIFIERS)}.")
     if not (C == "auto" or isinstance(C, (int, float)) and C > 0):
         raise CnnCodesError(f"C must be 'auto' or a positive number, got {C!r}.")
+    if classifier == "sgd":
+        from ._stream import fit_streaming
+
+        return fit_streaming(codes, labels, layer=layer, rows=rows, random_state=random_state)
     t0 = time.perf_counter()
     X, y, store, layer, rows = _load_xy(codes, labels, layer, rows)
     if len(np.unique(y)) < 2:

@@ -73,6 +73,10 @@ class Model:
 def load(path, *, trusted=()) -> Model:
     """Read a model file written by :func:`save`, refusing any type not known to be safe.
 
+    A ``.pt`` checkpoint written by :func:`cnncodes.finetune` loads too (with
+    ``torch.load(weights_only=True)``), as a `FineTunedModel` for :func:`predict` and
+    :func:`evaluate`.
+
     Parameters
     ----------
     trusted : sequence of str
@@ -85,6 +89,15 @@ def load(path, *, trusted=()) -> Model:
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"model file {str(path)!r} does not exist. Make one with `cnncodes fit`.")
+    from ._finetune import is_checkpoint_file, load_finetuned
+
+    if path.suffix.lower() in (".pt", ".pth") or is_checkpoint_file(path):  # from `cnncodes finetune`
+        from ._errors import WeightsError
+
+        try:
+            return load_finetuned(path)
+        except WeightsError as exc:
+            raise ModelFileError(str(exc)) from None
     try:
         untrusted = sio.get_untrusted_types(file=path)
         refused = [t for t in untrusted if t not in TRUSTED and t not in trusted]
@@ -111,7 +124,9 @@ def load(path, *, trusted=()) -> Model:
 
 
 def _as_model(model) -> Model:
-    if isinstance(model, Model):
+    from ._finetune import FineTunedModel
+
+    if isinstance(model, (Model, FineTunedModel)):
         return model
     if isinstance(model, (str, Path)):
         return load(model)
@@ -137,7 +152,9 @@ def _codes_for(model: Model, source, store=None, progress=False) -> tuple[CodeSt
     (layer,) = spec["layers"]
     extract(source, out=out, backbone=spec["backbone"], layers=[spec["layers"][layer]],
             pooling=spec["pooling"], weights=weights, image_size=spec["image_size"],
-            dtype=spec["dtype"], progress=progress)
+            dtype=spec["dtype"], precision=spec.get("precision", "float32"),
+            tta=spec.get("tta", "none"),
+            jpeg_draft=spec["preprocessing"].get("jpeg_draft", False), progress=progress)
     return CodeStore(out), layer
 
 
@@ -168,10 +185,14 @@ def predict(model, images, *, top_k: int = 1, store=None, progress: bool = False
 
     Parameters
     ----------
-    model : path, Model or fitted estimator from :func:`fit`
+    model : path, Model, fitted estimator from :func:`fit`, or a fine-tuned network
+        A ``.skops`` file or model classifies codes it extracts first; a ``.pt`` checkpoint
+        from :func:`cnncodes.finetune` (or its loaded `FineTunedModel`) classifies the
+        photos with the network itself.
     images : folder, CSV, list of paths
     store : path, optional
         A store to extract into (and reuse on the next call); a temporary one by default.
+        Not for a fine-tuned network, which needs no codes.
 
     Returns
     -------
@@ -179,6 +200,13 @@ def predict(model, images, *, top_k: int = 1, store=None, progress: bool = False
         Images that could not be decoded are left out and listed by the extract summary.
     """
     model = _as_model(model)
+    from ._finetune import FineTunedModel, predict_finetuned
+
+    if isinstance(model, FineTunedModel):
+        if store is not None:
+            raise CnnCodesError("store= is for models on codes; a fine-tuned network classifies the photos "
+                                "directly. Leave store out.")
+        return predict_finetuned(model, images, top_k=top_k, progress=progress)
     codes, layer = _codes_for(model, images, store, progress)
     X = codes.codes(layer)
     proba = model.predict_proba(X)
@@ -239,12 +267,14 @@ def evaluate(model, data, *, progress: bool = False) -> Evaluation:
     store it was fitted from (with ``rows=`` or ``--test-size``) the figure is a held-out
     one, and a copy of a training photo elsewhere cannot inflate it.
     """
-    from sklearn.metrics import classification_report, confusion_matrix
-
     model = _as_model(model)
-    path = Path(data)
-    if path.is_file() and path.suffix in (".h5", ".hdf5"):
-        store = CodeStore(path)
+    from ._finetune import FineTunedModel, evaluate_finetuned
+
+    if isinstance(model, FineTunedModel):  # a network from `cnncodes finetune`: on photos only
+        return evaluate_finetuned(model, data, progress=progress)
+    path = Path(data.path if isinstance(data, CodeStore) else data)
+    if isinstance(data, CodeStore) or path.is_file() and path.suffix in (".h5", ".hdf5"):
+        store = data if isinstance(data, CodeStore) else CodeStore(path)
         layer = _check_store(model, store)
         on = f"all labelled rows of {path.name}"
     else:
@@ -266,12 +296,19 @@ def evaluate(model, data, *, progress: bool = False) -> Evaluation:
     names = np.array(store.class_names, dtype=object)
     y = names[labels[rows]].astype(str)
     pred = np.asarray(model.estimator.predict(store.codes(layer)[rows])).astype(str)
-    classes = sorted(set(model.classes) | set(y))
+    return evaluation(y, pred, model.classes, on)
+
+
+def evaluation(y, pred, model_classes, on: str) -> Evaluation:
+    """The `Evaluation` of predicted against true class names."""
+    from sklearn.metrics import classification_report, confusion_matrix
+
+    classes = sorted(set(model_classes) | set(y))
     return Evaluation(
         accuracy=float((pred == y).mean()),
         classes=classes,
         confusion=confusion_matrix(y, pred, labels=classes),
         report=classification_report(y, pred, labels=classes, digits=3, zero_division=0),
-        n=int(len(rows)),
+        n=int(len(y)),
         on=on,
     )

@@ -171,7 +171,9 @@ class Journal:
         _fsync_dir(self.folder)
 
     def batches(self) -> list[Path]:
-        return sorted(self.folder.glob("batch-*.npz")) if self.exists() else []
+        # Numeric order: Ray shards are numbered by image position, past six digits.
+        paths = self.folder.glob("batch-*.npz") if self.exists() else []
+        return sorted(paths, key=lambda p: int(p.stem.split("-")[1]))
 
     def next_index(self) -> int:
         batches = self.batches()

@@ -108,7 +108,12 @@ def resolve(spec: BackboneSpec, weights=IMAGENET) -> Weights:
                 f"checkpoint file {str(path)!r} does not exist. Give the path of a "
                 f"state-dict file (.pth/.pt), or a weights name such as DEFAULT."
             )
-        return Weights(f"file:{path.name}", file_sha256(path), str(path.resolve()), default_id)
+        from ._finetune import finetuned_info
+
+        # A checkpoint from `cnncodes finetune` names its backbone and its preprocessing.
+        info = finetuned_info(path, spec)
+        preprocessing_from = info["preprocessing_from"] if info else default_id
+        return Weights(f"file:{path.name}", file_sha256(path), str(path.resolve()), preprocessing_from)
     member = _enum_member(spec, weights)
     filename = member.url.rsplit("/", 1)[-1]
     looked = search_dirs()
@@ -150,7 +155,8 @@ def _verify(path: Path) -> str:
     return digest
 
 
-def _state_dict(path: str) -> dict:
+def _state_dict(path: str) -> tuple[dict, str]:
+    """The state dict of a checkpoint file, and the module path of a head it replaced ("" if none)."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
@@ -158,13 +164,17 @@ def _state_dict(path: str) -> dict:
             f"cannot load checkpoint {path!r} safely ({type(exc).__name__}: {exc}). "
             f"cnncodes loads plain state dicts only (torch.save(model.state_dict(), path))."
         ) from None
+    from ._finetune import backbone_state, is_finetuned
+
+    if is_finetuned(obj):  # from `cnncodes finetune`: its backbone, without its new head
+        return backbone_state(obj)
     for key in ("state_dict", "model_state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
     if not isinstance(obj, dict):
         raise WeightsError(f"checkpoint {path!r} holds a {type(obj).__name__}, not a state dict.")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    return {k.removeprefix("module."): v for k, v in obj.items()}, ""
 
 
 RANDOM_SEED = 0
@@ -182,7 +192,7 @@ def load_model(spec: BackboneSpec, weights: Weights) -> torch.nn.Module:
             return finish_model(spec, build_model(spec, pretrained=False))
     model = build_model(spec, pretrained=True)
     if weights.path:
-        state = _state_dict(weights.path)
+        state, replaced = _state_dict(weights.path)
         try:
             result = model.load_state_dict(state, strict=False)
         except RuntimeError as exc:  # size mismatches raise even with strict=False
@@ -191,11 +201,18 @@ def load_model(spec: BackboneSpec, weights: Weights) -> torch.nn.Module:
                 f"Pick the backbone the checkpoint was trained as; cnncodes builds the "
                 f"standard torchvision model, 1000-class ImageNet head included."
             ) from None
-        if result.missing_keys or result.unexpected_keys:
+        missing = [k for k in result.missing_keys if not (replaced and k.startswith(replaced + "."))]
+        if missing or result.unexpected_keys:
             raise WeightsError(
                 f"checkpoint {weights.path!r} does not fit {spec.name}: "
-                f"{len(result.missing_keys)} missing keys (e.g. {result.missing_keys[:3]}), "
+                f"{len(missing)} missing keys (e.g. {missing[:3]}), "
                 f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[:3]}). "
                 f"Pick the backbone the checkpoint was trained as."
             )
+        if replaced:
+            # A fine-tuned checkpoint's own head has other classes; the ImageNet head it
+            # replaced is not in the file and is zeroed (it is never a code layer).
+            with torch.no_grad():
+                for p in model.get_submodule(replaced).parameters():
+                    p.zero_()
     return finish_model(spec, model)

@@ -1,0 +1,246 @@
+"""Extraction on a Ray cluster: decoding in Ray Data tasks, the frozen backbone in an actor pool.
+
+`extract(..., engine="ray")` plans on the driver exactly as on one machine (what the store
+holds, what an interrupted run journalled, identical content), then hands the images to
+compute to a Ray Data pipeline:
+
+    from_items(pos, id, path, label)
+      -> map_batches(_decode_batch)             Ray tasks: read, sha256, decode (CPU)
+      -> map_batches(_CodesWorker, concurrency=N)  actor pool: one CodesForward per actor,
+                                                 GPU when asked; each batch written as a shard
+      -> iter_batches on the driver              one small status row per image
+
+Each actor writes every batch it computes as a shard of the store: one atomically written
+``.npz`` file of the run's journal (``codes.h5.partial/batch-<n>.npz``, n = the journal's
+next index + the position of the batch's first image, so names never clash and a retried
+batch rewrites the same file). The driver then joins the shards into the one HDF5 file
+with the same `merge` as one machine. Whatever dies - an actor (Ray restarts it and retries
+its batch), a node, or the driver - the shards written so far stay, a re-run plans them as
+resumed, and the merge keeps each id once.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ._errors import CnnCodesError
+from ._sources import Item
+
+# Fault injection for the tests: {"actor_exit_after": n} makes every actor process exit
+# (os._exit, as a crash would) right after writing its n-th shard, before returning it;
+# {"driver_abort_after": n} makes the driver raise KeyboardInterrupt after n result batches.
+_FAULTS: dict = {}
+
+
+def import_ray():
+    """Return the ``ray`` module with Ray Data, or raise CnnCodesError saying how to get it."""
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as exc:
+        raise CnnCodesError(
+            f"engine='ray' needs Ray Data, which is not installed ({exc}). Install it with "
+            f"pip install 'cnncodes[ray]' (or pip install 'ray[data]'), or use engine='local'."
+        ) from None
+    return ray
+
+
+def _decode_batch(batch: dict, *, prep, max_pixels: int) -> dict:
+    """Read, hash and decode a batch of images (a Ray task); unreadable ones get an error."""
+    from ._extract import _Images
+
+    items = [Item(str(i), str(p), str(lab) or None)
+             for i, p, lab in zip(batch["id"], batch["path"], batch["label"])]
+    images = _Images(items, prep, max_pixels)
+    pixels = np.zeros((len(items), 3, prep.crop_size, prep.crop_size), dtype=np.uint8)
+    shas, errors = [], []
+    for k in range(len(items)):
+        _, tensor, sha, why = images[k]
+        if tensor is not None:
+            pixels[k] = tensor.numpy()
+        shas.append(sha)
+        errors.append(why or "")
+    return {"pos": batch["pos"], "id": batch["id"], "label": batch["label"], "image": pixels,
+            "sha256": np.array(shas, dtype=str), "error": np.array(errors, dtype=object)}
+
+
+def _weights_here(weights):
+    """The weights record with a checkpoint path that exists on this node."""
+    from dataclasses import replace
+
+    from ._weights import search_dirs
+
+    if not weights.path or os.path.isfile(weights.path):
+        return weights
+    name = Path(weights.path).name
+    for folder in search_dirs():
+        if (folder / name).is_file():
+            return replace(weights, path=str(folder / name))
+    raise CnnCodesError(
+        f"the checkpoint {weights.path} is not on the Ray worker {os.uname().nodename}, nor "
+        f"{name} in its CNNCODES_WEIGHTS_PATH. Every worker needs the weights file: put it "
+        f"at the same path on every node, or set CNNCODES_WEIGHTS_PATH there."
+    )
+
+
+class _CodesWorker:
+    """One frozen backbone per Ray actor: decoded batch in, shard file out, statuses back."""
+
+    def __init__(self, *, backbone, weights, layers, pooling, prep, precision, tta, dtype, store,
+                 base, use_gpu, cpus, faults):
+        import torch
+
+        from ._backbones import get_backbone
+        from ._extract import CodesForward
+        from ._store import Journal
+
+        spec_b = get_backbone(backbone)
+        infos = [spec_b.layer(name) for name in layers]
+        device = torch.device("cuda" if use_gpu else "cpu")
+        if not use_gpu:
+            torch.set_num_threads(max(1, int(cpus)))
+        self.forward = CodesForward(spec_b, _weights_here(weights), infos, pooling, prep, device,
+                                    precision, tta)
+        self.dtype, self.base, self.faults = dtype, base, faults
+        self.journal = Journal(Path(store))
+        self.written = 0
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+
+        pos = batch["pos"].astype(np.int64)
+        ids, labels, shas = batch["id"], batch["label"], batch["sha256"]
+        reasons = np.array([str(e) for e in batch["error"]], dtype=object)
+        ok = np.flatnonzero(reasons == "")
+        codes = {}
+        if len(ok):
+            codes = self.forward(torch.from_numpy(np.ascontiguousarray(batch["image"][ok])))
+            finite = np.all([np.isfinite(c).all(axis=1) for c in codes.values()], axis=0)
+            reasons[ok[~finite]] = "the backbone produced non-finite codes (NaN/inf)"
+            codes = {a: c[finite].astype(self.dtype) for a, c in codes.items()}
+            ok = ok[finite]
+        bad = np.flatnonzero(reasons != "")
+        self.journal.write(
+            self.base + int(pos.min()), ids=[str(ids[k]) for k in ok],
+            sha256=[str(shas[k]) for k in ok], labels=[str(labels[k]) or None for k in ok],
+            codes=codes if len(ok) else None,
+            failures=[(str(ids[k]), str(shas[k]), str(reasons[k])) for k in bad],
+        )
+        self.written += 1
+        if self.faults.get("actor_exit_after") and self.written >= self.faults["actor_exit_after"]:
+            os._exit(1)  # a crash after the shard is written, before Ray hears of it
+        return {"pos": pos, "sha256": shas, "reason": reasons.astype(str)}
+
+
+def _resources(ray, workers, gpus_per_worker):
+    """(workers, CPUs per actor, CPUs per decoding task) for the cluster Ray is connected to."""
+    total = ray.cluster_resources()
+    cpus, gpus = float(total.get("CPU", 1)), float(total.get("GPU", 0))
+    if gpus_per_worker:
+        if gpus < gpus_per_worker:
+            raise CnnCodesError(
+                f"gpus_per_worker={gpus_per_worker} was asked for, but the Ray cluster has "
+                f"{gpus:g} GPUs. Add GPU nodes, or use gpus_per_worker=0 (CPU actors)."
+            )
+        workers = workers or max(1, int(gpus // gpus_per_worker))
+        return workers, 1.0, 1.0
+    workers = workers or max(1, int(cpus // 2))
+    # CPU actors share the cores with the decoding tasks: half the cluster for each.
+    actor_cpus = max(0.25, min(1.0, cpus / (2 * workers)))
+    return workers, actor_cpus, max(0.25, min(1.0, cpus / 2))
+
+
+def run_ray(items: list[Item], *, backbone, weights, infos, pooling, prep, precision, tta, dtype,
+            journal, index, batch_size, max_pixels, progress, result, address=None, workers=None,
+            gpus_per_worker=0):
+    """Extract `items` on Ray into shards of `journal`; return (failed sha -> reason, next index).
+
+    Connects to the Ray cluster at `address` (``"auto"``, ``"ray://host:10001"``...), or to
+    the one this process already joined, or starts a local one (shut down afterwards).
+    """
+    from tqdm.auto import tqdm
+
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise CnnCodesError(f"ray_workers must be an integer >= 1 or None, got {workers!r}.")
+    if not isinstance(gpus_per_worker, (int, float)) or gpus_per_worker < 0:
+        raise CnnCodesError(f"gpus_per_worker must be a number >= 0, got {gpus_per_worker!r}.")
+    ray = import_ray()
+    started = not ray.is_initialized()
+    if started:
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise CnnCodesError(
+                f"cannot connect to the Ray cluster at {address!r} ({exc}). Start it with "
+                f"`ray start --head` and pass its address, or leave the address out for a "
+                f"local cluster."
+            ) from None
+    try:
+        return _pipeline(ray, items, backbone=backbone, weights=weights, infos=infos, pooling=pooling,
+                         prep=prep, precision=precision, tta=tta, dtype=dtype, journal=journal,
+                         index=index, batch_size=batch_size, max_pixels=max_pixels,
+                         progress=progress, result=result, workers=workers,
+                         gpus_per_worker=gpus_per_worker, tqdm=tqdm)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _pipeline(ray, items, *, backbone, weights, infos, pooling, prep, precision, tta, dtype, journal,
+              index, batch_size, max_pixels, progress, result, workers, gpus_per_worker, tqdm):
+    workers, actor_cpus, decode_cpus = _resources(ray, workers, gpus_per_worker)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # the driver shows one bar of its own
+    ctx.print_on_execution_start = False
+    rows = [{"pos": k, "id": it.id, "path": os.path.abspath(it.path), "label": it.label or ""}
+            for k, it in enumerate(items)]
+    n_blocks = max(1, min(len(rows), -(-len(rows) // batch_size)))
+    ds = ray.data.from_items(rows, override_num_blocks=n_blocks)
+    ds = ds.map_batches(_decode_batch, fn_kwargs={"prep": prep, "max_pixels": max_pixels},
+                        batch_size=batch_size, batch_format="numpy", num_cpus=decode_cpus)
+    ds = ds.map_batches(
+        _CodesWorker, batch_size=batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=workers),
+        num_cpus=actor_cpus, num_gpus=gpus_per_worker or None,
+        fn_constructor_kwargs={
+            "backbone": backbone, "weights": weights, "layers": [i.alias for i in infos],
+            "pooling": pooling, "prep": prep, "precision": precision, "tta": tta, "dtype": dtype,
+            "store": str(journal.folder)[: -len(".partial")], "base": index,
+            "use_gpu": bool(gpus_per_worker), "cpus": actor_cpus, "faults": dict(_FAULTS),
+        },
+    )  # Ray Data restarts dead actors and retries their batches (max_restarts=-1)
+    failed_shas, seen = {}, set()
+    bar = tqdm(total=len(items), unit="img", desc=f"extract (ray, {workers} workers)",
+               disable=not progress, dynamic_ncols=True)
+    try:
+        for n, out in enumerate(ds.iter_batches(batch_size=None, batch_format="numpy"), 1):
+            for pos, sha, why in zip(out["pos"], out["sha256"], out["reason"]):
+                if int(pos) in seen:  # a batch retried after a crash: counted once
+                    continue
+                seen.add(int(pos))
+                if why:
+                    result.failures.append((items[int(pos)].id, str(why)))
+                    if sha:
+                        failed_shas[str(sha)] = str(why)
+                else:
+                    result.n_extracted += 1
+            bar.update(len(out["pos"]))
+            if _FAULTS.get("driver_abort_after") and n >= _FAULTS["driver_abort_after"]:
+                raise KeyboardInterrupt("fault injection: the driver stops here")
+    except (KeyboardInterrupt, CnnCodesError):
+        raise
+    except Exception as exc:  # RayTaskError, RayActorError ... wrap the worker's traceback
+        raise CnnCodesError(
+            f"the Ray pipeline failed ({type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}). "
+            f"Every worker needs cnncodes, the weights file (CNNCODES_WEIGHTS_PATH) and the images "
+            f"at the same path; fix that and re-run: finished batches are kept and resumed."
+        ) from exc
+    finally:
+        bar.close()
+    if len(seen) != len(items):
+        raise CnnCodesError(f"the Ray pipeline returned {len(seen)} of {len(items)} images; re-run "
+                            f"to extract the rest (finished batches are kept).")
+    return failed_shas, index + len(items)

@@ -1,0 +1,164 @@
+"""Tests of extract(engine="ray") on a local 2-CPU Ray cluster: equality with one machine,
+skipping, failures, and a crashed actor or driver followed by a re-run."""
+
+import collections
+import shutil
+
+import numpy as np
+import pytest
+
+from cnncodes import CodeStore, extract
+from cnncodes._errors import CnnCodesError
+from cnncodes._store import Journal
+
+ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'cnncodes[ray]'")
+import cnncodes._ray as cray  # noqa: E402
+
+pytestmark = pytest.mark.ray
+
+# Small crops keep the runs short; float32 makes the codes comparable to 1e-5.
+SMALL = dict(backbone="mobilenet_v2", image_size=96, batch_size=8, precision="float32", progress=False)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A local Ray cluster with 2 CPUs, shared by the tests of this module."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, sample_dir):
+    """The single-process store of the 40-photo sample, float32."""
+    out = tmp_path_factory.mktemp("ref") / "local.h5"
+    extract(str(sample_dir), out=out, num_workers=0, **SMALL)
+    return CodeStore(out)
+
+
+def assert_same_store(store, ref):
+    """Same ids, labels, class names; codes within 1e-5; every id once."""
+    assert len(store) == len(ref)
+    assert collections.Counter(store.ids).most_common(1)[0][1] == 1
+    order = {rid: k for k, rid in enumerate(store.ids)}
+    rows = np.array([order[rid] for rid in ref.ids])
+    names, ref_names = np.array(store.class_names), np.array(ref.class_names)
+    np.testing.assert_array_equal(names[store.labels[rows]], ref_names[ref.labels])
+    np.testing.assert_array_equal(store.sha256[rows], ref.sha256)
+    diff = np.abs(store.codes("block5")[rows] - ref.codes("block5")).max()
+    assert diff <= 1e-5, diff
+
+
+def test_ray_equals_local_and_rerun_skips(cluster, reference, sample_dir, tmp_path):
+    """Check that 2 Ray workers give the single-process store, and that a re-run computes nothing."""
+    out = tmp_path / "ray.h5"
+    result = extract(str(sample_dir), out=out, engine="ray", ray_workers=2, **SMALL)
+    assert result.n_extracted == 40 and not result.failures
+    assert not Journal(out).exists()  # the shards were joined and removed
+    assert_same_store(CodeStore(out), reference)
+
+    again = extract(str(sample_dir), out=out, engine="ray", ray_workers=2, **SMALL)
+    assert (again.n_extracted, again.n_unchanged, again.n_rows) == (0, 40, 40)
+    assert_same_store(CodeStore(out), reference)
+
+
+def test_ray_records_failures_and_extends(cluster, reference, sample_dir, tmp_path):
+    """Check that Ray records unreadable images as failures and extends a store made locally."""
+    photos = tmp_path / "photos"
+    shutil.copytree(sample_dir, photos)
+    moved = sorted((photos / "tulip").iterdir())[:4]
+    for f in moved:
+        f.rename(tmp_path / f.name)
+    out = tmp_path / "codes.h5"
+    extract(str(photos), out=out, num_workers=0, **SMALL)  # 36 photos, one machine
+    for f in moved:
+        (tmp_path / f.name).rename(f)
+    (photos / "tulip" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    result = extract(str(photos), out=out, engine="ray", ray_workers=2, **SMALL)
+    assert (result.n_unchanged, result.n_extracted) == (36, 4)
+    assert [rid for rid, _ in result.failures] == ["tulip/broken.jpg"]
+    store = CodeStore(out)
+    assert [rid for rid, _ in store.failures] == ["tulip/broken.jpg"]
+    assert "cannot decode" in store.failures[0][1] or "not an image" in store.failures[0][1]
+    assert_same_store(store, reference)
+
+
+def test_ray_crashed_actors_then_rerun(cluster, reference, sample_dir, tmp_path, monkeypatch):
+    """Check that actors crashing after each shard, then a re-run, leave every image exactly once."""
+    monkeypatch.setitem(cray._FAULTS, "actor_exit_after", 2)
+    out = tmp_path / "crash.h5"
+    try:
+        # Ray restarts each dead actor and retries its batch: the run may finish as it is.
+        extract(str(sample_dir), out=out, engine="ray", ray_workers=2, **SMALL)
+    except CnnCodesError as exc:
+        assert "re-run" in str(exc)
+    monkeypatch.delitem(cray._FAULTS, "actor_exit_after")
+    result = extract(str(sample_dir), out=out, engine="ray", ray_workers=2, **SMALL)
+    assert result.n_extracted + result.n_unchanged + result.n_resumed == 40
+    assert_same_store(CodeStore(out), reference)
+
+
+def test_ray_killed_driver_then_rerun(cluster, reference, sample_dir, tmp_path, monkeypatch):
+    """Check that a driver stopped mid-run keeps its shards, and a re-run resumes them exactly once."""
+    monkeypatch.setitem(cray._FAULTS, "driver_abort_after", 1)
+    out = tmp_path / "driver.h5"
+    small = dict(SMALL, batch_size=4)
+    with pytest.raises(KeyboardInterrupt, match="driver stops"):
+        extract(str(sample_dir), out=out, engine="ray", ray_workers=2, **small)
+    assert not out.exists()
+    done = len(Journal(out).done()[0])
+    # at least the batch the driver saw; the actors may have finished more (or all) of them
+    assert 4 <= done <= 40
+    monkeypatch.delitem(cray._FAULTS, "driver_abort_after")
+    result = extract(str(sample_dir), out=out, engine="ray", ray_workers=2, **small)
+    assert result.n_resumed == done and result.n_extracted == 40 - done
+    assert_same_store(CodeStore(out), reference)
+
+
+def test_ray_bad_arguments(cluster, sample_dir, tmp_path):
+    """Check that wrong engine settings are refused with what to do."""
+    with pytest.raises(CnnCodesError, match="unknown engine 'spark'. Valid engines"):
+        extract(str(sample_dir), out=tmp_path / "a.h5", engine="spark", **SMALL)
+    with pytest.raises(CnnCodesError, match="ray_workers must be an integer >= 1"):
+        extract(str(sample_dir), out=tmp_path / "b.h5", engine="ray", ray_workers=0, **SMALL)
+    with pytest.raises(CnnCodesError, match="the Ray cluster has 0 GPUs. Add GPU nodes"):
+        extract(str(sample_dir), out=tmp_path / "c.h5", engine="ray", gpus_per_worker=1, **SMALL)
+
+
+def test_ray_missing_is_explained(monkeypatch, sample_dir, tmp_path):
+    """Check that engine='ray' without Ray installed says how to install it."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_ray(name, *args, **kwargs):
+        if name == "ray" or name.startswith("ray."):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    with pytest.raises(CnnCodesError, match=r"pip install 'cnncodes\[ray\]'"):
+        extract(str(sample_dir), out=tmp_path / "x.h5", engine="ray", **SMALL)
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_cli_engine_ray(cluster, reference, sample_dir, tmp_path, capsys):
+    """Check that `cnncodes extract --engine ray --ray-workers 2` writes the single-process store."""
+    from cnncodes._cli import main
+
+    out = tmp_path / "cli.h5"
+    rc = main(["extract", str(sample_dir), "-o", str(out), "--engine", "ray", "--ray-workers", "2",
+               "--image-size", "96", "--batch-size", "8", "--precision", "float32", "--quiet"])
+    assert rc == 0
+    assert "40 extracted" in capsys.readouterr().out
+    assert_same_store(CodeStore(out), reference)
+
+
+def test_cli_ray_flags_need_engine_ray(sample_dir, tmp_path, capsys):
+    """Check that Ray flags without --engine ray are refused with what to add."""
+    from cnncodes._cli import main
+
+    rc = main(["extract", str(sample_dir), "-o", str(tmp_path / "x.h5"), "--ray-workers", "2"])
+    assert rc == 2
+    assert "--address, --ray-workers and --gpus-per-worker need --engine ray" in capsys.readouterr().err
+    assert not (tmp_path / "x.h5").exists()
