@@ -441,8 +441,12 @@ def _h5(out):
         ({"test_size": 1.5}, CnnCodesError, "test_size must be between 0 and 1, or None"),
         ({"val_fraction": 0.0}, CnnCodesError, "early_stopping and target_accuracy watch the validation split"),
         ({"backbone": "alexnet"}, UnknownBackboneError, "unknown backbone 'alexnet'"),
+        ({"optimizer": "adam"}, CnnCodesError, "unknown optimizer 'adam'. Valid optimizers: adamw, sgd"),
+        ({"tta": "crops"}, CnnCodesError, "unknown tta 'crops'. Valid values: none, flip"),
+        ({"label_smoothing": 1.0}, CnnCodesError, r"label_smoothing must be in \[0, 1\)"),
     ],
-    ids=["alias", "count", "epochs", "lr", "batch", "dropout", "test-size", "no-val", "backbone"],
+    ids=["alias", "count", "epochs", "lr", "batch", "dropout", "test-size", "no-val", "backbone", "optimizer",
+         "tta", "smoothing"],
 )
 def test_bad_arguments_are_refused_with_what_to_do(sample_dir, tmp_path, kwargs, error, words):
     """Check each bad argument's message (before any image is read or file written)."""
