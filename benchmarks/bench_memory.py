@@ -44,7 +44,7 @@ def make_photos(src: Path, dst: Path, n: int) -> int:
         for f in files:
             if made == n:
                 return made
-            target = dst / f.parent.name / f"{f.stem}-{variant.name.lower() if variant else 'orig'}.jpg"
+            target = dst / f.parent.name / f"{f.stem}-{'orig' if variant is None else variant.name.lower()}.jpg"
             target.parent.mkdir(parents=True, exist_ok=True)
             if variant is None:
                 shutil.copy(f, target)

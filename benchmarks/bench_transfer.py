@@ -193,7 +193,7 @@ def main(argv=None) -> int:
     p.add_argument("data", help="a folder with one subfolder per class")
     p.add_argument("--store", help="an existing store of DATA with block5 codes (else extracted into --work)")
     p.add_argument("--work", default="bench-transfer", help="folder for the store and the checkpoint")
-    p.add_argument("--unfreeze", default="block4")
+    p.add_argument("--unfreeze", default="block3")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--head-lr", type=float, default=1e-3)

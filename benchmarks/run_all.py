@@ -29,6 +29,8 @@ def plan(data: str, quick: bool) -> dict[str, list[str]]:
         "memory": ["bench_memory.py", data, "--n", "2000" if quick else "10000"],
         "knn": ["bench_knn.py"] + (["--n-train", "5000", "--n-query", "1000"] if quick else []),
         "fit": ["bench_fit.py"] + (["--n-train", "5000"] if quick else []),
+        "knn-large": ["bench_knn_large.py"] + (["--n-train", "20000"] if quick else []),
+        "transfer": ["bench_transfer.py", data] + (["--epochs", "1", "--scratch-epochs", "1"] if quick else []),
     }
 
 

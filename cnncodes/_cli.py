@@ -17,7 +17,7 @@ EXAMPLES = {
     "fit": "cnncodes fit codes.h5 --layer block5 --classifier logreg --test-size 0.25 -o model.skops",
     "predict": "cnncodes predict model.skops new_photos/ --top-k 3 --csv predictions.csv",
     "evaluate": "cnncodes evaluate model.skops codes.h5 --plot confusion.png",
-    "finetune": "cnncodes finetune photos/ -o ft.pt --unfreeze block4 --epochs 8 --init-head codes.h5",
+    "finetune": "cnncodes finetune photos/ -o ft.pt --unfreeze block3 --epochs 8 --init-head codes.h5",
     "sweep": "cnncodes sweep photos/ --backbone mobilenet_v2 --store codes.h5 --cv 5 --plot sweep.png",
     "advise": "cnncodes advise photos/ --store codes.h5 --run -o model.skops",
 }
@@ -122,7 +122,7 @@ def _parser() -> argparse.ArgumentParser:
     ft.add_argument("-o", "--out", required=True, help="the checkpoint to write (.pt)")
     ft.add_argument("--backbone", default="mobilenet_v2", help="registered backbone (default %(default)s)")
     ft.add_argument("--weights", default="imagenet", help="pretrained weights, as for extract (default imagenet)")
-    ft.add_argument("--unfreeze", default="block4", help="train this block and every deeper one (an alias), "
+    ft.add_argument("--unfreeze", default="block3", help="train this block and every deeper one (an alias), "
                     "a number of top blocks (0: the head only), or 'all' (default %(default)s)")
     ft.add_argument("--epochs", type=int, default=8, help="at most (default %(default)s)")
     ft.add_argument("--lr", type=float, default=2e-4, help="learning rate of the pretrained layers (default %(default)s)")
@@ -140,7 +140,7 @@ def _parser() -> argparse.ArgumentParser:
     ft.add_argument("--val-fraction", type=float, default=0.1,
                     help="validation share of the non-test images (default %(default)s; 0: none)")
     ft.add_argument("--patience", type=int, default=3,
-                    help="early stopping after N epochs without a better validation accuracy (default "
+                    help="early stopping after N epochs without a lower validation loss (default "
                     "%(default)s; 0: off)")
     ft.add_argument("--target-accuracy", type=float, help="stop once the validation accuracy reaches it")
     ft.add_argument("--test-size", type=float, default=0.25,

@@ -72,6 +72,7 @@ class FinetuneResult:
     test_accuracy: float | None = None
     test_ids: list[str] = field(default_factory=list)
     initial_val_accuracy: float | None = None  # before the first epoch (head initialised)
+    initial_val_loss: float | None = None
     init_head: dict | None = None
     trainable: dict = field(default_factory=dict)  # parameters trained / frozen, first trained module
     failures: list[tuple[str, str]] = field(default_factory=list)
@@ -85,6 +86,12 @@ class FinetuneResult:
         if self.best_epoch == 0:
             return self.initial_val_accuracy
         return self.history[self.best_epoch - 1].val_accuracy
+
+    @property
+    def best_val_loss(self) -> float | None:
+        if self.best_epoch == 0:
+            return self.initial_val_loss
+        return self.history[self.best_epoch - 1].val_loss
 
     def summary(self) -> str:
         lines = []
@@ -106,8 +113,8 @@ class FinetuneResult:
                          f" | {e.seconds:.0f} s")
         best = self.best_val_accuracy
         kept = "the initial model" if self.best_epoch == 0 else f"epoch {self.best_epoch}"
-        lines.append(f"stopped: {self.stopped}; kept {kept}"
-                     + ("" if best is None else f" (validation accuracy {best:.4f})") + ".")
+        lines.append(f"stopped: {self.stopped}; kept {kept}" + (
+            "" if best is None else f" (validation loss {self.best_val_loss:.4f}, accuracy {best:.4f})") + ".")
         split = f"{self.n_train} train, {self.n_val} validation, {self.n_test} held-out test images"
         if self.test_accuracy is not None:
             lines.append(f"held-out accuracy {self.test_accuracy:.4f} on {self.n_test} images ({split}).")
@@ -667,7 +674,7 @@ def finetune(
     out,
     backbone: str = "mobilenet_v2",
     weights=IMAGENET,
-    unfreeze="block4",
+    unfreeze="block3",
     epochs: int = 8,
     lr: float = 2e-4,
     head_lr: float = 1e-3,
@@ -705,7 +712,7 @@ def finetune(
     stay frozen, their BatchNorm in inference mode; the trained pretrained layers learn at
     `lr`, the new head (dropout, then a linear layer) at `head_lr`, with AdamW, a short
     warm-up and cosine decay. The training split is augmented (random resized crop, mirror,
-    light colour jitter). After every epoch the best model so far (validation accuracy) is
+    light colour jitter). After every epoch the best model so far (validation loss) is
     written to `out` and the training state to ``out + ".resume"``; an interrupted run
     continues where it stopped when called again.
 
@@ -721,8 +728,9 @@ def finetune(
     backbone, weights
         The pretrained network, as in :func:`cnncodes.extract`.
     unfreeze : str or int
-        Where training starts: a layer alias (``"block5"``: that block and every deeper one
-        are trained), a number of top blocks (0: the head only), or ``"all"``.
+        Where training starts: a layer alias (``"block3"``: that block and every deeper one
+        are trained; for MobileNetV2 features.4 on, all but the stem and the first two
+        stages), a number of top blocks (0: the head only), or ``"all"``.
     epochs : int
         Training epochs at most (early stopping and `target_accuracy` may end sooner).
     lr, head_lr : float
@@ -754,9 +762,9 @@ def finetune(
         Fraction of the non-test images used for validation (at least one per class); 0
         trains on all of them, without early stopping.
     early_stopping : int or None
-        Stop after this many epochs without a better validation accuracy than the best
-        trained epoch so far. The kept model is the best by validation accuracy, the initial
-        one (`init_head`) included.
+        Stop after this many epochs without a lower validation loss than the best trained
+        epoch so far. The kept model is the best by validation loss (then accuracy), the
+        initial one (`init_head`) included.
     target_accuracy : float, optional
         Stop as soon as the validation accuracy reaches it.
     test_size : float or None
@@ -898,10 +906,11 @@ def finetune(
                 model.head_linear().weight.copy_(W)
                 model.head_linear().bias.copy_(b)
         if len(val_rows) and init_head is not None:
-            # The linear probe is a candidate too: fine-tuning never returns something worse.
+            # The linear probe is a candidate too: fine-tuning never returns a model that is
+            # worse than it on the validation split.
             loss, acc = _validate(model, eval_loader(val_rows), prep, dev, precision, channels_last, progress,
                                   tta=tta)
-            initial_val = acc
+            initial_val = {"loss": loss, "accuracy": acc}
             best = {"epoch": 0, "val_accuracy": acc, "val_loss": loss}
             best_state = _cpu_state(model)
             if progress:
@@ -935,7 +944,9 @@ def finetune(
             stats = EpochStats(epoch, train_loss, train_acc, val_loss, val_acc, time.perf_counter() - t_epoch,
                                float(lrs.get("backbone", 0.0)), float(lrs["head"]))
             history.append(stats)
-            improved = val_acc is None or (val_acc, -val_loss) > (best["val_accuracy"], -best["val_loss"])
+            # Validation loss decides (then accuracy): on a few hundred images it is far less
+            # noisy than accuracy, whose ties and one-image steps picked worse epochs.
+            improved = val_acc is None or (-val_loss, val_acc) > (-best["val_loss"], best["val_accuracy"])
             if improved:
                 best = {"epoch": epoch, "val_accuracy": -1.0 if val_acc is None else val_acc,
                         "val_loss": math.inf if val_loss is None else val_loss}
@@ -954,7 +965,7 @@ def finetune(
                 stopped = reason
                 break
 
-    # The kept model: the best epoch by validation accuracy (the last one without validation).
+    # The kept model: the best epoch by validation loss (the last one without validation).
     model.net.load_state_dict(best_state)
     test_acc = None
     if len(test_rows):
@@ -1056,7 +1067,7 @@ def _validate(model, loader, prep, dev, precision, channels_last, progress, tta=
 
 
 def _epochs_since_best(history) -> int:
-    """Epochs since the best trained epoch (validation accuracy, then loss).
+    """Epochs since the best trained epoch (validation loss, then accuracy).
 
     The initial model (a head from a linear probe) is a candidate for the model kept, but
     not the mark patience counts from: fine-tuning often dips below it for an epoch or two
@@ -1065,7 +1076,7 @@ def _epochs_since_best(history) -> int:
     scored = [e for e in history if e.val_accuracy is not None]
     if not scored:
         return 0
-    best = max(scored, key=lambda e: (e.val_accuracy, -e.val_loss))  # the first of equals
+    best = max(scored, key=lambda e: (-e.val_loss, e.val_accuracy))  # the first of equals
     return history[-1].epoch - best.epoch
 
 
@@ -1112,7 +1123,8 @@ def _write_checkpoint(out, state, best, history, complete, stopped, test_acc, m)
         "config": m["config"],
         "history": [asdict(e) for e in history],
         "best_epoch": int(best["epoch"]),
-        "initial_val_accuracy": m["initial_val"],
+        "initial_val_accuracy": (m["initial_val"] or {}).get("accuracy"),
+        "initial_val_loss": (m["initial_val"] or {}).get("loss"),
         "init_head": m["init_record"],
         "trainable": m["trainable"],
         "stopped": stopped,
@@ -1171,7 +1183,8 @@ def _result_from(ckpt: dict, out, failures, skipped, *, n_train, n_val, n_test) 
         path=str(out), backbone=ckpt["backbone"], classes=list(ckpt["classes"]), history=history,
         best_epoch=int(ckpt["best_epoch"]), stopped=ckpt["stopped"], n_train=n_train, n_val=n_val, n_test=n_test,
         test_accuracy=ckpt["test_accuracy"], test_ids=list(ckpt["test_ids"]),
-        initial_val_accuracy=ckpt["initial_val_accuracy"], init_head=ckpt["init_head"],
+        initial_val_accuracy=ckpt["initial_val_accuracy"], initial_val_loss=ckpt["initial_val_loss"],
+        init_head=ckpt["init_head"],
         trainable=dict(ckpt["trainable"]), failures=list(failures), skipped_files=list(skipped),
         precision=ckpt.get("precision", "float32"),
     )

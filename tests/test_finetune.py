@@ -325,7 +325,7 @@ def test_patience_counts_from_the_best_trained_epoch_and_the_probe_can_win(data,
     out = tmp_path / "p.pt"
     r = finetune(data, out=out, init_head=store, n_jobs=1, **{**FT, "epochs": 7, "early_stopping": 2})
     assert r.initial_val_accuracy == 0.9 and len(r.history) == 5 and r.stopped == "early stopping"
-    assert r.best_epoch == 0 and "kept the initial model (validation accuracy 0.9000)" in r.summary()
+    assert r.best_epoch == 0 and "kept the initial model (validation loss 0.3000, accuracy 0.9000)" in r.summary()
     kept = torch.load(out, weights_only=True)["state_dict"]
     imagenet = torch.load(weights_file, weights_only=True)
     assert torch.equal(kept["features.18.0.weight"], imagenet["features.18.0.weight"])  # never trained
