@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import time
@@ -35,7 +34,8 @@ CROP_SCALE = (0.5, 1.0)
 JITTER = dict(brightness=0.15, contrast=0.15, saturation=0.15)
 TTAS = ("none", "flip")
 OPTIMIZERS = ("adamw", "sgd")
-# Settings that do not change what is learned: they may differ when a run is resumed.
+# Settings left out when a run is resumed or returned: the initial head is already in the
+# saved weights (and the path of the store it came from may move).
 _RUNTIME_KEYS = ("init_head",)
 
 
@@ -975,7 +975,7 @@ def finetune(
     _write_checkpoint(out, best_state, best, history, True, stopped, test_acc, meta)
     state_path.unlink(missing_ok=True)
     result = _result_from(read_checkpoint(out, mmap=True), out, failures, src.skipped, **counts)
-    result.resumed_from = start if saved is not None else 0
+    result.resumed_from = saved["epoch"] if saved is not None else 0
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -1283,6 +1283,14 @@ def predict_finetuned(model: FineTunedModel, images, *, top_k: int = 1, progress
             for i, (item, o) in enumerate(zip(items, order))]
 
 
+def _file_sha256(path: str) -> str | None:
+    try:
+        with open(path, "rb") as fh:
+            return hashlib.sha256(fh.read()).hexdigest()
+    except OSError:
+        return None
+
+
 def evaluate_finetuned(model: FineTunedModel, data, *, progress: bool = False):
     """Accuracy of a fine-tuned network on a labelled folder, leaving out its training content."""
     from ._model import evaluation
@@ -1291,31 +1299,31 @@ def evaluate_finetuned(model: FineTunedModel, data, *, progress: bool = False):
     if path.is_file() and path.suffix.lower() in (".h5", ".hdf5"):
         raise CnnCodesError(f"{Path(model.path).name} is a fine-tuned network: it classifies images, not "
                             f"codes. Evaluate it on a labelled folder (one subfolder per class) or a CSV.")
-    items, proba, shas, failures = model.predict_images(data, progress=progress)
+    src = read_source(data)
+    labelled = [it for it in src.items if it.label is not None]
+    on = f"all labelled images of {path}"
+    if model.train_sha256:
+        # Hash first and run the network on the held-out images only: on the training folder
+        # that is a quarter of the work. An unreadable file stays in and is reported below.
+        from concurrent.futures import ThreadPoolExecutor
+
+        seen = set(model.train_sha256)
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            hashes = list(pool.map(_file_sha256, [it.path for it in labelled]))
+        held = [it for it, h in zip(labelled, hashes) if h not in seen]
+        if len(held) < len(labelled):
+            on = f"{len(held)} held-out images of {path} (content not used in training)"
+        labelled = held
+    if not labelled:
+        raise CnnCodesError(f"nothing to evaluate in {path}: no labelled images outside the training set.")
+    items, proba, _, failures = model.predict_images([it.path for it in labelled], labels=[it.label for it in labelled],
+                                                     root=src.root, progress=progress)
     if failures:
         warnings.warn(f"{len(failures)} images could not be read and are left out: "
                       + "; ".join(f"{i} ({why})" for i, why in failures[:5]), stacklevel=3)
-    keep = [k for k, it in enumerate(items) if it.label is not None]
-    on = f"all labelled images of {path}"
-    if model.train_sha256:
-        seen = set(model.train_sha256)
-        held = [k for k in keep if shas[k] not in seen]
-        if len(held) < len(keep):
-            on = f"{len(held)} held-out images of {path} (content not used in training)"
-        keep = held
-    if not keep:
-        raise CnnCodesError(f"nothing to evaluate in {path}: no labelled images outside the training set.")
-    y = np.array([items[k].label for k in keep], dtype=str)
-    pred = np.asarray(model.classes)[proba[keep].argmax(1)]
+    if not items:
+        raise CnnCodesError(f"nothing to evaluate in {path}: none of its held-out images could be read.")
+    y = np.array([it.label for it in items], dtype=str)
+    pred = np.asarray(model.classes)[proba.argmax(1)]
     return evaluation(y, pred, model.classes, on)
 
-
-def checkpoint_summary(path) -> str:
-    """One paragraph about a fine-tuned checkpoint (for messages and `cnncodes info`)."""
-    info = finetuned_info(path)
-    if info is None:
-        return f"{path}: not a cnncodes fine-tuned checkpoint"
-    cfg = info["config"]
-    return (f"{path}: {info['backbone']} fine-tuned from {info['weights']} (unfreeze {cfg['unfreeze']}), "
-            f"{len(info['classes'])} classes, best epoch {info['best_epoch']}, held-out accuracy "
-            f"{info['test_accuracy']}; " + json.dumps(cfg))
