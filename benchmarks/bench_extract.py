@@ -59,21 +59,22 @@ def plain_loop(folder: Path, backbone: str, weights, node: str, batch_size: int)
     return time.perf_counter() - t0
 
 
-def _items_and_prep(folder: Path, backbone: str, weights):
+def _prep(backbone: str, weights):
+    """extract's preprocessing for these weights (JPEG draft on, as for a new store)."""
     from cnncodes._backbones import weights_enum
     from cnncodes._images import Preprocess
-    from cnncodes._sources import read_source
 
     spec, w = _model(backbone, weights)
-    prep = Preprocess.from_weights(weights_enum(spec)[w.preprocessing_from], jpeg_draft=True)
-    return read_source(folder).items, prep
+    return Preprocess.from_weights(weights_enum(spec)[w.preprocessing_from], jpeg_draft=True)
 
 
 def decode_only(folder: Path, backbone: str, weights, batch_size: int):
     """cnncodes' reading, hashing and decoding in DataLoader workers; returns seconds and the batches."""
     from cnncodes._extract import _collate, _default_workers, _Images
 
-    items, prep = _items_and_prep(folder, backbone, weights)
+    from cnncodes._sources import read_source
+
+    items, prep = read_source(folder).items, _prep(backbone, weights)
     loader = torch.utils.data.DataLoader(
         _Images(items, prep, 10**9), batch_size=batch_size, num_workers=_default_workers(len(items), batch_size),
         collate_fn=_collate,
@@ -86,12 +87,10 @@ def decode_only(folder: Path, backbone: str, weights, batch_size: int):
 def model_only(batches, backbone: str, weights, layer: str, precision: str, compile_: bool, batch_size: int):
     """cnncodes' forward pass on decoded uint8 batches; returns (seconds, warm-up seconds)."""
     from cnncodes._accel import resolve_device, resolve_precision
-    from cnncodes._backbones import weights_enum
     from cnncodes._extract import CodesForward
-    from cnncodes._images import Preprocess
 
     spec, w = _model(backbone, weights)
-    prep = Preprocess.from_weights(weights_enum(spec)[w.preprocessing_from], jpeg_draft=True)
+    prep = _prep(backbone, weights)
     dev = resolve_device("auto")
     forward = CodesForward(spec, w, [spec.layer(layer)], "avg", prep, dev, resolve_precision(precision, dev),
                            compile=compile_, batch_size=batch_size)

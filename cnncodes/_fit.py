@@ -219,7 +219,13 @@ def fit(
             head.fit(Xs, y)
         model = Pipeline([("scale", scaler), (classifier, head)])
     info["seconds"] = time.perf_counter() - t0
-    model.cnncodes_ = {
+    model.cnncodes_ = fit_meta(info, layer, store, rows)
+    return model
+
+
+def fit_meta(info: dict, layer, store: CodeStore | None, rows) -> dict:
+    """What a fitted model carries for `save`: fit details, layer, extractor spec, training rows."""
+    return {
         "fit": info,
         "layer": layer,
         "extractor": None if store is None else _extractor_spec(store, layer),
@@ -227,7 +233,6 @@ def fit(
         "train_sha256": None if store is None else sorted({str(h) for h in store.sha256[rows]}),
         "store": None if store is None else str(store.path),
     }
-    return model
 
 
 def _extractor_spec(store: CodeStore, layer: str) -> dict:

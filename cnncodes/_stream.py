@@ -182,14 +182,7 @@ def fit_streaming(
     info = {"classifier": "sgd", "n_train": int(len(rows)), "loss": loss, "alpha": float(alpha),
             "epochs": int(epochs), "chunk_rows": int(chunk_rows), **stats,
             "seconds": time.perf_counter() - t0}
-    from ._fit import _extractor_spec
+    from ._fit import fit_meta
 
-    model.cnncodes_ = {
-        "fit": info,
-        "layer": layer,
-        "extractor": None if store is None else _extractor_spec(store, layer),
-        "train_ids": None if store is None else [str(i) for i in store.ids[rows]],
-        "train_sha256": None if store is None else sorted({str(h) for h in store.sha256[rows]}),
-        "store": None if store is None else str(store.path),
-    }
+    model.cnncodes_ = fit_meta(info, layer, store, rows)
     return model
