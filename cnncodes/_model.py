@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,8 +137,12 @@ def _as_model(model) -> Model:
                  meta.get("train_ids"), "", meta.get("train_sha256"))
 
 
-def _codes_for(model: Model, source, store=None, progress=False) -> tuple[CodeStore, str]:
-    """Extract `source` with the model's extractor spec into `store` (a temp file if None)."""
+@contextmanager
+def _codes_for(model: Model, source, store=None, progress=False):
+    """Extract `source` with the model's extractor spec into `store`; yield (store, layer).
+
+    Without `store` the codes go to a temporary folder that is removed on leaving the block.
+    """
     from ._extract import extract
 
     spec = model.extractor
@@ -148,14 +154,19 @@ def _codes_for(model: Model, source, store=None, progress=False) -> tuple[CodeSt
         weights = spec.get("weights_path") or weights[5:]
     elif weights == "random":
         weights = None
-    out = Path(store) if store else Path(tempfile.mkdtemp(prefix="cnncodes-predict-")) / "codes.h5"
+    tmp = None if store else tempfile.mkdtemp(prefix="cnncodes-predict-")
+    out = Path(store) if store else Path(tmp) / "codes.h5"
     (layer,) = spec["layers"]
-    extract(source, out=out, backbone=spec["backbone"], layers=[spec["layers"][layer]],
-            pooling=spec["pooling"], weights=weights, image_size=spec["image_size"],
-            dtype=spec["dtype"], precision=spec.get("precision", "float32"),
-            tta=spec.get("tta", "none"),
-            jpeg_draft=spec["preprocessing"].get("jpeg_draft", False), progress=progress)
-    return CodeStore(out), layer
+    try:
+        extract(source, out=out, backbone=spec["backbone"], layers=[spec["layers"][layer]],
+                pooling=spec["pooling"], weights=weights, image_size=spec["image_size"],
+                dtype=spec["dtype"], precision=spec.get("precision", "float32"),
+                tta=spec.get("tta", "none"),
+                jpeg_draft=spec["preprocessing"].get("jpeg_draft", False), progress=progress)
+        yield CodeStore(out), layer
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _check_store(model: Model, store: CodeStore) -> str:
@@ -207,14 +218,14 @@ def predict(model, images, *, top_k: int = 1, store=None, progress: bool = False
             raise CnnCodesError("store= is for models on codes; a fine-tuned network classifies the photos "
                                 "directly. Leave store out.")
         return predict_finetuned(model, images, top_k=top_k, progress=progress)
-    codes, layer = _codes_for(model, images, store, progress)
-    X = codes.codes(layer)
+    with _codes_for(model, images, store, progress) as (codes, layer):
+        X, ids = codes.codes(layer), codes.ids
     proba = model.predict_proba(X)
     classes = np.asarray(model.estimator.classes_).astype(str)
     k = max(1, min(top_k, len(classes)))
     order = np.argsort(-proba, axis=1, kind="stable")[:, :k]
     return [Prediction(rid, list(classes[o]), [float(p) for p in proba[i, o]])
-            for i, (rid, o) in enumerate(zip(codes.ids, order))]
+            for i, (rid, o) in enumerate(zip(ids, order))]
 
 
 @dataclass
@@ -275,11 +286,13 @@ def evaluate(model, data, *, progress: bool = False) -> Evaluation:
     path = Path(data.path if isinstance(data, CodeStore) else data)
     if isinstance(data, CodeStore) or path.is_file() and path.suffix in (".h5", ".hdf5"):
         store = data if isinstance(data, CodeStore) else CodeStore(path)
-        layer = _check_store(model, store)
-        on = f"all labelled rows of {path.name}"
-    else:
-        store, layer = _codes_for(model, data, None, progress)
-        on = f"all labelled images of {path}"
+        return _evaluate_store(model, store, _check_store(model, store), path,
+                               f"all labelled rows of {path.name}")
+    with _codes_for(model, data, None, progress) as (store, layer):
+        return _evaluate_store(model, store, layer, path, f"all labelled images of {path}")
+
+
+def _evaluate_store(model: Model, store: CodeStore, layer: str, path: Path, on: str) -> Evaluation:
     labels = store.labels
     rows = np.flatnonzero(labels >= 0)
     if model.train_sha256:

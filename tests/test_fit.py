@@ -163,6 +163,25 @@ def test_save_load_predict_evaluate(sample_store, tmp_path):
     assert ev.accuracy == pytest.approx((model.predict(X[test]) == y).mean())
 
 
+def test_predict_and_evaluate_remove_their_temporary_codes(sample_store, tmp_path, monkeypatch):
+    """Check that codes extracted for predict / evaluate without a store are deleted afterwards."""
+    import tempfile
+
+    out, data = sample_store
+    train, _ = split_store(out)
+    model = fit(out, layer="block5", rows=train, C=0.1)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    preds = predict(model, [str(p) for p in sorted((data / "rose").iterdir())[:2]])
+    assert len(preds) == 2 and list(scratch.iterdir()) == []
+    ev = evaluate(model, data)
+    assert ev.n > 0 and list(scratch.iterdir()) == []
+    kept = tmp_path / "kept.h5"
+    predict(model, [str(p) for p in sorted((data / "rose").iterdir())[:2]], store=kept)
+    assert list(CodeStore(kept).ids) == [p.name for p in sorted((data / "rose").iterdir())[:2]]
+
+
 def test_evaluate_refuses_a_store_of_other_settings(sample_store, tmp_path, photos):
     """Check that evaluating on codes made differently is refused, naming both settings."""
     out, _ = sample_store
