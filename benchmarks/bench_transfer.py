@@ -211,6 +211,10 @@ def main(argv=None) -> int:
     p.add_argument("--skip", action="append", default=[], choices=["probe", "finetune", "scratch", "precision"])
     p.add_argument("--precision-rounds", type=int, default=5, help="rounds of the interleaved precision timing")
     p.add_argument("--json", help="write the figures to this JSON file")
+    p.add_argument("--probe-store", action="append", default=[],
+                   help="another store of DATA (e.g. extracted with --tta flip) to probe as well; repeatable")
+    p.add_argument("--random-state", type=int, default=0,
+                   help="seed of the held-out split (0 is the issue's split; others give fresh held-out sets)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
 
@@ -218,10 +222,10 @@ def main(argv=None) -> int:
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    test_size, random_state, val_fraction = 0.25, 0, 0.1
+    test_size, random_state, val_fraction = 0.25, args.random_state, 0.1
     report = {"machine": f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                          f"{torch.get_num_threads()} threads", "data": str(args.data),
-              "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
+              "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "random_state": random_state}
     store = args.store
     if store is None:
         store = work / "codes.h5"
@@ -241,6 +245,9 @@ def main(argv=None) -> int:
 
     if "probe" not in args.skip:
         probes, _, _ = linear_probes(store, test_size, random_state)
+        for extra in args.probe_store:
+            more, _, _ = linear_probes(extra, test_size, random_state)
+            probes.update({f"{name} on {Path(extra).name}": row for name, row in more.items()})
         report["linear_probe"] = probes
         for name, row in probes.items():
             print(f"linear probe {name} block5: held-out accuracy {row['accuracy']:.4f} "
@@ -295,7 +302,7 @@ def main(argv=None) -> int:
                      report["finetune"]["accuracy"], report["finetune"]["seconds"]))
     if "scratch" in report:
         rows.append(("small CNN from scratch", report["scratch"]["accuracy"], report["scratch"]["seconds"]))
-    print(f"\nheld-out 25 % of {args.data} ({report['machine']}):")
+    print(f"\nheld-out 25 % of {args.data} (split random_state {random_state}; {report['machine']}):")
     for name, acc, sec in rows:
         print(f"  {name:<58} accuracy {acc:.4f}   {sec / 60:6.1f} min")
     if args.json:

@@ -203,7 +203,7 @@ def _parser() -> argparse.ArgumentParser:
 def _probe_options(e) -> None:
     e.add_argument("--backbone", default="mobilenet_v2", help="registered backbone (default %(default)s)")
     e.add_argument("--weights", default="imagenet", help="as for extract (default imagenet)")
-    e.add_argument("--image-size", type=int, help="crop size of the extraction (default: the weights' own)")
+    e.add_argument("--image-size", type=int, help="crop size of the extraction (default: a fine-tuned checkpoint's training crop, else the weights' own)")
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     e.add_argument("--workers", default="auto", help="decoding processes (default auto)")

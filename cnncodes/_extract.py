@@ -192,7 +192,8 @@ def extract(
     labels : list, optional
         One label per path, when `source` is a list of paths.
     image_size : int, optional
-        Crop size; the weights' own preprocessing (resize/crop ratio kept) when omitted.
+        Crop size; when omitted, the crop a fine-tuned checkpoint was trained at, else the
+        weights' own preprocessing (resize/crop ratio kept).
     batch_size, device, num_workers
         Streaming settings; ``device="auto"`` uses CUDA when present. They do not change
         the codes beyond floating-point noise.
@@ -293,6 +294,8 @@ def extract(
         if jpeg_draft is None:
             jpeg_draft = stored["preprocessing"]["jpeg_draft"] if stored else True
         precision = resolve_precision(precision, dev)
+        if image_size is None and w.image_size is not None:  # a fine-tuned network: its training crop
+            image_size = w.image_size
         prep = Preprocess.from_weights(weights_enum(spec_b)[w.preprocessing_from], image_size, jpeg_draft)
         shapes = output_shapes(backbone, tuple(i.node for i in infos), prep.crop_size)
         code_dims = {i.alias: code_size(shapes[i.node], pooling) for i in infos}

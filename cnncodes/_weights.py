@@ -28,6 +28,7 @@ class Weights:
     sha256: str  # of the checkpoint file; "" for random weights
     path: str  # the file used; "" for random weights
     preprocessing_from: str  # id of the torchvision weights whose preprocessing applies
+    image_size: int | None = None  # the crop a fine-tuned checkpoint was trained at; None: the weights' own
 
 
 def search_dirs() -> list[Path]:
@@ -113,7 +114,9 @@ def resolve(spec: BackboneSpec, weights=IMAGENET) -> Weights:
         # A checkpoint from `cnncodes finetune` names its backbone and its preprocessing.
         info = finetuned_info(path, spec)
         preprocessing_from = info["preprocessing_from"] if info else default_id
-        return Weights(f"file:{path.name}", file_sha256(path), str(path.resolve()), preprocessing_from)
+        size = info["config"].get("image_size") if info else None
+        return Weights(f"file:{path.name}", file_sha256(path), str(path.resolve()), preprocessing_from,
+                       int(size) if size else None)
     member = _enum_member(spec, weights)
     filename = member.url.rsplit("/", 1)[-1]
     looked = search_dirs()

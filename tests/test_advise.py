@@ -140,29 +140,30 @@ def test_different_by_head_keeps_the_measured_best_layer():
     assert "finds no earlier layer better than block5" in " ".join(r.reasons)
 
 
-def test_large_similar_finetunes_the_top_block():
-    """Check the large x similar advice: unfreeze the top block, lr 1e-4, head 1e-3, two-stage."""
+def test_large_similar_finetunes_the_top_blocks():
+    """Check the large x similar advice: unfreeze the top 3 blocks, lr 2e-4, head 1e-3, two-stage."""
     m = measured(784, 0.36, TOP_BEST)
     r = recommend(m, place(m), ALIASES)
-    assert (r.strategy, r.unfreeze, r.blocks, r.lr, r.head_lr, r.epochs) == ("finetune", "block5", 1, 1e-4, 1e-3, 10)
+    assert (r.strategy, r.unfreeze, r.blocks, r.lr, r.head_lr, r.epochs) == ("finetune", "block3", 3, 2e-4, 1e-3, 8)
     text = r.summary + " ".join(r.reasons)
-    assert "unfreeze the top block of the network (block5): 784 images per class" in text
-    assert "beat the linear probe's 0.745" in text and "learning rate 1e-4" in text
-    assert r.summary.startswith("fine-tune the top block of the network (block5), lr 1e-4 (head 1e-3)")
+    assert "unfreeze the top 3 blocks of the network (from block3): 784 images per class" in text
+    assert "beat the linear probe's 0.745" in text and "learning rate 2e-4" in text and "5× slower" in text
+    assert r.summary.startswith("fine-tune the top 3 blocks of the network (from block3), lr 2e-4 (head 1e-3)")
 
 
 def test_large_different_finetunes_deeper_and_faster():
-    """Check the large x different advice: one block more and a 3x larger learning rate."""
+    """Check the large x different advice: one block more and a 2.5x larger learning rate."""
     m = measured(784, 0.15, MIDDLE_BEST)
     r = recommend(m, place(m), ALIASES)
-    assert (r.strategy, r.unfreeze, r.blocks, r.lr) == ("finetune", "block4", 2, 3e-4)
-    assert "the top 2 blocks of the network (from block4), lr 3e-4" in r.summary
+    assert (r.strategy, r.unfreeze, r.blocks, r.lr) == ("finetune", "block2", 4, 5e-4)
+    assert "the top 4 blocks of the network (from block2), lr 5e-4" in r.summary
+    assert "2.5× faster than for a similar set" in " ".join(r.reasons)
     assert "one more because the set is different from ImageNet" in " ".join(r.reasons)
 
 
 @pytest.mark.parametrize(
     "per_class, ratio, unfreeze, blocks",
-    [(3000, 0.4, "block4", 2), (3000, 0.1, "block3", 3), (20000, 0.4, "all", 5), (20000, 0.1, "all", 5)],
+    [(3000, 0.4, "block2", 4), (3000, 0.1, "all", 5), (20000, 0.4, "all", 5), (20000, 0.1, "all", 5)],
     ids=["3k-similar", "3k-different", "20k-similar", "20k-different"],
 )
 def test_unfreeze_grows_with_the_data(per_class, ratio, unfreeze, blocks):

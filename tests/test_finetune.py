@@ -363,14 +363,15 @@ def test_only_the_training_split_is_augmented(data, tmp_path, monkeypatch):
 
 def test_checkpoint_is_a_backbone_for_extract(trained, data, store, tmp_path):
     """Check that `extract --weights ft.pt` loads the fine-tuned backbone: the weights id and
-    hash are recorded, block5 codes are the network's pre-logits features (changed by training)
-    and block4 codes (a frozen block) are the ImageNet ones."""
+    hash are recorded, the crop is the one it was trained at (64, not the weights' 224), block5
+    codes are the network's pre-logits features (changed by training) and block4 codes (a
+    frozen block) are the ImageNet ones."""
     result, out = trained
     codes = tmp_path / "ft.h5"
     assert main(["extract", str(data), "-o", str(codes), "--weights", str(out), "--layer", "block4",
-                 "--layer", "block5", "--image-size", "64", "--precision", "float32", "--workers", "0",
-                 "--quiet"]) == 0
+                 "--layer", "block5", "--precision", "float32", "--workers", "0", "--quiet"]) == 0
     st, base = CodeStore(codes), CodeStore(store)
+    assert st.spec["preprocessing"]["crop_size"] == 64 == base.spec["preprocessing"]["crop_size"]
     assert st.spec["weights"] == "file:ft.pt"
     assert st.spec["weights_sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
     assert list(st.ids) == list(base.ids)
