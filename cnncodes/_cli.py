@@ -206,7 +206,7 @@ def _probe_options(e) -> None:
     e.add_argument("--image-size", type=int, help="crop size of the extraction (default: a fine-tuned checkpoint's training crop, else the weights' own)")
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    e.add_argument("--workers", default="auto", help="decoding processes (default auto)")
+    e.add_argument("--workers", default="auto", help="decoding processes; auto (default) decodes in the main process when that is cheaper, measured on the first batches")
     e.add_argument("--random-state", type=int, default=0, help="seed of the folds and samples")
     e.add_argument("--jobs", type=int, default=-1, help="parallel probe fits (default: all cores)")
     e.add_argument("--quiet", action="store_true", help="no progress bars")

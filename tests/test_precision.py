@@ -209,3 +209,36 @@ def test_cuda_codes_agree_with_cpu_float32(precision_pair, sample_dir, tmp_path)
     assert gpu.spec["precision"] in ("bfloat16", "float16") and list(gpu.ids) == list(cpu.ids)
     for layer in ("block4", "block5"):
         assert _cosines(gpu.codes(layer), cpu.codes(layer)).min() >= 0.999, layer
+
+
+@pytest.mark.parametrize("forward_seconds, workers", [(10.0, 0), (1e-6, 1)], ids=["model-bound", "decode-bound"])
+def test_auto_workers_decode_in_process_when_decoding_is_cheap(sample_dir, monkeypatch, forward_seconds, workers):
+    """Check the measured choice of num_workers="auto": the first batches are decoded in the
+    calling process; the rest too when decoding costs under a quarter of the forward pass, in
+    worker processes otherwise; every image comes once, in order, whichever was chosen."""
+    import cnncodes._extract as ex
+    from cnncodes._sources import read_source
+
+    monkeypatch.setattr(ex.os, "cpu_count", lambda: 2)
+    loaders = []
+    real = ex._loader
+
+    def spy(items, prep, max_pixels, batch_size, workers, pin, start=0):
+        loaders.append((len(items), workers, start))
+        return real(items, prep, max_pixels, batch_size, workers, pin, start)
+
+    monkeypatch.setattr(ex, "_loader", spy)
+    items = read_source(sample_dir).items
+    prep = Preprocess(64, 56, (0.5, 0.5, 0.5), (0.2, 0.2, 0.2))
+    timed = [0.0]
+    seen = []
+    for idx, batch, shas, bad in ex._batches(items, prep, 10**8, 4, "auto", False, timed):
+        assert batch.shape == (len(idx), 3, 56, 56) and not bad
+        seen += idx
+        timed.append(forward_seconds)
+    assert seen == list(range(len(items)))
+    assert loaders == [(8, 0, 0), (len(items), workers, 8)]
+    loaders.clear()
+    # An explicit number of workers is used as it is, without probing.
+    assert len(list(ex._batches(items, prep, 10**8, 4, 0, False, [0.0]))) == 10
+    assert loaders == [(len(items), 0, 0)]
