@@ -82,13 +82,57 @@ def test_registry_matches_a_real_forward_pass(name):
             assert torch.equal(code, map_a), info.alias
             continue
         assert map_a.shape[1] == info.channels, info.alias
-        torch.testing.assert_close(code, map_a.mean(dim=(2, 3)))
+        # CodesModel folds BatchNorm into the convolutions: the same function, other float32
+        # rounding, which random weights amplify through 100 layers (exact check: test_fold_...).
+        torch.testing.assert_close(code, map_a.mean(dim=(2, 3)), rtol=1e-3, atol=1e-4)
         (h_a, w_a), (h_b, w_b) = map_a.shape[2:], map_b.shape[2:]
         assert h_a == w_a and h_b == w_b, info.alias
         assert h_b - h_a == (SIZE_B - SIZE_A) // info.stride, (info.alias, h_a, h_b)
         assert h_a <= math.ceil(SIZE_A / info.stride), (info.alias, h_a)
         if name not in VALID_PADDING:
             assert h_a == math.ceil(SIZE_A / info.stride), (info.alias, h_a)
+
+
+def test_fold_batchnorm_keeps_the_codes_and_leaves_the_network_alone(sample_dir):
+    """Check that folding BatchNorm into the convolutions (every one of MobileNetV2's 52)
+    gives the unfolded network's float32 codes on real photos, and leaves the network it was
+    traced from as it was; a network in training mode is not folded."""
+    from cnncodes._backbones import fold_batchnorm
+    from cnncodes._images import Preprocess, decode
+    from torchvision.models import MobileNet_V2_Weights
+
+    spec = get_backbone("mobilenet_v2")
+    model = load_model(spec, resolve(spec))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    nodes = {"features.13": "block4", "features.18": "block5"}
+    graph = create_feature_extractor(model, return_nodes=nodes)
+    assert fold_batchnorm(graph) == 52 == sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert not any(n.op == "call_module" and isinstance(graph.get_submodule(n.target), nn.BatchNorm2d)
+                   for n in graph.graph.nodes)
+    prep = Preprocess.from_weights(MobileNet_V2_Weights.IMAGENET1K_V1)
+    x = prep.normalize(torch.stack([decode(p.read_bytes(), prep) for p in sorted(sample_dir.rglob("*.jpg"))[:8]]))
+    plain = create_feature_extractor(model, return_nodes=nodes)
+    with torch.inference_mode():
+        a, b = graph(x), plain(x)
+    for alias in ("block4", "block5"):
+        torch.testing.assert_close(a[alias], b[alias], rtol=1e-4, atol=1e-4)
+        assert b[alias].abs().max() > 1  # real activations, not a vanishing signal
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 52
+    model.train()
+    assert fold_batchnorm(create_feature_extractor(model, return_nodes=nodes)) == 0
+    # CodesModel folds in float32 only (in bfloat16 the folded bias would cost precision).
+    model.eval()
+    calls = []
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.register_forward_hook(lambda *_: calls.append(1))
+    with torch.inference_mode():
+        CodesModel(model, nodes, "avg", precision="float32")(x[:1])
+        assert len(calls) == 0
+        CodesModel(model, nodes, "avg", precision="bfloat16", float32_until="features.1")(x[:1])
+        assert len(calls) == 52
 
 
 @pytest.mark.parametrize("name", BACKBONES, ids=BACKBONES)

@@ -56,9 +56,10 @@ def test_bfloat16_codes_agree_with_float32_per_row(precision_pair):
     lo, hi = precision_pair["bfloat16"], precision_pair["float32"]
     assert (lo.spec["precision"], hi.spec["precision"]) == ("bfloat16", "float32")
     assert list(lo.ids) == list(hi.ids)
-    # The stem (block1) runs in float32 in both: bfloat16 there alone costs most of the
+    # The stem (block1) runs in float32 in both (float32 with BatchNorm folded into the
+    # convolutions: rounding-level differences): bfloat16 there alone costs most of the
     # agreement. Deeper layers really are computed in another precision.
-    np.testing.assert_array_equal(lo.codes("block1"), hi.codes("block1"))
+    np.testing.assert_allclose(lo.codes("block1"), hi.codes("block1"), rtol=1e-4, atol=1e-5)
     for layer in ("block4", "block5"):
         a, b = lo.codes(layer), hi.codes(layer)
         assert a.dtype == np.float32 and a.shape == b.shape
