@@ -184,7 +184,7 @@ def main():
     t_dec, batches = decode_only(work / "data", args.backbone, weights, args.batch_size)
     rows.append(("decode only (cnncodes workers)", t_dec, n, ""))
     t_fp32, _ = model_only(batches, args.backbone, weights, layer, "float32", False, args.batch_size)
-    rows.append(("model only, float32 channels-last", t_fp32, n, ""))
+    rows.append(("model only, float32 channels-last (BatchNorm folded)", t_fp32, n, ""))
     t_model, _ = model_only(batches, args.backbone, weights, layer, precision, False, args.batch_size)
     rows.append((f"model only, {precision} (extract's default)", t_model, n, ""))
     if args.compile:
@@ -197,6 +197,12 @@ def main():
     t_first = time.perf_counter() - t0
     rows.append(("cnncodes extract (first run, end to end)", t_first, n,
                  f"{t_model / t_first * 100:.0f} % of model-only's rate"))
+    if precision != "float32":
+        t0 = time.perf_counter()
+        extract(work / "data", out=work / "float32.h5", compile=False, **{**settings, "precision": "float32"})
+        t_f32 = time.perf_counter() - t0
+        rows.append(("cnncodes extract --precision float32 (end to end)", t_f32, n,
+                     f"{t_fp32 / t_f32 * 100:.0f} % of float32 model-only's rate"))
     if args.compile:
         cache = work / "inductor-extract"
         for run, label in (("cold", "first compilation, empty cache"), ("warm", "compiled kernels cached")):
