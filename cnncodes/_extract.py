@@ -438,7 +438,7 @@ def _default_workers(n: int, batch_size: int) -> int:
 # SERIAL_DECODE_SHARE of the forward pass, the rest is decoded in the calling process too:
 # worker processes would preempt the model's threads, and every parallel region of the
 # forward pass waits for its slowest thread. On 2 cores (MobileNetV2, flowers5) that made
-# the run 15 % slower than decoding in turn (118 vs 140 img/s). Costlier decoding (large
+# the run 15 % slower than decoding in turn (113 vs 132 img/s). Costlier decoding (large
 # photos, a fast GPU) goes to workers.
 PROBE_BATCHES = 2
 SERIAL_DECODE_SHARE = 0.25
