@@ -427,10 +427,11 @@ def _plan(items: list[Item], store: CodeStore | None, journal: Journal) -> _Plan
     return plan
 
 
-def _default_workers(n: int, batch_size: int) -> int:
+def _default_workers(n: int, batch_size: int, most: int = 8) -> int:
+    """Decoding processes: none for a batch or less, else one per spare core (at most `most`)."""
     if n <= batch_size:
         return 0
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
+    return max(1, min(most, (os.cpu_count() or 2) - 1))
 
 
 # With num_workers="auto", the first PROBE_BATCHES batches are decoded in the calling process

@@ -464,10 +464,10 @@ def _train_decode(prep: Preprocess) -> Preprocess:
 
 
 def default_workers(n: int, batch_size: int) -> int:
-    """Decoding processes: none for a batch or less, else one per spare core (at most 4)."""
-    if n <= batch_size:
-        return 0
-    return max(1, min(4, (os.cpu_count() or 2) - 1))
+    """Decoding and augmenting processes: as for extraction, at most 4."""
+    from ._extract import _default_workers
+
+    return _default_workers(n, batch_size, most=4)
 
 
 def _loader(dataset, batch_size, workers, *, shuffle=False, seed=0, device=None):

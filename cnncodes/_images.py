@@ -86,10 +86,6 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _interpolation(name: str):
-    return {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}[name]
-
-
 def preprocess(img: Image.Image, prep: Preprocess) -> torch.Tensor:
     """Resize the shorter side, centre crop; return uint8 CHW (as torchvision's transform)."""
     import torchvision.transforms.functional as F
