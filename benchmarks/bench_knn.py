@@ -1,8 +1,8 @@
 """kNN benchmark: FaissKNNClassifier (flat, IVF, HNSW) vs KNeighborsClassifier(algorithm="brute").
 
 Synthetic CNN-code-like data (clustered gaussians, rectified, float32, 10 classes). Measures
-fit + predict seconds in the same run, asserts that the exact faiss index predicts the same
-labels as scikit-learn, and gives recall@10 of the approximate indexes against the exact one.
+fit + predict seconds in the same run, asserts that the exact flat index predicts the same
+labels as scikit-learn in float32 (faiss) and in bfloat16 (candidates, float64 re-ranking), and gives recall@10 of the approximate indexes against the exact one.
 Prints a markdown table.
 
     python benchmarks/bench_knn.py                                  # 50k x 1280, 10k queries
@@ -83,13 +83,23 @@ def main(argv=None):
                  np.mean(ref_pred == yq)))
     print(f"sklearn: fit {ref_fit:.2f} s, predict {ref_predict:.2f} s", flush=True)
 
-    flat = FaissKNNClassifier(n_neighbors=k)
-    _, fit_s = timed(lambda: flat.fit(X, y))
-    pred, predict_s = timed(lambda: flat.predict(Q))
-    n_diff = int(np.sum(pred != ref_pred))
-    assert n_diff == 0, f"flat index and sklearn disagree on {n_diff} of {len(Q)} queries"
-    rows.append(("FaissKNNClassifier(index='flat')", fit_s, predict_s, "exact", np.mean(pred == yq)))
-    print(f"flat: fit {fit_s:.2f} s, predict {predict_s:.2f} s; same labels as sklearn", flush=True)
+    from cnncodes._accel import cpu_has_fast_bf16
+
+    native = cpu_has_fast_bf16()
+    print(f"native bfloat16 units: {'yes' if native else 'no (the bfloat16 search is emulated: slow)'}")
+    for precision in ("float32", "bfloat16"):
+        flat = FaissKNNClassifier(n_neighbors=k, precision=precision)
+        _, fit_s = timed(lambda: flat.fit(X, y))
+        pred, predict_s = timed(lambda: flat.predict(Q))
+        n_diff = int(np.sum(pred != ref_pred))
+        assert n_diff == 0, f"flat index ({precision}) and sklearn disagree on {n_diff} of {len(Q)} queries"
+        name = f"FaissKNNClassifier(index='flat', precision='{precision}')"
+        if precision == "bfloat16":
+            stats = flat._bfloat16["search"].stats
+            name += (f"{' (the default here)' if native else ''}; {stats['retried']} queries re-searched, "
+                     f"{stats['brute_force']} by float64 brute force")
+        rows.append((name, fit_s, predict_s, "exact", np.mean(pred == yq)))
+        print(f"flat {precision}: fit {fit_s:.2f} s, predict {predict_s:.2f} s; same labels as sklearn", flush=True)
     exact10 = flat.kneighbors(Q, n_neighbors=10, return_distance=False)
 
     for index, query_params in [

@@ -206,6 +206,7 @@ def main(argv=None) -> int:
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--tta", default="flip")
     p.add_argument("--precision", default="auto")
+    p.add_argument("--image-size", type=int, help="fine-tune at this input size (the store must match it)")
     p.add_argument("--scratch-epochs", type=int, default=30)
     p.add_argument("--scratch-size", type=int, default=128, help="input side of the from-scratch CNN")
     p.add_argument("--skip", action="append", default=[], choices=["probe", "finetune", "scratch", "precision"])
@@ -260,7 +261,7 @@ def main(argv=None) -> int:
                      test_size=test_size, val_fraction=val_fraction, random_state=random_state,
                      init_head=store, precision=args.precision, label_smoothing=args.label_smoothing,
                      tta=args.tta, train_bn=args.train_bn, dropout=args.dropout, weight_decay=args.weight_decay,
-                     optimizer=args.optimizer,
+                     optimizer=args.optimizer, image_size=args.image_size,
                      progress=not args.quiet)
         print(r.summary(), flush=True)
         st = CodeStore(store)
@@ -274,7 +275,7 @@ def main(argv=None) -> int:
             "unfreeze": args.unfreeze, "lr": args.lr, "head_lr": args.head_lr, "batch_size": args.batch_size,
             "label_smoothing": args.label_smoothing, "tta": args.tta, "epochs": args.epochs,
             "train_bn": args.train_bn, "dropout": args.dropout, "weight_decay": args.weight_decay,
-            "optimizer": args.optimizer,
+            "optimizer": args.optimizer, "image_size": args.image_size,
             "history": [vars(e) for e in r.history], "resumed_from": r.resumed_from,
             "held_out_ids_match_split_store": same, "n_train": r.n_train, "n_val": r.n_val, "n_test": r.n_test,
         }

@@ -25,6 +25,7 @@ except ImportError:  # pragma: no cover - scikit-learn < 1.6
 _METRICS = {"l2": "euclidean", "euclidean": "euclidean", "cosine": "cosine", "ip": "ip"}
 _WEIGHTS = ("uniform", "distance")
 _INDEXES = ("flat", "ivf", "hnsw")
+_PRECISIONS = ("auto", "float32", "bfloat16")
 # Rows of the training set reconstructed at a time for kneighbors(X=None): bounds memory.
 _TRAIN_QUERY_BATCH = 8192
 
@@ -55,13 +56,20 @@ def default_nlist(n_samples: int) -> int:
     return max(1, min(int(round(4 * math.sqrt(n_samples))), n_samples // 39))
 
 
+def _n_threads(n_jobs):
+    """``n_jobs`` as a thread count (negative: counted back from the CPUs), None as None."""
+    if n_jobs is None:
+        return None
+    return int(n_jobs) if n_jobs > 0 else max(1, joblib.cpu_count() + 1 + int(n_jobs))
+
+
 @contextlib.contextmanager
 def _omp_threads(n_jobs):
     """Run the block with faiss using ``n_jobs`` OpenMP threads, then restore the old count."""
-    if n_jobs is None:
+    n_threads = _n_threads(n_jobs)
+    if n_threads is None:
         yield
         return
-    n_threads = int(n_jobs) if n_jobs > 0 else max(1, joblib.cpu_count() + 1 + int(n_jobs))
     previous = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(n_threads)
     try:
@@ -120,10 +128,21 @@ class FaissKNNClassifier(ClassifierMixin, BaseEstimator):
     ef_search : int, default=64
         Size of the HNSW candidate list at query time (``index="hnsw"`` only; raised to
         ``n_neighbors`` when smaller). Read at query time.
+    precision : {"auto", "float32", "bfloat16"}, default="auto"
+        Arithmetic of the flat search (``index="flat"`` only); the answer is exact either
+        way. ``"float32"``: faiss's float32 search. ``"bfloat16"``: a bfloat16 matrix
+        product proposes candidates, each score with a proven bound on its rounding error,
+        and the candidates are re-ranked by float64 distances; a query whose bound cannot
+        separate its k-th neighbour from the rest is searched again, at last in float64 over
+        all codes. The neighbours are those of a float64 brute-force search, and on a CPU
+        with native bfloat16 units (AVX-512 BF16, AMX) the search runs several times faster
+        than float32 (``benchmarks/bench_knn.py``). ``"auto"``: ``"bfloat16"`` on such a
+        CPU, else ``"float32"``. Read at query time.
     n_jobs : int, default=None
-        OpenMP threads faiss uses in ``fit`` and in queries; the previous count is restored
-        afterwards. None: faiss's current setting (all cores unless set otherwise).
-        Negative values count back from the number of CPUs (-1: all).
+        Threads faiss (OpenMP) and the bfloat16 search (torch) use in ``fit`` and in
+        queries; the previous counts are restored afterwards. None: the libraries' current
+        settings (all cores unless set otherwise). Negative values count back from the
+        number of CPUs (-1: all).
 
     Attributes
     ----------
@@ -173,6 +192,7 @@ class FaissKNNClassifier(ClassifierMixin, BaseEstimator):
         nprobe=8,
         hnsw_m=32,
         ef_search=64,
+        precision="auto",
         n_jobs=None,
     ):
         self.n_neighbors = n_neighbors
@@ -183,6 +203,7 @@ class FaissKNNClassifier(ClassifierMixin, BaseEstimator):
         self.nprobe = nprobe
         self.hnsw_m = hnsw_m
         self.ef_search = ef_search
+        self.precision = precision
         self.n_jobs = n_jobs
 
     # ------------------------------------------------------------------ parameters
@@ -200,6 +221,18 @@ class FaissKNNClassifier(ClassifierMixin, BaseEstimator):
             raise ValueError(
                 f"Expected n_jobs to be None or a non-zero integer (-1 for all CPUs), "
                 f"but got n_jobs={self.n_jobs!r}."
+            )
+        if self.precision not in _PRECISIONS:
+            raise _one_of(
+                "precision", self.precision, _PRECISIONS,
+                "'auto' searches in bfloat16 where the CPU has native bfloat16 units; the "
+                "neighbours are exact either way.",
+            )
+        if self.precision == "bfloat16" and self.index != "flat":
+            raise ValueError(
+                f"Expected precision='auto' or 'float32' with index={self.index!r}, but got "
+                f"precision='bfloat16': the bfloat16 search is the exact flat search. Use "
+                f"index='flat', or leave precision='auto'."
             )
         if not callable(self.weights) and self.weights not in _WEIGHTS:
             raise _one_of("weights", self.weights, _WEIGHTS, "Or pass a callable.")
@@ -288,14 +321,51 @@ class FaissKNNClassifier(ClassifierMixin, BaseEstimator):
                 self.nlist_ = nlist
             index.add(X)
         self.index_ = index
+        # The bfloat16 search over the index's rows; built now when queries will use it
+        # (its set-up is part of fitting), else at the first query that does.
+        self._bfloat16 = {}
+        if self._uses_bfloat16():
+            self._bfloat16_index()
         self.n_samples_fit_ = int(n_samples)
         return self
 
     # ------------------------------------------------------------------ search
 
+    def _uses_bfloat16(self):
+        if self.index != "flat" or not isinstance(self.index_, faiss.IndexFlat):
+            return False
+        if self.precision == "auto":
+            from ._accel import cpu_has_fast_bf16
+
+            return cpu_has_fast_bf16()
+        return self.precision == "bfloat16"
+
+    def _bfloat16_index(self):
+        """The bfloat16 search over the flat index's own rows (a view, not a copy)."""
+        from ._bfsearch import BFloat16Flat
+
+        cache = self._bfloat16  # a dict filled in place: queries leave __dict__ unchanged
+        if cache.get("index") is not self.index_:
+            index = self.index_
+            X = faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
+            metric = "l2" if self.effective_metric_ == "euclidean" else "ip"
+            with self._threads():
+                cache.update(index=index, search=BFloat16Flat(X, metric))
+        return cache["search"]
+
+    def _threads(self):
+        from ._bfsearch import torch_threads
+
+        return torch_threads(_n_threads(self.n_jobs))
+
     def _search(self, Xq, k):
         """Return faiss's (D, I) for float32 queries, re-searching rows with missing hits."""
         index, k = self.index_, int(k)
+        if self._uses_bfloat16():
+            searcher = self._bfloat16_index()
+            with self._threads():
+                D, I = searcher.search(Xq, k)
+            return D.astype(np.float32), I
         params = exhaustive = None
         if isinstance(index, faiss.IndexIVF):
             params = faiss.SearchParametersIVF(nprobe=min(int(self.nprobe), index.nlist))
@@ -463,11 +533,12 @@ class FaissKNNClassifier(ClassifierMixin, BaseEstimator):
     def __getstate__(self):
         # dict(): object.__getstate__ may hand back __dict__ itself, which must not change.
         state = dict(super().__getstate__())
+        state.pop("_bfloat16", None)  # rebuilt from the index at the next bfloat16 query
         if "index_" in state:
             state["index_"] = faiss.serialize_index(state["index_"])
         return state
 
     def __setstate__(self, state):
         if isinstance(state.get("index_"), np.ndarray):
-            state = dict(state, index_=faiss.deserialize_index(state["index_"]))
+            state = dict(state, index_=faiss.deserialize_index(state["index_"]), _bfloat16={})
         super().__setstate__(state)

@@ -49,6 +49,8 @@ def clustered(n, dim, n_classes=10, modes=4, sep=0.8, seed=0):
         FaissKNNClassifier(index="hnsw"),
         FaissKNNClassifier(index="ivf", nprobe=2),
         FaissKNNClassifier(metric="ip"),
+        FaissKNNClassifier(precision="float32"),
+        FaissKNNClassifier(precision="bfloat16", metric="cosine"),
     ],
     # No expected failures: every check of the battery passes.
 )
@@ -60,12 +62,13 @@ def test_sklearn_estimator_checks(estimator, check):
 # ------------------------------------------------------------------ parity with scikit-learn
 
 
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 @pytest.mark.parametrize("weights", ["uniform", "distance"])
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
-def test_same_as_kneighborsclassifier(metric, weights):
+def test_same_as_kneighborsclassifier(metric, weights, precision):
     """Check that neighbours, distances, probabilities and labels are those of sklearn's brute KNN."""
     X, y, Q = gaussian()
-    ours = FaissKNNClassifier(metric=metric, weights=weights).fit(X, y)
+    ours = FaissKNNClassifier(metric=metric, weights=weights, precision=precision).fit(X, y)
     ref = KNeighborsClassifier(algorithm="brute", metric=SKLEARN_METRIC[metric], weights=weights)
     ref.fit(X, y)
 
@@ -89,13 +92,14 @@ def test_same_as_kneighborsclassifier(metric, weights):
     np.testing.assert_array_equal(ours.predict(None), ref.predict(None))
 
 
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
-def test_same_as_kneighborsclassifier_on_codes(metric):
+def test_same_as_kneighborsclassifier_on_codes(metric, precision):
     """Check that on clustered, rectified code-like data with string labels the labels match sklearn's."""
     X, y = clustered(3000, 256, sep=0.4)
     names = np.array(["ant", "bee", "cat", "dog", "eel", "fox", "gnu", "hen", "ibis", "jay"])
     X, Q, y, yq = X[:2500], X[2500:], names[y[:2500]], names[y[2500:]]
-    ours = FaissKNNClassifier(n_neighbors=7, metric=metric).fit(X, y)
+    ours = FaissKNNClassifier(n_neighbors=7, metric=metric, precision=precision).fit(X, y)
     ref = KNeighborsClassifier(7, algorithm="brute", metric=SKLEARN_METRIC[metric]).fit(X, y)
     np.testing.assert_array_equal(ours.classes_, ref.classes_)
     pred = ours.predict(Q)
@@ -343,3 +347,119 @@ def test_docstring_example():
     """Check that the examples in the module's docstrings run as written."""
     result = doctest.testmod(cnncodes._knn, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+# ------------------------------------------------------------------ the bfloat16 search
+
+
+def float64_brute_force(X, Q, k, metric):
+    """Reference neighbours: float64 distances (or products), ties to the lower row index."""
+    X64, Q64 = X.astype(np.float64), Q.astype(np.float64)
+    if metric == "ip":
+        score = -(Q64 @ X64.T)
+    else:
+        score = (Q64 ** 2).sum(1)[:, None] + (X64 ** 2).sum(1)[None, :] - 2 * Q64 @ X64.T
+    order = np.argsort(score, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(score, order, axis=1), order
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_bfloat16_scores_stay_within_their_proven_bound(metric):
+    """Check that every bfloat16 score lies within the error bound the search certifies with."""
+    import torch
+
+    from cnncodes._bfsearch import C_OUT, BFloat16Flat
+
+    X, _ = clustered(2000, 384, sep=0.4, seed=1)
+    X[:10] *= 1000.0  # far-off rows with large norms widen the range of scores
+    Q, _ = clustered(300, 384, sep=0.4, seed=2)
+    search = BFloat16Flat(X, metric)
+    S, E = search._scores(torch.from_numpy(Q))
+    fl = S.double().numpy()
+    X64, Q64 = X.astype(np.float64), Q.astype(np.float64)
+    exact = Q64 @ X64.T
+    if metric == "l2":  # s = <q - mu, x - mu> - ||x - mu||^2 / 2, mu the centring vector
+        mu = search.mu.double().numpy()
+        exact = (Q64 - mu) @ (X64 - mu).T - 0.5 * ((X64 - mu) ** 2).sum(1)[None, :]
+    error = np.abs(fl - exact)
+    bound = C_OUT * np.abs(fl) + E.numpy()[:, None]
+    assert np.all(error <= bound)
+    assert np.max(error / bound) > 0.01  # the bound is not vacuous: errors reach a share of it
+    assert np.any(fl != exact)  # and the scores really are rounded
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_bfloat16_search_finds_the_float64_neighbours(metric):
+    """Check that the bfloat16 search returns the neighbours and values of a float64 brute force."""
+    from cnncodes._bfsearch import BFloat16Flat
+
+    X, _ = clustered(6000, 256, sep=0.4, seed=3)
+    Q, _ = clustered(700, 256, sep=0.4, seed=4)
+    search = BFloat16Flat(X, metric)
+    D, I = search.search(Q, 10)
+    ref_D, ref_I = float64_brute_force(X, Q, 10, metric)
+    np.testing.assert_array_equal(I, ref_I)
+    np.testing.assert_allclose(D, -ref_D if metric == "ip" else ref_D, rtol=1e-9, atol=1e-9)
+    assert search.stats["queries"] == 700 and search.stats["brute_force"] == 0
+
+
+def test_bfloat16_search_falls_back_when_the_bound_cannot_separate():
+    """Check that near-ties bfloat16 cannot tell apart are re-searched and answered exactly."""
+    from cnncodes._bfsearch import BFloat16Flat
+
+    rng = np.random.default_rng(5)
+    # 3,000 codes on a shell around the query, at distances 1 +- 1e-5: far below bfloat16's
+    # resolution, so no top-13 of the first pass can be certified.
+    directions = rng.normal(size=(3000, 64))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    radius = 1 + 1e-5 * rng.uniform(-1, 1, size=(3000, 1))
+    center = rng.normal(size=64) * 10
+    X = (center + directions * radius).astype(np.float32)
+    Q = center[None, :].astype(np.float32).repeat(3, axis=0)
+    search = BFloat16Flat(X, "l2")
+    D, I = search.search(Q, 5)
+    ref_D, ref_I = float64_brute_force(X, Q, 5, "l2")
+    np.testing.assert_array_equal(I, ref_I)
+    assert search.stats["retried"] == 3 and search.stats["brute_force"] == 3
+
+
+def test_precision_auto_follows_the_cpu(monkeypatch):
+    """Check that precision='auto' searches in bfloat16 only on a CPU with native bfloat16 units."""
+    import cnncodes._accel
+
+    X, y, Q = gaussian()
+    monkeypatch.setattr(cnncodes._accel, "cpu_has_fast_bf16", lambda: False)
+    clf = FaissKNNClassifier().fit(X, y)
+    clf.predict(Q)
+    assert not clf._uses_bfloat16() and clf._bfloat16 == {}
+    monkeypatch.setattr(cnncodes._accel, "cpu_has_fast_bf16", lambda: True)
+    clf = FaissKNNClassifier().fit(X, y)
+    assert clf._uses_bfloat16() and clf._bfloat16["search"].stats["queries"] == 0
+    clf.predict(Q)
+    assert clf._bfloat16["search"].stats["queries"] == len(Q)
+    # read at query time, like nprobe: no refit needed
+    clf.set_params(precision="float32")
+    assert not clf._uses_bfloat16()
+    np.testing.assert_array_equal(clf.predict(Q), clf.set_params(precision="bfloat16").predict(Q))
+
+
+def test_precision_errors_say_what_to_do():
+    """Check the messages for an unknown precision and for bfloat16 with an approximate index."""
+    X, y, _ = gaussian(n_train=100)
+    with pytest.raises(ValueError, match=r"precision to be one of 'auto', 'float32', 'bfloat16'.*'auto' searches"):
+        FaissKNNClassifier(precision="float16").fit(X, y)
+    with pytest.raises(ValueError, match=r"precision='bfloat16'.*exact flat search\. Use index='flat'"):
+        FaissKNNClassifier(index="ivf", precision="bfloat16").fit(X, y)
+
+
+def test_bfloat16_search_survives_pickling():
+    """Check that a pickled model drops the bfloat16 copy of its codes and rebuilds it on use."""
+    X, y, Q = gaussian()
+    clf = FaissKNNClassifier(precision="bfloat16").fit(X, y)
+    assert "search" in clf._bfloat16
+    blob = pickle.dumps(clf)
+    assert len(blob) < X.nbytes * 1.2  # the float32 index only, not the bfloat16 rows too
+    back = pickle.loads(blob)
+    assert back._bfloat16 == {}
+    np.testing.assert_array_equal(back.predict(Q), clf.predict(Q))
+    assert "search" in back._bfloat16
