@@ -7,7 +7,8 @@ bfloat16 would change some neighbours, so the product only *proposes* candidates
 1. The codes are centred (distances do not change) and rounded to bfloat16; two extra
    columns carry ``-||x||^2 / 2`` as a bfloat16 pair (high and low part), so one product
    gives the score ``s = <q, x> - ||x||^2 / 2`` (larger is nearer; ``||q - x||^2 =
-   ||q||^2 - 2 s``), and a top-``kp`` of each row gives the candidates.
+   ||q||^2 - 2 s``), and a top-``kp`` of each row gives the candidates. For an inner
+   product the score is ``<q, x - mu>``, which ranks the codes as ``<q, x>`` does.
 2. Every score carries a proven error bound: the rounding of the inputs (measured per row,
    through Cauchy-Schwarz), the float32 accumulation, the rounding of the output to
    bfloat16, and the float32 centring.
@@ -81,9 +82,10 @@ class BFloat16Flat:
         n, d = self.X.shape
         l2 = metric == "l2"
         # Centring makes the scores (and so their rounding errors) small next to the gaps
-        # between distances; for an inner product it would change the answer. Any float32
-        # vector will do: the bound below covers the rounding of the subtraction.
-        self.mu = self.X.mean(0) if l2 and n else torch.zeros(d)
+        # between distances. Any float32 vector will do: the bound below covers the rounding
+        # of the subtraction. For an inner product only the codes are centred: <q, x - mu>
+        # ranks the codes as <q, x> does, shifted by <q, mu> per query.
+        self.mu = self.X.mean(0) if n else torch.zeros(d)
         m = d + (2 if l2 else 0)
         self.Xb = torch.empty(n, m, dtype=torch.bfloat16)
         # Norms computed in float32 are within gamma_m of the truth: inflate them by INFLATE.
@@ -159,7 +161,7 @@ class BFloat16Flat:
         For every score, ``|fl - s| <= C_OUT |fl| + E`` (see the module docstring).
         """
         d = self.X.shape[1]
-        qc = q - self.mu
+        qc = q - self.mu if self.metric == "l2" else q
         qb = qc.to(torch.bfloat16)
         if self.metric == "l2":
             qb = torch.cat([qb, torch.ones(len(qb), 2, dtype=torch.bfloat16)], 1)
@@ -178,6 +180,7 @@ class BFloat16Flat:
         """Top-k of queries from their kp best bfloat16 scores, and which of them are certified."""
         top, cand = torch.topk(S, kp, dim=1, sorted=False)
         floor = top.min(1).values.double()  # no code outside the candidates scored higher
+        cand = torch.sort(cand, dim=1).values  # equal distances: the lower row first, as brute force
         # The largest true score a code outside the candidates can have.
         bound = floor + C_OUT * floor.abs() + E
         exact = self._exact(q, cand)
@@ -190,8 +193,11 @@ class BFloat16Flat:
             ok = kth < beyond - 1e-12 * (b2 + 2 * bound.abs() + kth)
         else:
             d, o = torch.sort(exact, dim=1, stable=True, descending=True)
+            # the largest inner product outside the candidates: <q, x - mu> + <q, mu>
+            shift = q.double() @ self.mu.double()
+            beyond = bound + shift
             kth = d[:, k - 1]
-            ok = kth > bound + 1e-12 * (bound.abs() + kth.abs() + E)
+            ok = kth > beyond + 1e-12 * (bound.abs() + shift.abs() + kth.abs() + E)
         return d[:, :k], torch.gather(cand, 1, o[:, :k]), ok
 
     def _exact(self, q: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:

@@ -91,7 +91,8 @@ class FaissKNNClassifier(ClassifierMixin, BaseEstimator):
     A drop-in for :class:`sklearn.neighbors.KNeighborsClassifier` on dense float features
     such as CNN codes: with ``index="flat"`` the neighbours, distances, probabilities and
     predictions are those of ``KNeighborsClassifier(algorithm="brute")`` (up to float32
-    rounding), and faster on large code matrices (see ``benchmarks/bench_knn.py``). ``index="ivf"`` and
+    rounding), and faster on large code matrices (see ``benchmarks/bench_knn.py``; on a CPU
+    with native bfloat16 units the exact search runs in bfloat16, see `precision`). ``index="ivf"`` and
     ``index="hnsw"`` trade exactness for speed: on 200,000 code-like 1280-d vectors their
     defaults find 99.7 % and 99.4 % of the exact 10 nearest neighbours, 18x and 16x faster
     than the flat index (``benchmarks/bench_knn_large.py`` prints the recall-vs-speed table;

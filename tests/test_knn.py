@@ -377,9 +377,9 @@ def test_bfloat16_scores_stay_within_their_proven_bound(metric):
     S, E = search._scores(torch.from_numpy(Q))
     fl = S.double().numpy()
     X64, Q64 = X.astype(np.float64), Q.astype(np.float64)
-    exact = Q64 @ X64.T
-    if metric == "l2":  # s = <q - mu, x - mu> - ||x - mu||^2 / 2, mu the centring vector
-        mu = search.mu.double().numpy()
+    mu = search.mu.double().numpy()  # the centring vector
+    exact = Q64 @ (X64 - mu).T  # ip: s = <q, x - mu>
+    if metric == "l2":  # s = <q - mu, x - mu> - ||x - mu||^2 / 2
         exact = (Q64 - mu) @ (X64 - mu).T - 0.5 * ((X64 - mu) ** 2).sum(1)[None, :]
     error = np.abs(fl - exact)
     bound = C_OUT * np.abs(fl) + E.numpy()[:, None]
@@ -463,3 +463,16 @@ def test_bfloat16_search_survives_pickling():
     assert back._bfloat16 == {}
     np.testing.assert_array_equal(back.predict(Q), clf.predict(Q))
     assert "search" in back._bfloat16
+
+
+def test_bfloat16_search_orders_equal_distances_by_row():
+    """Check that duplicated codes (equal float64 distances) come back lower row first."""
+    from cnncodes._bfsearch import BFloat16Flat
+
+    X, _ = clustered(1500, 128, sep=0.4, seed=6)
+    X = np.concatenate([X, X[::-1]])  # every code twice, the copies in reverse order
+    Q, _ = clustered(200, 128, sep=0.4, seed=7)
+    D, I = BFloat16Flat(X, "l2").search(Q, 6)
+    ref_D, ref_I = float64_brute_force(X, Q, 6, "l2")
+    np.testing.assert_array_equal(I, ref_I)
+    assert np.all(D[:, 0] == D[:, 1])  # the nearest code and its copy
