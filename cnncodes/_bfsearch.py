@@ -124,7 +124,7 @@ class BFloat16Flat:
 
     # ------------------------------------------------------------------ search
 
-    def search(self, Q: np.ndarray, k: int, n_threads: int | None = None):
+    def search(self, Q: np.ndarray, k: int):
         """Return (D, I): float64 squared distances (or inner products) and int64 rows, nearest first."""
         Q = torch.from_numpy(np.ascontiguousarray(Q, dtype=np.float32))
         n, k = self.X.shape[0], int(k)
@@ -132,7 +132,7 @@ class BFloat16Flat:
         I = torch.empty(len(Q), k, dtype=torch.int64)
         block = max(1, min(BLOCK_QUERIES, BLOCK_ENTRIES // max(n, 1)))
         left = []
-        with torch_threads(n_threads), torch.inference_mode():
+        with torch.inference_mode():
             for s in range(0, len(Q) if k + EXTRA < n else 0, block):
                 q = Q[s:s + block]
                 S, E = self._scores(q)
@@ -212,14 +212,24 @@ class BFloat16Flat:
         return out
 
     def _brute_force(self, q: torch.Tensor, k: int):
-        """float64 search over every code: the answer for queries the bound cannot certify."""
-        qd = q.double()
-        parts = []
-        for s in range(0, self.X.shape[0], FALLBACK_ROWS):
-            x = self.X[s:s + FALLBACK_ROWS].double()
-            dot = qd @ x.T
-            parts.append(dot if self.metric == "ip" else (qd * qd).sum(1, keepdim=True) + self.sq[s:s + len(x)] - 2 * dot)
-        full = torch.cat(parts, 1)
-        d, i = torch.sort(full, dim=1, stable=True, descending=self.metric == "ip")
-        return d[:, :k], i[:, :k]
+        """float64 search over every code: the answer for queries the bound cannot certify.
 
+        Blocks of queries against blocks of codes, keeping each block's k best (a stable
+        sort: equal distances keep the lower row first), so memory stays bounded.
+        """
+        D = torch.empty(len(q), k, dtype=torch.float64)
+        I = torch.empty(len(q), k, dtype=torch.int64)
+        ip = self.metric == "ip"
+        for a in range(0, len(q), BLOCK_QUERIES):
+            qd = q[a:a + BLOCK_QUERIES].double()
+            best_d, best_i = [], []
+            for s in range(0, self.X.shape[0], FALLBACK_ROWS):
+                x = self.X[s:s + FALLBACK_ROWS].double()
+                dot = qd @ x.T
+                full = dot if ip else (qd * qd).sum(1, keepdim=True) + self.sq[s:s + len(x)] - 2 * dot
+                d, i = torch.sort(full, dim=1, stable=True, descending=ip)
+                best_d.append(d[:, :k])
+                best_i.append(i[:, :k] + s)
+            d, o = torch.sort(torch.cat(best_d, 1), dim=1, stable=True, descending=ip)
+            D[a:a + len(qd)], I[a:a + len(qd)] = d[:, :k], torch.gather(torch.cat(best_i, 1), 1, o[:, :k])
+        return D, I

@@ -130,8 +130,8 @@ class FaissKNNClassifier(ClassifierMixin, BaseEstimator):
         Size of the HNSW candidate list at query time (``index="hnsw"`` only; raised to
         ``n_neighbors`` when smaller). Read at query time.
     precision : {"auto", "float32", "bfloat16"}, default="auto"
-        Arithmetic of the flat search (``index="flat"`` only); the answer is exact either
-        way. ``"float32"``: faiss's float32 search. ``"bfloat16"``: a bfloat16 matrix
+        Arithmetic of the flat search (``index="flat"`` only); both compare every query
+        with every code. ``"float32"``: faiss's float32 search. ``"bfloat16"``: a bfloat16 matrix
         product proposes candidates, each score with a proven bound on its rounding error,
         and the candidates are re-ranked by float64 distances; a query whose bound cannot
         separate its k-th neighbour from the rest is searched again, at last in float64 over

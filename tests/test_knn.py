@@ -476,3 +476,20 @@ def test_bfloat16_search_orders_equal_distances_by_row():
     ref_D, ref_I = float64_brute_force(X, Q, 6, "l2")
     np.testing.assert_array_equal(I, ref_I)
     assert np.all(D[:, 0] == D[:, 1])  # the nearest code and its copy
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_bfloat16_search_of_few_codes_is_a_float64_brute_force(metric, monkeypatch):
+    """Check that an index too small for candidates, searched in small blocks, is still exact."""
+    import cnncodes._bfsearch as bf
+
+    monkeypatch.setattr(bf, "FALLBACK_ROWS", 3)  # blocks of codes and of queries to merge
+    monkeypatch.setattr(bf, "BLOCK_QUERIES", 4)
+    X, _ = clustered(10, 16, seed=8)
+    X = np.concatenate([X, X])  # ties across blocks: the lower row comes first
+    Q, _ = clustered(9, 16, seed=9)
+    search = bf.BFloat16Flat(X, metric)
+    D, I = search.search(Q, 13)  # 13 + EXTRA >= 20 codes: every query by brute force
+    ref_D, ref_I = float64_brute_force(X, Q, 13, metric)
+    np.testing.assert_array_equal(I, ref_I)
+    assert search.stats["brute_force"] == 9 and search.stats["queries"] == 0
