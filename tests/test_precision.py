@@ -243,3 +243,23 @@ def test_auto_workers_decode_in_process_when_decoding_is_cheap(sample_dir, monke
     # An explicit number of workers is used as it is, without probing.
     assert len(list(ex._batches(items, prep, 10**8, 4, 0, False, [0.0]))) == 10
     assert loaders == [(len(items), 0, 0)]
+
+
+@pytest.mark.parametrize("compiles", [True, False], ids=["long-run", "short-run"])
+def test_auto_compile_decides_from_the_first_batches(photos, tmp_path, fast, monkeypatch, compiles):
+    """Check that compile='auto' times two eager batches, then compiles only when the rest is long."""
+    import cnncodes._extract as ex
+
+    calls, seen = [], []
+    # 12 photos, batch 4: two timed eager batches, then one more. A tiny / huge threshold
+    # makes the 4 photos left a long / short run; compiling is recorded, not done (~30 s).
+    monkeypatch.setattr(ex, "COMPILE_MIN_SECONDS", 1e-9 if compiles else 1e9)
+    monkeypatch.setattr(ex.CodesForward, "enable_compile", lambda self: calls.append(len(seen)))
+    original = ex.CodesForward.__call__
+    monkeypatch.setattr(ex.CodesForward, "__call__", lambda self, b: seen.append(len(b)) or original(self, b))
+    result = extract(photos, out=tmp_path / "auto.h5", compile="auto", **fast)
+    assert result.n_extracted == 12 and seen == [4, 4, 4]
+    assert calls == ([2] if compiles else [])  # decided once, after the two timed batches
+    calls.clear()
+    extract(photos, out=tmp_path / "off.h5", compile=False, **fast)
+    assert calls == []
