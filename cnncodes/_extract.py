@@ -7,6 +7,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -499,6 +500,7 @@ class CodesForward:
         self.prep, self.device, self.precision, self.tta = prep, device, precision, tta
         self.batch_size = batch_size
         self.compiled = None
+        self.compile_asked = bool(compile)
         if compile:
             self.enable_compile()
 
@@ -516,6 +518,12 @@ class CodesForward:
         try:
             out = self.compiled(x.contiguous(memory_format=torch.channels_last))
         except Exception as exc:  # noqa: BLE001 - inductor needs a C++ compiler and more
+            if not self.compile_asked:  # compile="auto" chose it: carry on eagerly
+                warnings.warn(f"torch.compile failed on this machine ({type(exc).__name__}: {str(exc)[:200]}); "
+                              f"extracting without it (the codes are the same). Pass compile=False "
+                              f"(--no-compile) to skip the attempt.", stacklevel=2)
+                self.compiled = None
+                return self.model(x[:n])
             raise CnnCodesError(
                 f"torch.compile failed on this machine ({type(exc).__name__}: {str(exc)[:200]}). "
                 f"Run without it (compile=False, or --no-compile); the codes are the same."

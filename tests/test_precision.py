@@ -263,3 +263,24 @@ def test_auto_compile_decides_from_the_first_batches(photos, tmp_path, fast, mon
     calls.clear()
     extract(photos, out=tmp_path / "off.h5", compile=False, **fast)
     assert calls == []
+
+
+def test_a_failing_compile_stops_only_when_it_was_asked_for(photos, tmp_path, fast, monkeypatch):
+    """Check that compile='auto' falls back to eager with a warning; compile=True says what to do."""
+    import torch
+
+    def broken(model, **kwargs):
+        def run(x):
+            raise RuntimeError("no C++ compiler found")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    import cnncodes._extract as ex
+
+    monkeypatch.setattr(ex, "COMPILE_MIN_SECONDS", 0.0)  # auto decides to compile after two batches
+    with pytest.warns(UserWarning, match=r"torch.compile failed on this machine \(RuntimeError: no C\+\+ "
+                                         r"compiler found\); extracting without it"):
+        result = extract(photos, out=tmp_path / "auto.h5", compile="auto", **fast)
+    assert result.n_extracted == 12 and len(CodeStore(tmp_path / "auto.h5")) == 12
+    with pytest.raises(CnnCodesError, match=r"torch.compile failed on this machine.*compile=False"):
+        extract(photos, out=tmp_path / "asked.h5", compile=True, **fast)
