@@ -107,11 +107,13 @@ def test_ray_killed_driver_then_rerun(cluster, reference, sample_dir, tmp_path, 
         extract(str(sample_dir), out=out, engine="ray", ray_workers=2, **small)
     assert not out.exists()
     done = len(Journal(out).done()[0])
-    # at least the batch the driver saw; the actors may have finished more (or all) of them
+    # at least the batch the driver saw; the actors may have finished more (or all) of them,
+    # and tasks already running may still write their shards after this count
     assert 4 <= done <= 40
     monkeypatch.delitem(cray._FAULTS, "driver_abort_after")
     result = extract(str(sample_dir), out=out, engine="ray", ray_workers=2, **small)
-    assert result.n_resumed == done and result.n_extracted == 40 - done
+    # every image exactly once: what was written is resumed, the rest extracted
+    assert result.n_resumed >= done and result.n_resumed + result.n_extracted == 40
     assert_same_store(CodeStore(out), reference)
 
 
