@@ -137,8 +137,9 @@ class FaissKNNClassifier(ClassifierMixin, BaseEstimator):
         separate its k-th neighbour from the rest is searched again, at last in float64 over
         all codes. The neighbours are those of a float64 brute-force search, and on a CPU
         with native bfloat16 units (AVX-512 BF16, AMX) the search runs several times faster
-        than float32 (``benchmarks/bench_knn.py``). ``"auto"``: ``"bfloat16"`` on such a
-        CPU, else ``"float32"``. Read at query time.
+        than float32 (``benchmarks/bench_knn.py``); it keeps a bfloat16 copy of the codes
+        beside the index (half their size). ``"auto"``: ``"bfloat16"`` on such a CPU, else
+        ``"float32"``. Read at query time.
     n_jobs : int, default=None
         Threads faiss (OpenMP) and the bfloat16 search (torch) use in ``fit`` and in
         queries; the previous counts are restored afterwards. None: the libraries' current
