@@ -207,6 +207,8 @@ def main(argv=None) -> int:
     p.add_argument("--tta", default="flip")
     p.add_argument("--precision", default="auto")
     p.add_argument("--image-size", type=int, help="fine-tune at this input size (the store must match it)")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of the training images held out for validation (0: train on all, no early stopping)")
     p.add_argument("--scratch-epochs", type=int, default=30)
     p.add_argument("--scratch-size", type=int, default=128, help="input side of the from-scratch CNN")
     p.add_argument("--skip", action="append", default=[], choices=["probe", "finetune", "scratch", "precision"])
@@ -223,7 +225,10 @@ def main(argv=None) -> int:
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    test_size, random_state, val_fraction = 0.25, args.random_state, 0.1
+    if args.val_fraction <= 0 and "scratch" not in args.skip:
+        p.error("the from-scratch CNN stops early on its validation split: give --val-fraction > 0 "
+                "or --skip scratch")
+    test_size, random_state, val_fraction = 0.25, args.random_state, args.val_fraction
     report = {"machine": f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                          f"{torch.get_num_threads()} threads", "data": str(args.data),
               "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "random_state": random_state}
