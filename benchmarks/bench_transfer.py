@@ -262,7 +262,8 @@ def main(argv=None) -> int:
     if "finetune" not in args.skip:
         out = work / "ft.pt"
         r = finetune(args.data, out=out, unfreeze=args.unfreeze, epochs=args.epochs, lr=args.lr,
-                     head_lr=args.head_lr, batch_size=args.batch_size, early_stopping=args.patience,
+                     head_lr=args.head_lr, batch_size=args.batch_size,
+                     early_stopping=args.patience if val_fraction > 0 else None,
                      test_size=test_size, val_fraction=val_fraction, random_state=random_state,
                      init_head=store, precision=args.precision, label_smoothing=args.label_smoothing,
                      tta=args.tta, train_bn=args.train_bn, dropout=args.dropout, weight_decay=args.weight_decay,
