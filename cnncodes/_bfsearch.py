@@ -143,9 +143,9 @@ class BFloat16Flat:
                         break
                     if kp > k + EXTRA:
                         self.stats["retried"] += len(todo)
-                    first = kp == k + EXTRA  # all rows: no copy of the block's scores
-                    d, i, ok = (self._certified(S, E, q, k, kp) if first
-                                else self._certified(S[todo], E[todo], q[todo], k, kp))
+                    # every row still to do: no copy of the block's scores
+                    part = (S, E, q) if len(todo) == len(q) else (S[todo], E[todo], q[todo])
+                    d, i, ok = self._certified(*part, k, kp)
                     D[s + todo[ok]], I[s + todo[ok]] = d[ok], i[ok]
                     todo = todo[~ok]
                 left.append(s + todo)

@@ -541,11 +541,6 @@ class CodesForward:
         return {a: t.cpu().numpy() for a, t in out.items()}
 
 
-def _compile_pays(batch_seconds: float, n_left: int, batch_size: int) -> bool:
-    """Whether the eager forward pass of the images left would take COMPILE_MIN_SECONDS or more."""
-    return n_left * batch_seconds / batch_size >= COMPILE_MIN_SECONDS
-
-
 def _run(items, forward, prep, dtype, journal, index, batch_size, num_workers, max_pixels,
          progress, result, compile_auto=False):
     from tqdm.auto import tqdm
@@ -590,11 +585,11 @@ def _run(items, forward, prep, dtype, journal, index, batch_size, num_workers, m
             result.failures += [(rid, why) for rid, _, why in failures]
             if compile_auto and len(forward_seconds) > PROBE_BATCHES:  # decided once, on a warm batch
                 compile_auto = False
-                n_left = len(items) - bar.n - len(idx) - len(bad)
-                if _compile_pays(forward_seconds[-1], n_left, batch_size):
+                eager_left = (len(items) - bar.n - len(idx) - len(bad)) * forward_seconds[-1] / batch_size
+                if eager_left >= COMPILE_MIN_SECONDS:
                     if progress:
-                        tqdm.write(f"compiling the model: about {n_left * forward_seconds[-1] / batch_size:.0f} s "
-                                   f"of eager work left (pass --no-compile to skip)")
+                        tqdm.write(f"compiling the model: about {eager_left:.0f} s of eager work left "
+                                   f"(pass --no-compile to skip)")
                     forward.enable_compile()
             bar.update(len(idx) + len(bad))
             bar.set_postfix(failed=len(result.failures), refresh=False)
