@@ -95,7 +95,7 @@ def main(argv=None):
         assert n_diff == 0, f"flat index ({precision}) and sklearn disagree on {n_diff} of {len(Q)} queries"
         name = f"FaissKNNClassifier(index='flat', precision='{precision}')"
         if precision == "bfloat16":
-            stats = flat._bfloat16["search"].stats
+            stats = flat._cache["bfloat16"].stats
             name += (f"{' (the default here)' if native else ''}; {stats['retried']} queries re-searched, "
                      f"{stats['brute_force']} by float64 brute force")
         rows.append((name, fit_s, predict_s, "exact", np.mean(pred == yq)))

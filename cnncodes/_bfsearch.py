@@ -42,10 +42,18 @@ RETRY = 3
 # fewer for larger code sets, so that a block holds at most BLOCK_ENTRIES scores.
 BLOCK_QUERIES = 256
 BLOCK_ENTRIES = 1 << 24
-# Queries re-ranked at a time: their candidate rows in float64 stay in the CPU's caches.
-RERANK_QUERIES = 64
+# Queries re-ranked at a time: their candidate rows in float64 stay in the CPU's caches
+# (32: 0.11 s for 10,000 queries x 13 candidates x 1280, against 0.14 s by 64, 0.16 s by 4).
+RERANK_QUERIES = 32
 # Rows of the codes converted to float64 at a time in the brute-force fallback.
 FALLBACK_ROWS = 8192
+# Rows of the codes rounded to bfloat16 at a time when the index is built: the block's
+# passes stay in the CPU's caches (50,000 x 1280 codes: 0.12 s, against 0.29 s by 8192).
+BUILD_ROWS = 2048
+# The top-kp of a row of scores is taken in two steps: the maxima of TOP_GROUPS interleaved
+# column groups, then the members of the kp best groups (about twice as fast as torch.topk
+# over the whole row, which ran at a quarter of the memory bandwidth).
+TOP_GROUPS = 16
 
 
 @contextlib.contextmanager
@@ -60,6 +68,33 @@ def torch_threads(n_threads: int | None):
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def top_scores(S: torch.Tensor, kp: int):
+    """The kp largest entries of each row of S and their columns, in no particular order.
+
+    What ``torch.topk(S, kp, dim=1, sorted=False)`` gives (up to the order of the columns
+    among equal scores), in two cheap passes. Group ``c`` holds the columns ``c, c + w,
+    c + 2w, ...`` (w = n // TOP_GROUPS; the last n - w * TOP_GROUPS columns join the first
+    groups), so the group maxima are elementwise maxima of contiguous slices. The kp best
+    groups hold kp distinct entries no smaller than any entry of another group, so the kp
+    largest of their members are the kp largest of the row.
+    """
+    b, n = S.shape
+    w = n // TOP_GROUPS
+    if w < max(kp, TOP_GROUPS) or S.stride(1) != 1:
+        return torch.topk(S, kp, dim=1, sorted=False)
+    main = S.as_strided((b, TOP_GROUPS, w), (S.stride(0), w, 1))
+    group_max = main.amax(1)
+    tail = S[:, w * TOP_GROUPS:]  # fewer than TOP_GROUPS <= w columns
+    group_max[:, :tail.shape[1]] = torch.maximum(group_max[:, :tail.shape[1]], tail)
+    groups = torch.topk(group_max, kp, dim=1, sorted=False).indices
+    # the members of the chosen groups; the last one exists only for the first n - w * G
+    cols = (groups[:, :, None] + w * torch.arange(TOP_GROUPS + 1)).reshape(b, -1)
+    outside = cols >= n
+    values = S.gather(1, cols.masked_fill(outside, 0)).masked_fill_(outside, -float("inf"))
+    top, j = torch.topk(values, kp, dim=1, sorted=False)
+    return top, cols.gather(1, j)
 
 
 class BFloat16Flat:
@@ -91,8 +126,8 @@ class BFloat16Flat:
         # Norms computed in float32 are within gamma_m of the truth: inflate them by INFLATE.
         inflate = 1 + 2 * (m + 2) * U32
         a_max = e_max = b_max = h_max = c_max = 0.0
-        for s in range(0, n, FALLBACK_ROWS):
-            xc = self.X[s:s + FALLBACK_ROWS] - self.mu
+        for s in range(0, n, BUILD_ROWS):
+            xc = self.X[s:s + BUILD_ROWS] - self.mu
             xb = xc.to(torch.bfloat16)
             # bf16(v) and v are within a factor 2 of each other: their difference is exact.
             xbf = xb.float()
@@ -178,7 +213,7 @@ class BFloat16Flat:
 
     def _certified(self, S, E, q, k: int, kp: int):
         """Top-k of queries from their kp best bfloat16 scores, and which of them are certified."""
-        top, cand = torch.topk(S, kp, dim=1, sorted=False)
+        top, cand = top_scores(S, kp)
         floor = top.min(1).values.double()  # no code outside the candidates scored higher
         cand = torch.sort(cand, dim=1).values  # equal distances: the lower row first, as brute force
         # The largest true score a code outside the candidates can have.

@@ -138,7 +138,7 @@ class FaissKNNClassifier(ClassifierMixin, BaseEstimator):
         all codes. The neighbours are those of a float64 brute-force search, and on a CPU
         with native bfloat16 units (AVX-512 BF16, AMX) the search runs several times faster
         than float32 (``benchmarks/bench_knn.py``); it keeps a bfloat16 copy of the codes
-        beside the index (half their size). ``"auto"``: ``"bfloat16"`` on such a CPU, else
+        (half their size). ``"auto"``: ``"bfloat16"`` on such a CPU, else
         ``"float32"``. Read at query time.
     n_jobs : int, default=None
         Threads faiss (OpenMP) and the bfloat16 search (torch) use in ``fit`` and in
@@ -151,7 +151,9 @@ class FaissKNNClassifier(ClassifierMixin, BaseEstimator):
     classes_ : ndarray of shape (n_classes,)
         Class labels, sorted.
     index_ : faiss.Index
-        The index of the fitted codes (L2-normalised for ``metric="cosine"``).
+        The index of the fitted codes (L2-normalised for ``metric="cosine"``). For
+        ``index="flat"`` it is built at its first use (a float32 search, or reading the
+        attribute): the bfloat16 search does not need it.
     n_features_in_ : int
         Number of features seen during fit.
     feature_names_in_ : ndarray of shape (n_features_in_,)
@@ -167,9 +169,12 @@ class FaissKNNClassifier(ClassifierMixin, BaseEstimator):
 
     Notes
     -----
-    faiss indexes are not picklable; ``__getstate__`` stores the index as the uint8 array
-    of ``faiss.serialize_index``, so a fitted model pickles, deep-copies and saves with
-    ``skops.io`` (its state holds only numpy arrays and builtins).
+    A flat model keeps the fitted codes, by reference when ``X`` is already C-contiguous
+    float32 (as ``KNeighborsClassifier`` does): copy ``X`` before fitting if you will change
+    it in place. faiss indexes are not picklable; ``__getstate__`` stores a flat model's
+    codes, and an IVF or HNSW index as the uint8 array of ``faiss.serialize_index``, so a
+    fitted model pickles, deep-copies and saves with ``skops.io`` (its state holds only
+    numpy arrays and builtins).
 
     Examples
     --------
@@ -296,45 +301,73 @@ class FaissKNNClassifier(ClassifierMixin, BaseEstimator):
         if self.effective_metric_ == "cosine":
             X = _normalize_rows(X)
         n_samples, n_features = X.shape
-        faiss_metric = (
-            faiss.METRIC_L2 if self.effective_metric_ == "euclidean" else faiss.METRIC_INNER_PRODUCT
-        )
+        faiss_metric = self._faiss_metric()
         self.nlist_ = None
-        with _omp_threads(self.n_jobs):
-            if self.index == "flat":
-                # IndexFlatL2 / IndexFlatIP: the classes that deserialize_index gives back
-                flat = faiss.IndexFlatL2 if faiss_metric == faiss.METRIC_L2 else faiss.IndexFlatIP
-                index = flat(n_features)
-            elif self.index == "hnsw":
-                index = faiss.IndexHNSWFlat(n_features, int(self.hnsw_m), faiss_metric)
-            else:
-                nlist = default_nlist(n_samples) if self.nlist is None else int(self.nlist)
-                if nlist > n_samples:
-                    raise ValueError(
-                        f"Expected nlist <= n_samples for index='ivf', but nlist = {nlist}, "
-                        f"n_samples = {n_samples}. Lower nlist (or leave it None for "
-                        f"{default_nlist(n_samples)}), or fit on more samples."
-                    )
-                quantizer = faiss.IndexFlat(n_features, faiss_metric)
-                index = faiss.IndexIVFFlat(quantizer, n_features, nlist, faiss_metric)
-                index.train(X)
-                # kneighbors(X=None) reconstructs the training rows by id.
-                index.make_direct_map()
-                self.nlist_ = nlist
-            index.add(X)
-        self.index_ = index
-        # The bfloat16 search over the index's rows; built now when queries will use it
-        # (its set-up is part of fitting), else at the first query that does.
-        self._bfloat16 = {}
-        if self._uses_bfloat16():
-            self._bfloat16_index()
+        # What searches need, built on demand: "faiss" (the faiss index) and "bfloat16" (the
+        # bfloat16 search). A dict filled in place, so that queries leave __dict__ unchanged.
+        self._cache = {}
+        self._flat_codes = None
+        if self.index == "flat":
+            # The exact searches work from the codes themselves. Kept by reference when X is
+            # already C-contiguous float32, as KNeighborsClassifier keeps its _fit_X; faiss's
+            # index is a copy, built only for a float32 search, since copying 50,000 x 1280
+            # codes costs as much as building the bfloat16 search.
+            self._flat_codes = X
+            with _omp_threads(self.n_jobs):
+                if self._uses_bfloat16():
+                    self._bfloat16_search()  # its set-up is part of fitting
+                else:
+                    self._faiss_index()
+        else:
+            with _omp_threads(self.n_jobs):
+                if self.index == "hnsw":
+                    index = faiss.IndexHNSWFlat(n_features, int(self.hnsw_m), faiss_metric)
+                else:
+                    nlist = default_nlist(n_samples) if self.nlist is None else int(self.nlist)
+                    if nlist > n_samples:
+                        raise ValueError(
+                            f"Expected nlist <= n_samples for index='ivf', but nlist = {nlist}, "
+                            f"n_samples = {n_samples}. Lower nlist (or leave it None for "
+                            f"{default_nlist(n_samples)}), or fit on more samples."
+                        )
+                    quantizer = faiss.IndexFlat(n_features, faiss_metric)
+                    index = faiss.IndexIVFFlat(quantizer, n_features, nlist, faiss_metric)
+                    index.train(X)
+                    # kneighbors(X=None) reconstructs the training rows by id.
+                    index.make_direct_map()
+                    self.nlist_ = nlist
+                index.add(X)
+            self._cache["faiss"] = index
         self.n_samples_fit_ = int(n_samples)
         return self
 
     # ------------------------------------------------------------------ search
 
+    def _faiss_metric(self):
+        return faiss.METRIC_L2 if self.effective_metric_ == "euclidean" else faiss.METRIC_INNER_PRODUCT
+
+    @property
+    def index_(self):
+        """The faiss index of the fitted codes (for ``index="flat"``, built at its first use)."""
+        cache = self.__dict__.get("_cache")
+        if cache is None:
+            raise AttributeError(f"{type(self).__name__} has no index_ before fit.")
+        return self._faiss_index()
+
+    def _faiss_index(self):
+        """The flat faiss index over the fitted codes: IndexFlatL2 or IndexFlatIP."""
+        cache = self._cache
+        if "faiss" not in cache:
+            # the classes that deserialize_index gives back
+            flat = faiss.IndexFlatL2 if self._faiss_metric() == faiss.METRIC_L2 else faiss.IndexFlatIP
+            index = flat(self._flat_codes.shape[1])
+            with _omp_threads(self.n_jobs):
+                index.add(self._flat_codes)
+            cache["faiss"] = index
+        return cache["faiss"]
+
     def _uses_bfloat16(self):
-        if self.index != "flat" or not isinstance(self.index_, faiss.IndexFlat):
+        if self.index != "flat" or self._flat_codes is None:
             return False
         if self.precision == "auto":
             from ._accel import cpu_has_fast_bf16
@@ -342,18 +375,16 @@ class FaissKNNClassifier(ClassifierMixin, BaseEstimator):
             return cpu_has_fast_bf16()
         return self.precision == "bfloat16"
 
-    def _bfloat16_index(self):
-        """The bfloat16 search over the flat index's own rows (a view, not a copy)."""
+    def _bfloat16_search(self):
+        """The bfloat16 search over the fitted codes (which it keeps by reference)."""
         from ._bfsearch import BFloat16Flat
 
-        cache = self._bfloat16  # a dict filled in place: queries leave __dict__ unchanged
-        if cache.get("index") is not self.index_:
-            index = self.index_
-            X = faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
+        cache = self._cache
+        if "bfloat16" not in cache:
             metric = "l2" if self.effective_metric_ == "euclidean" else "ip"
             with self._threads():
-                cache.update(index=index, search=BFloat16Flat(X, metric))
-        return cache["search"]
+                cache["bfloat16"] = BFloat16Flat(self._flat_codes, metric)
+        return cache["bfloat16"]
 
     def _threads(self):
         from ._bfsearch import torch_threads
@@ -362,12 +393,13 @@ class FaissKNNClassifier(ClassifierMixin, BaseEstimator):
 
     def _search(self, Xq, k):
         """Return faiss's (D, I) for float32 queries, re-searching rows with missing hits."""
-        index, k = self.index_, int(k)
+        k = int(k)
         if self._uses_bfloat16():
-            searcher = self._bfloat16_index()
+            searcher = self._bfloat16_search()
             with self._threads():
                 D, I = searcher.search(Xq, k)
             return D.astype(np.float32), I
+        index = self.index_
         params = exhaustive = None
         if isinstance(index, faiss.IndexIVF):
             params = faiss.SearchParametersIVF(nprobe=min(int(self.nprobe), index.nlist))
@@ -421,14 +453,17 @@ class FaissKNNClassifier(ClassifierMixin, BaseEstimator):
         all_I = np.empty((n, k), dtype=np.int64)
         for start in range(0, n, _TRAIN_QUERY_BATCH):
             stop = min(start + _TRAIN_QUERY_BATCH, n)
-            Xq = np.ascontiguousarray(self.index_.reconstruct_n(start, stop - start))
+            if self._flat_codes is not None:
+                Xq = self._flat_codes[start:stop]
+            else:
+                Xq = np.ascontiguousarray(self.index_.reconstruct_n(start, stop - start))
             D, I = self._search(Xq, k + 1)
             keep = I != np.arange(start, stop)[:, None]
             # The point itself is not among its k + 1 hits: either an exact search found
             # k + 1 duplicates of it (scikit-learn then drops the first), or an approximate
             # search missed it (then the farthest hit goes).
             lost = keep.all(axis=1)
-            keep[lost, 0 if isinstance(self.index_, faiss.IndexFlat) else k] = False
+            keep[lost, 0 if self._flat_codes is not None else k] = False
             all_D[start:stop] = D[keep].reshape(-1, k)
             all_I[start:stop] = I[keep].reshape(-1, k)
         return all_D, all_I
@@ -535,12 +570,18 @@ class FaissKNNClassifier(ClassifierMixin, BaseEstimator):
     def __getstate__(self):
         # dict(): object.__getstate__ may hand back __dict__ itself, which must not change.
         state = dict(super().__getstate__())
-        state.pop("_bfloat16", None)  # rebuilt from the index at the next bfloat16 query
-        if "index_" in state:
-            state["index_"] = faiss.serialize_index(state["index_"])
+        cache = state.pop("_cache", None)
+        # A flat model is its codes (the searches are rebuilt from them at their first use);
+        # an approximate index is kept as the uint8 array of faiss.serialize_index.
+        if cache is not None and state.get("_flat_codes") is None:
+            state["index_"] = faiss.serialize_index(cache["faiss"])
         return state
 
     def __setstate__(self, state):
-        if isinstance(state.get("index_"), np.ndarray):
-            state = dict(state, index_=faiss.deserialize_index(state["index_"]), _bfloat16={})
+        state = dict(state)
+        index = state.pop("index_", None)
+        if index is not None:
+            state["_cache"] = {"faiss": faiss.deserialize_index(index)}
+        elif "_flat_codes" in state:  # fitted, flat
+            state["_cache"] = {}
         super().__setstate__(state)

@@ -320,7 +320,11 @@ def test_skops_round_trip(params):
     """Check that skops saves the model with only numpy and builtin state and loads it back."""
     clf, Q = _fitted(params)
     state = clf.__getstate__()
-    assert isinstance(state["index_"], np.ndarray) and state["index_"].dtype == np.uint8
+    if clf.index == "flat":  # the codes themselves
+        np.testing.assert_array_equal(state["_flat_codes"], clf._flat_codes)
+        assert "index_" not in state
+    else:
+        assert isinstance(state["index_"], np.ndarray) and state["index_"].dtype == np.uint8
     allowed = (np.ndarray, str, int, float, bool, type(None))
     assert all(isinstance(v, allowed) for v in state.values()), {k: type(v) for k, v in state.items()}
 
@@ -431,12 +435,13 @@ def test_precision_auto_follows_the_cpu(monkeypatch):
     monkeypatch.setattr(cnncodes._accel, "cpu_has_fast_bf16", lambda: False)
     clf = FaissKNNClassifier().fit(X, y)
     clf.predict(Q)
-    assert not clf._uses_bfloat16() and clf._bfloat16 == {}
+    assert not clf._uses_bfloat16() and "bfloat16" not in clf._cache
     monkeypatch.setattr(cnncodes._accel, "cpu_has_fast_bf16", lambda: True)
     clf = FaissKNNClassifier().fit(X, y)
-    assert clf._uses_bfloat16() and clf._bfloat16["search"].stats["queries"] == 0
+    assert clf._uses_bfloat16() and clf._cache["bfloat16"].stats["queries"] == 0
+    assert "faiss" not in clf._cache  # the float32 index is built only when needed
     clf.predict(Q)
-    assert clf._bfloat16["search"].stats["queries"] == len(Q)
+    assert clf._cache["bfloat16"].stats["queries"] == len(Q)
     # read at query time, like nprobe: no refit needed
     clf.set_params(precision="float32")
     assert not clf._uses_bfloat16()
@@ -456,13 +461,13 @@ def test_bfloat16_search_survives_pickling():
     """Check that a pickled model drops the bfloat16 copy of its codes and rebuilds it on use."""
     X, y, Q = gaussian()
     clf = FaissKNNClassifier(precision="bfloat16").fit(X, y)
-    assert "search" in clf._bfloat16
+    assert "bfloat16" in clf._cache
     blob = pickle.dumps(clf)
-    assert len(blob) < X.nbytes * 1.2  # the float32 index only, not the bfloat16 rows too
+    assert len(blob) < X.nbytes * 1.2  # the float32 codes only, not the bfloat16 rows too
     back = pickle.loads(blob)
-    assert back._bfloat16 == {}
+    assert back._cache == {}
     np.testing.assert_array_equal(back.predict(Q), clf.predict(Q))
-    assert "search" in back._bfloat16
+    assert "bfloat16" in back._cache
 
 
 def test_bfloat16_search_orders_equal_distances_by_row():
@@ -484,6 +489,7 @@ def test_bfloat16_search_of_few_codes_is_a_float64_brute_force(metric, monkeypat
     import cnncodes._bfsearch as bf
 
     monkeypatch.setattr(bf, "FALLBACK_ROWS", 3)  # blocks of codes and of queries to merge
+    monkeypatch.setattr(bf, "BUILD_ROWS", 3)
     monkeypatch.setattr(bf, "BLOCK_QUERIES", 4)
     X, _ = clustered(10, 16, seed=8)
     X = np.concatenate([X, X])  # ties across blocks: the lower row comes first
@@ -493,3 +499,43 @@ def test_bfloat16_search_of_few_codes_is_a_float64_brute_force(metric, monkeypat
     ref_D, ref_I = float64_brute_force(X, Q, 13, metric)
     np.testing.assert_array_equal(I, ref_I)
     assert search.stats["brute_force"] == 9 and search.stats["queries"] == 0
+
+
+@pytest.mark.parametrize("n", [15 * 16, 16 * 16, 16 * 16 + 15, 5003])
+@pytest.mark.parametrize("kp", [1, 9, 39])
+def test_top_scores_equal_torch_topk(n, kp):
+    """Check that the grouped top-k gives torch.topk's scores, with distinct in-range columns."""
+    import torch
+
+    from cnncodes._bfsearch import TOP_GROUPS, top_scores
+
+    assert TOP_GROUPS == 16  # the sizes above straddle n // TOP_GROUPS == kp and the tail
+    gen = torch.Generator().manual_seed(n * 100 + kp)
+    smooth = torch.randn(50, n, generator=gen)
+    tied = (smooth * 2).round()  # few distinct values: ties across groups and the tail
+    tail_wins = torch.zeros(50, n)
+    tail_wins[:, -(n % TOP_GROUPS or 1):] = 1.0  # the largest scores in the last columns
+    for S in (smooth, tied, tail_wins):
+        S = S.to(torch.bfloat16)
+        top, cols = top_scores(S, kp)
+        want = torch.topk(S, kp, dim=1).values
+        assert torch.equal(top.sort(1, descending=True).values, want)
+        assert torch.equal(S.gather(1, cols), top)
+        assert cols.min() >= 0 and cols.max() < n
+        assert all(len(set(row.tolist())) == kp for row in cols)
+
+
+def test_flat_faiss_index_is_built_only_when_a_search_needs_it():
+    """Check that a bfloat16 flat model copies its codes into faiss only when index_ is used."""
+    X, y, Q = gaussian()
+    clf = FaissKNNClassifier(precision="bfloat16").fit(X, y)
+    assert clf._flat_codes is X  # C-contiguous float32: kept by reference, as scikit-learn does
+    clf.predict(Q)
+    clf.kneighbors()  # the training set's own neighbours come from the codes too
+    assert set(clf._cache) == {"bfloat16"}
+    index = clf.index_
+    assert isinstance(index, faiss.IndexFlatL2) and index.ntotal == len(X)
+    np.testing.assert_array_equal(index.reconstruct_n(0, len(X)), X)
+    assert clf.index_ is index
+    float32 = FaissKNNClassifier(precision="float32").fit(X, y)
+    assert set(float32._cache) == {"faiss"}  # built at fit, where its cost belongs
