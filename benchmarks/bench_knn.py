@@ -1,7 +1,8 @@
 """kNN benchmark: FaissKNNClassifier (flat, IVF, HNSW) vs KNeighborsClassifier(algorithm="brute").
 
 Synthetic CNN-code-like data (clustered gaussians, rectified, float32, 10 classes). Measures
-fit + predict seconds in the same run, asserts that the exact flat index predicts the same
+fit + predict seconds in the same run (the exact searches in --repeats interleaved rounds:
+medians, and the range of the per-round ratios), asserts that the exact flat index predicts the same
 labels as scikit-learn in float32 (faiss) and in bfloat16 (candidates, float64 re-ranking), and gives recall@10 of the approximate indexes against the exact one.
 Prints a markdown table.
 
@@ -61,6 +62,9 @@ def main(argv=None):
     parser.add_argument("--n-neighbors", type=int, default=5, help="k of the vote (5)")
     parser.add_argument("--sep", type=float, default=0.5, help="spread of the class modes (0.5)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="interleaved rounds of the exact searches; the table gives medians, "
+                             "and each ratio's range over the rounds (3)")
     args = parser.parse_args(argv)
 
     X, y = synthetic_codes(args.n_train + args.n_query, args.dim, sep=args.sep, seed=args.seed)
@@ -76,30 +80,45 @@ def main(argv=None):
 
     rows = []  # (method, fit s, predict s, recall@10, accuracy)
 
-    ref = KNeighborsClassifier(n_neighbors=k, algorithm="brute")
-    _, ref_fit = timed(lambda: ref.fit(X, y))
-    ref_pred, ref_predict = timed(lambda: ref.predict(Q))
-    rows.append(("sklearn KNeighborsClassifier(algorithm='brute')", ref_fit, ref_predict, None,
-                 np.mean(ref_pred == yq)))
-    print(f"sklearn: fit {ref_fit:.2f} s, predict {ref_predict:.2f} s", flush=True)
-
     from cnncodes._accel import cpu_has_fast_bf16
 
     native = cpu_has_fast_bf16()
     print(f"native bfloat16 units: {'yes' if native else 'no (the bfloat16 search is emulated: slow)'}")
-    for precision in ("float32", "bfloat16"):
-        flat = FaissKNNClassifier(n_neighbors=k, precision=precision)
-        _, fit_s = timed(lambda: flat.fit(X, y))
-        pred, predict_s = timed(lambda: flat.predict(Q))
-        n_diff = int(np.sum(pred != ref_pred))
-        assert n_diff == 0, f"flat index ({precision}) and sklearn disagree on {n_diff} of {len(Q)} queries"
-        name = f"FaissKNNClassifier(index='flat', precision='{precision}')"
-        if precision == "bfloat16":
-            stats = flat._cache["bfloat16"].stats
-            name += (f"{' (the default here)' if native else ''}; {stats['retried']} queries re-searched, "
-                     f"{stats['brute_force']} by float64 brute force")
-        rows.append((name, fit_s, predict_s, "exact", np.mean(pred == yq)))
-        print(f"flat {precision}: fit {fit_s:.2f} s, predict {predict_s:.2f} s; same labels as sklearn", flush=True)
+    # The exact searches run in interleaved rounds (sklearn, float32, bfloat16, sklearn, ...),
+    # so that each round's ratios compare runs minutes apart at most; the table gives medians.
+    exact = {"sklearn": [], "float32": [], "bfloat16": []}  # name -> [(fit s, predict s)]
+    for r in range(args.repeats):
+        ref = KNeighborsClassifier(n_neighbors=k, algorithm="brute")
+        _, fit_s = timed(lambda: ref.fit(X, y))
+        ref_pred, predict_s = timed(lambda: ref.predict(Q))
+        exact["sklearn"].append((fit_s, predict_s))
+        print(f"round {r + 1}: sklearn fit {fit_s:.2f} s, predict {predict_s:.2f} s", flush=True)
+        for precision in ("float32", "bfloat16"):
+            flat = FaissKNNClassifier(n_neighbors=k, precision=precision)
+            _, fit_s = timed(lambda: flat.fit(X, y))
+            pred, predict_s = timed(lambda: flat.predict(Q))
+            n_diff = int(np.sum(pred != ref_pred))
+            assert n_diff == 0, f"flat index ({precision}) and sklearn disagree on {n_diff} of {len(Q)} queries"
+            exact[precision].append((fit_s, predict_s))
+            print(f"round {r + 1}: flat {precision} fit {fit_s:.2f} s, predict {predict_s:.2f} s "
+                  f"({sum(exact['sklearn'][-1]) / (fit_s + predict_s):.1f}x); same labels as sklearn",
+                  flush=True)
+    stats = flat._cache["bfloat16"].stats
+    names = {
+        "sklearn": "sklearn KNeighborsClassifier(algorithm='brute')",
+        "float32": "FaissKNNClassifier(index='flat', precision='float32')",
+        "bfloat16": (f"FaissKNNClassifier(index='flat', precision='bfloat16')"
+                     f"{' (the default here)' if native else ''}; {stats['retried']} queries "
+                     f"re-searched, {stats['brute_force']} by float64 brute force"),
+    }
+    base = [sum(t) for t in exact["sklearn"]]
+    for key, times in exact.items():
+        ratios = [b / sum(t) for b, t in zip(base, times)]
+        spread = f" ({min(ratios):.1f}-{max(ratios):.1f}x)" if len(ratios) > 1 and key != "sklearn" else ""
+        rows.append((names[key], float(np.median([t[0] for t in times])),
+                     float(np.median([t[1] for t in times])), None if key == "sklearn" else "exact",
+                     np.mean((ref_pred if key == "sklearn" else pred) == yq),
+                     f"{np.median(ratios):.1f}x{spread}"))
     exact10 = flat.kneighbors(Q, n_neighbors=10, return_distance=False)
 
     for index, query_params in [
@@ -115,16 +134,16 @@ def main(argv=None):
             extra = f", nlist={clf.nlist_}" if index == "ivf" else ""
             settings = ", ".join(f"{a}={v}" for a, v in params.items())
             name = f"FaissKNNClassifier(index='{index}', {settings}{extra})"
-            rows.append((name, fit_s, predict_s, f"{recall:.3f}", np.mean(pred == yq)))
+            rows.append((name, fit_s, predict_s, f"{recall:.3f}", np.mean(pred == yq), None))
             print(f"{index} {params}: fit {fit_s:.2f} s, predict {predict_s:.2f} s, recall@10 "
                   f"{recall:.3f}", flush=True)
 
-    base = ref_fit + ref_predict
+    base = float(np.median(base))
     print("\n| method | fit s | predict s | fit + predict s | speed vs sklearn | recall@10 | accuracy |")
     print("|---|---|---|---|---|---|---|")
-    for name, fit_s, predict_s, recall, acc in rows:
+    for name, fit_s, predict_s, recall, acc, speed in rows:
         total = fit_s + predict_s
-        print(f"| {name} | {fit_s:.2f} | {predict_s:.2f} | {total:.2f} | {base / total:.1f}x | "
+        print(f"| {name} | {fit_s:.2f} | {predict_s:.2f} | {total:.2f} | {speed or f'{base / total:.1f}x'} | "
               f"{recall or '(reference)'} | {acc:.3f} |")
 
 

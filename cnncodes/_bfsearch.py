@@ -167,10 +167,13 @@ class BFloat16Flat:
         I = torch.empty(len(Q), k, dtype=torch.int64)
         block = max(1, min(BLOCK_QUERIES, BLOCK_ENTRIES // max(n, 1)))
         left = []
+        # One buffer for every block's scores: a fresh 25 MB block each time cost up to
+        # 0.35 s of page faults per 10,000 queries.
+        buffer = torch.empty(min(block, len(Q)) * n, dtype=torch.bfloat16)
         with torch.inference_mode():
             for s in range(0, len(Q) if k + EXTRA < n else 0, block):
                 q = Q[s:s + block]
-                S, E = self._scores(q)
+                S, E = self._scores(q, buffer[:len(q) * n].view(len(q), n))
                 todo = torch.arange(len(q))
                 self.stats["queries"] += len(q)
                 for kp in (k + EXTRA, RETRY * (k + EXTRA)):
@@ -190,8 +193,8 @@ class BFloat16Flat:
                 D[rest], I[rest] = self._brute_force(Q[rest], k)
         return D.numpy(), I.numpy()
 
-    def _scores(self, q: torch.Tensor):
-        """bfloat16 scores of a block of queries, and each query's bound E on their error.
+    def _scores(self, q: torch.Tensor, out: torch.Tensor | None = None):
+        """bfloat16 scores of a block of queries (into out), and each query's bound E on their error.
 
         For every score, ``|fl - s| <= C_OUT |fl| + E`` (see the module docstring).
         """
@@ -200,7 +203,7 @@ class BFloat16Flat:
         qb = qc.to(torch.bfloat16)
         if self.metric == "l2":
             qb = torch.cat([qb, torch.ones(len(qb), 2, dtype=torch.bfloat16)], 1)
-        S = qb @ self.Xb.T
+        S = torch.matmul(qb, self.Xb.T, out=out)
         norm_q = torch.linalg.vector_norm(qc, dim=1, dtype=torch.float64) * (1 + 2 * U32)
         qbf = qb[:, :d].float()
         e_q = torch.linalg.vector_norm(qbf - qc, dim=1, dtype=torch.float64) + U32 * norm_q
