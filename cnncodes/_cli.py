@@ -237,6 +237,10 @@ def _extract_options(e) -> None:
                    help="average the codes of each image and its mirror image (default: the store's, else none)")
     e.add_argument("--no-jpeg-draft", dest="jpeg_draft", action="store_const", const=False, default=None,
                    help="decode large JPEGs at full size (default: reduced DCT scale, never below 2x the resize)")
+    e.add_argument("--resize", choices=["workers", "device"],
+                   help="where images are resized: in the decoding processes (PIL) or on the model's "
+                        "device after the uint8 transfer (torch; frees the CPU on a GPU). Default: the "
+                        "store's, else device on CUDA, workers elsewhere")
     e.add_argument("--max-pixels", type=int, help="larger images are recorded as failures")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -256,7 +260,7 @@ def _extract(args) -> int:
         source, out=args.out, backbone=args.backbone, layers=args.layers, pooling=args.pooling,
         weights=weights, image_size=args.image_size, batch_size=args.batch_size,
         device=args.device, num_workers=workers, dtype=args.dtype, precision=args.precision,
-        compile=args.compile, tta=args.tta, jpeg_draft=args.jpeg_draft,
+        compile=args.compile, tta=args.tta, jpeg_draft=args.jpeg_draft, resize=args.resize,
         max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, progress=not args.quiet,
         engine=args.engine, ray_address=args.address, ray_workers=args.ray_workers,
         gpus_per_worker=args.gpus_per_worker,

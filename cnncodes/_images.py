@@ -34,21 +34,30 @@ class Preprocess:
     # Decode large JPEGs at a reduced DCT scale (PIL's draft), never below twice the resize
     # target, so the antialiased resize still sees >= 2x oversampling.
     jpeg_draft: bool = False
+    # Where the resize and crop run: "workers" (PIL, where the image is decoded: torchvision's
+    # transform of the weights) or "device" (torch's antialiased resize on the model's device,
+    # after the uint8 transfer; on a GPU this takes most of the decoding work off the CPU).
+    resize: str = "workers"
 
     @classmethod
-    def from_weights(cls, member, image_size: int | None = None, jpeg_draft: bool = False) -> "Preprocess":
+    def from_weights(cls, member, image_size: int | None = None, jpeg_draft: bool = False,
+                     resize: str = "workers") -> "Preprocess":
         """Read the preprocessing of torchvision weights; optionally rescale it to image_size."""
         t = member.transforms()
-        resize, crop = int(t.resize_size[0]), int(t.crop_size[0])
+        resize_size, crop = int(t.resize_size[0]), int(t.crop_size[0])
         if image_size is not None:
-            resize, crop = int(round(image_size * resize / crop)), int(image_size)
-        return cls(resize, crop, tuple(t.mean), tuple(t.std), t.interpolation.value, bool(t.antialias),
-                   bool(jpeg_draft))
+            resize_size, crop = int(round(image_size * resize_size / crop)), int(image_size)
+        return cls(resize_size, crop, tuple(t.mean), tuple(t.std), t.interpolation.value,
+                   bool(t.antialias), bool(jpeg_draft), resize)
 
     def describe(self) -> str:
+        # Unchanged for resize="workers": stores compare their preprocessing with this text.
+        where = "" if self.resize == "workers" else (
+            f"; on the model's device (torch), larger images first reduced to no less than "
+            f"{2 * self.resize_size} px by an integer box filter")
         return (
             f"resize shorter side to {self.resize_size} ({self.interpolation}, "
-            f"antialias={self.antialias}), centre crop {self.crop_size}, rescale to [0, 1], "
+            f"antialias={self.antialias}{where}), centre crop {self.crop_size}, rescale to [0, 1], "
             f"normalise mean={list(self.mean)} std={list(self.std)}"
             + (f"; JPEGs larger than {2 * self.resize_size} px decoded at reduced scale"
                if self.jpeg_draft else "")
@@ -87,7 +96,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def preprocess(img: Image.Image, prep: Preprocess) -> torch.Tensor:
-    """Resize the shorter side, centre crop; return uint8 CHW (as torchvision's transform)."""
+    """Resize the shorter side, centre crop; return uint8 CHW (as torchvision's transform).
+
+    With ``prep.resize == "device"`` the resize and crop are left to :func:`resize_batch`:
+    the image comes back at its own size, only bounded (see :meth:`Preprocess.describe`).
+    """
     import torchvision.transforms.functional as F
 
     w, h = img.size
@@ -103,6 +116,13 @@ def preprocess(img: Image.Image, prep: Preprocess) -> torch.Tensor:
         else:
             top = (h - keep) // 2
             img = img.crop((0, top, w, top + keep))
+    if prep.resize == "device":
+        # What crosses to the device stays small: an integer box reduction down to no less
+        # than twice the resize target, the oversampling the JPEG draft keeps too.
+        factor = min(img.size) // (2 * prep.resize_size)
+        if factor >= 2:
+            img = img.reduce(factor)
+        return F.pil_to_tensor(img)
     interp = F.InterpolationMode(prep.interpolation)
     img = F.resize(img, [prep.resize_size], interpolation=interp, antialias=prep.antialias)
     img = F.center_crop(img, [prep.crop_size])
@@ -140,3 +160,23 @@ def decode(data: bytes, prep: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS) 
     except Exception as exc:  # PIL raises struct.error, TypeError ... on malformed files
         raise ImageDecodeError(f"cannot decode: {type(exc).__name__}: {exc}") from None
     return preprocess(rgb, prep)
+
+
+def resize_batch(batch, prep: Preprocess, device: torch.device) -> torch.Tensor:
+    """Finish on the device what ``decode`` left for it: resize and centre crop, uint8 NCHW.
+
+    ``batch`` is a uint8 NCHW tensor of equal-sized images, or a list of uint8 CHW tensors
+    of any sizes (on the CPU, pinned for a GPU). On a CPU torchvision resizes uint8 images
+    with the same fixed-point arithmetic as PIL: the pixels equal the ``"workers"`` path's.
+    On a GPU it resizes in float and rounds: within one grey level of PIL.
+    """
+    import torchvision.transforms.v2.functional as F
+
+    interp = F.InterpolationMode(prep.interpolation)
+    groups = [batch] if isinstance(batch, torch.Tensor) else [x[None] for x in batch]
+    out = []
+    for x in groups:
+        x = F.resize(x.to(device, non_blocking=True), [prep.resize_size], interpolation=interp,
+                     antialias=prep.antialias)
+        out.append(F.center_crop(x, [prep.crop_size]))
+    return out[0] if len(out) == 1 else torch.cat(out)

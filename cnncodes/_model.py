@@ -162,7 +162,8 @@ def _codes_for(model: Model, source, store=None, progress=False):
                 pooling=spec["pooling"], weights=weights, image_size=spec["image_size"],
                 dtype=spec["dtype"], precision=spec.get("precision", "float32"),
                 tta=spec.get("tta", "none"),
-                jpeg_draft=spec["preprocessing"].get("jpeg_draft", False), progress=progress)
+                jpeg_draft=spec["preprocessing"].get("jpeg_draft", False),
+                resize=spec["preprocessing"].get("resize", "workers"), progress=progress)
         yield CodeStore(out), layer
     finally:
         if tmp is not None:

@@ -35,7 +35,7 @@ def normalize_spec(spec: dict) -> dict:
     """Fill the settings that stores written before they existed used implicitly."""
     spec = dict(spec)
     spec.setdefault("tta", "none")
-    spec["preprocessing"] = {"jpeg_draft": False, **spec.get("preprocessing", {})}
+    spec["preprocessing"] = {"jpeg_draft": False, "resize": "workers", **spec.get("preprocessing", {})}
     return spec
 
 

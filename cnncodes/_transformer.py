@@ -160,10 +160,13 @@ class CNNCodes(TransformerMixin, BaseEstimator):
             )
         if self.tta not in TTAS:
             raise CnnCodesError(f"unknown tta {self.tta!r}. Valid values: {', '.join(TTAS)}.")
-        self.precision_ = resolve_precision(self.precision, resolve_device(self.device))
+        device = resolve_device(self.device)
+        self.precision_ = resolve_precision(self.precision, device)
         w = resolve(spec, self.weights)
+        # extract's own choice for a new store: resize on a GPU, in the decoding processes elsewhere
+        self._resize = "device" if device.type == "cuda" else "workers"
         prep = Preprocess.from_weights(weights_enum(spec)[w.preprocessing_from], self.image_size,
-                                       jpeg_draft=True)
+                                       jpeg_draft=True, resize=self._resize)
         shape = output_shapes(spec.name, (info.node,), prep.crop_size)[info.node]
         self.layer_ = info.alias
         self.n_features_out_ = int(code_size(shape, self.pooling))
@@ -321,7 +324,7 @@ class CNNCodes(TransformerMixin, BaseEstimator):
                     pooling=self.pooling, weights=self.weights, image_size=self.image_size,
                     batch_size=self.batch_size, device=self.device,
                     num_workers=self.num_workers, dtype=self.dtype, precision=self.precision_,
-                    tta=self.tta, jpeg_draft=True, progress=self.progress,
+                    tta=self.tta, jpeg_draft=True, resize=self._resize, progress=self.progress,
                     root=root,
                 )
             except StoreLockedError as exc:

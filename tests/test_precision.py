@@ -203,9 +203,13 @@ def test_compile_gives_the_eager_codes(photos, tmp_path, fast):
 
 @pytest.mark.gpu
 def test_cuda_codes_agree_with_cpu_float32(precision_pair, sample_dir, tmp_path):
-    """Check that CUDA extraction (auto precision: bfloat16/float16) agrees with CPU float32."""
+    """Check that CUDA extraction (auto precision: bfloat16/float16) agrees with CPU float32.
+
+    The images are resized as on the CPU (resize="workers"): the precision alone is compared.
+    """
     out = tmp_path / "cuda.h5"
-    extract(sample_dir, out=out, layers=["block1", "block4", "block5"], device="cuda", progress=False)
+    extract(sample_dir, out=out, layers=["block1", "block4", "block5"], device="cuda", resize="workers",
+            progress=False)
     gpu, cpu = CodeStore(out), precision_pair["float32"]
     assert gpu.spec["precision"] in ("bfloat16", "float16") and list(gpu.ids) == list(cpu.ids)
     for layer in ("block4", "block5"):
