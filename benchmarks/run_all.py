@@ -25,6 +25,7 @@ def plan(data: str, quick: bool) -> dict[str, list[str]]:
         "extract": ["bench_extract.py", data, "--n", n] + ([] if quick else ["--compile"]),
         "extract-resnet50": ["bench_extract.py", data, "--n", "200" if quick else "1000", "--backbone",
                              "resnet50", "--weights", "random", "--no-reruns"] + ([] if quick else ["--compile"]),
+        "resize": ["bench_resize.py", data] + (["--n", "500"] if quick else []),
         "precision": ["bench_precision.py", data],
         "memory": ["bench_memory.py", data, "--n", "2000" if quick else "10000"],
         "knn": ["bench_knn.py"] + (["--n-train", "5000", "--n-query", "1000"] if quick else []),
