@@ -244,9 +244,9 @@ def extract(
         image goes to the model's device, and torch resizes it there (antialiased bilinear,
         as PIL); on a GPU this takes most of the decoding work off the CPU (on flowers5's
         small photos the resize is three quarters of it). Follows an existing store when
-        omitted, else ``"device"`` with a CUDA device and ``"workers"`` elsewhere. Recorded
-        in the store: the two give slightly different codes (cosine >= 0.999 per image), so
-        they are never mixed.
+        omitted, else ``"device"`` with a CUDA device and ``"workers"`` elsewhere. On a CPU the
+        pixels are the same; a GPU resizes in float and rounds, within one grey level of PIL
+        (codes within cosine 0.997). Recorded in the store, so the two are never mixed.
     max_pixels : int
         Larger images are recorded as failures (decompression-bomb guard).
     progress : bool

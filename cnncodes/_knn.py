@@ -313,11 +313,10 @@ class FaissKNNClassifier(ClassifierMixin, BaseEstimator):
             # index is a copy, built only for a float32 search, since copying 50,000 x 1280
             # codes costs as much as building the bfloat16 search.
             self._flat_codes = X
-            with _omp_threads(self.n_jobs):
-                if self._uses_bfloat16():
-                    self._bfloat16_search()  # its set-up is part of fitting
-                else:
-                    self._faiss_index()
+            if self._uses_bfloat16():  # either set-up is part of fitting
+                self._bfloat16_search()
+            else:
+                self._faiss_index()
         else:
             with _omp_threads(self.n_jobs):
                 if self.index == "hnsw":
