@@ -5,7 +5,8 @@ ratios, not the absolute rates):
 
 - the plain loop every tutorial writes (ImageFolder + DataLoader, eager float32, forward hook);
 - decode-only: cnncodes' readers and decoders (DataLoader workers), no model;
-- model-only: cnncodes' forward pass on already-decoded tensors, at the same settings;
+- model-only: cnncodes' forward pass on already-decoded tensors, at the same settings (and
+  once with glibc's default malloc, which faults the activations in anew at every batch);
 - `cnncodes extract`, first run, end to end (hashing, decoding, model, journal, merge);
 - an unchanged re-run, and a re-run after adding 1 % new images.
 
@@ -17,6 +18,7 @@ ratios, not the absolute rates):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -87,9 +89,10 @@ def decode_only(folder: Path, backbone: str, weights, batch_size: int):
     return time.perf_counter() - t0, batches
 
 
-def model_only(batches, backbone: str, weights, layer: str, precision: str, compile_: bool, batch_size: int):
+def model_only(batches, backbone: str, weights, layer: str, precision: str, compile_: bool, batch_size: int,
+               reuse: bool = True):
     """cnncodes' forward pass on decoded uint8 batches; returns (seconds, warm-up seconds)."""
-    from cnncodes._accel import resolve_device, resolve_precision
+    from cnncodes._accel import resolve_device, resolve_precision, reuse_freed_memory
     from cnncodes._extract import CodesForward
 
     spec, w = _model(backbone, weights)
@@ -97,13 +100,14 @@ def model_only(batches, backbone: str, weights, layer: str, precision: str, comp
     dev = resolve_device("auto")
     forward = CodesForward(spec, w, [spec.layer(layer)], "avg", prep, dev, resolve_precision(precision, dev),
                            compile=compile_, batch_size=batch_size)
-    t0 = time.perf_counter()
-    forward(batches[0])  # warm-up (and the compilation, when compiling)
-    warm = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for batch in batches:
-        forward(batch)
-    return time.perf_counter() - t0, warm
+    with reuse_freed_memory() if reuse else contextlib.nullcontext():  # as extract runs it
+        t0 = time.perf_counter()
+        forward(batches[0])  # warm-up (and the compilation, when compiling)
+        warm = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for batch in batches:
+            forward(batch)
+        return time.perf_counter() - t0, warm
 
 
 _TIMED_EXTRACT = """
@@ -188,6 +192,10 @@ def main():
     rows.append(("model only, float32 channels-last (BatchNorm folded)", t_fp32, n, ""))
     t_model, _ = model_only(batches, args.backbone, weights, layer, precision, False, args.batch_size)
     rows.append((f"model only, {precision} (extract's default)", t_model, n, ""))
+    t_faults, _ = model_only(batches, args.backbone, weights, layer, precision, False, args.batch_size,
+                             reuse=False)
+    rows.append((f"model only, {precision}, glibc's default malloc (activations faulted in every batch)",
+                 t_faults, n, f"{t_faults / t_model:.2f}x the time of extract's"))
     if args.compile:
         t_cmodel, warm = model_only(batches, args.backbone, weights, layer, precision, True, args.batch_size)
         rows.append((f"model only, {precision} + torch.compile", t_cmodel, n, f"cold compile {warm:.0f} s"))

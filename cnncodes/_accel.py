@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import sys
+import threading
 
 import torch
 
@@ -61,3 +64,60 @@ def autocast(device: torch.device, precision: str):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bfloat16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- glibc malloc
+
+# mallopt parameters (malloc.h) and glibc's defaults, restored afterwards.
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
+_KEEP_UP_TO = 2**31 - 1  # bytes of free memory at the heap's top kept for reuse (mallopt takes an int)
+_malloc_users = 0
+_malloc_lock = threading.Lock()
+
+
+def _glibc():
+    """The process's glibc (for mallopt and malloc_trim), or None on other C libraries."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # present in glibc only (not musl)
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+@contextlib.contextmanager
+def reuse_freed_memory():
+    """Let glibc keep freed memory for reuse while the block runs, then give it back.
+
+    A forward pass frees and allocates the same large activation buffers at every batch.
+    By default glibc serves blocks above its mmap threshold (at most 32 MB) with a fresh
+    ``mmap`` and unmaps them when freed, so every batch faults its activations in again,
+    page by page: extracting flowers5 with MobileNetV2 on 2 cores spent more time in the
+    kernel (43 s of system time, 26 million page faults) than computing (37 s). Inside this
+    block large blocks come from the heap and freed memory stays there (what jemalloc or
+    tcmalloc would do): 0.3 million faults, 1 s of system time, the run 2.9x faster. On
+    exit glibc's default limits come back and ``malloc_trim`` returns the free memory to the
+    system. Nested and concurrent uses share one setting; a no-op outside glibc.
+    """
+    global _malloc_users
+    libc = _glibc()
+    if libc is None:
+        yield
+        return
+    with _malloc_lock:
+        if _malloc_users == 0:
+            libc.mallopt(_M_MMAP_MAX, 0)
+            libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_UP_TO)
+        _malloc_users += 1
+    try:
+        yield
+    finally:
+        with _malloc_lock:
+            _malloc_users -= 1
+            if _malloc_users == 0:
+                libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+                libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+                libc.malloc_trim(0)

@@ -25,7 +25,7 @@ from ._backbones import (
     output_shapes,
     weights_enum,
 )
-from ._accel import resolve_device, resolve_precision
+from ._accel import resolve_device, resolve_precision, reuse_freed_memory
 from ._errors import CnnCodesError
 from ._images import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocess, decode, resize_batch
 from ._sources import Item, read_source
@@ -382,9 +382,10 @@ def extract(
         elif plan.compute:
             forward = CodesForward(spec_b, w, infos, pooling, prep, dev, precision, tta,
                                    compile=compile is True, batch_size=batch_size)
-            failed_shas, index = _run(plan.compute, forward, prep, dtype, journal, index, batch_size,
-                                      num_workers, max_pixels, progress, result,
-                                      compile_auto=compile == "auto" and dev.type == "cpu")
+            with reuse_freed_memory():  # activations reused, not faulted in anew each batch
+                failed_shas, index = _run(plan.compute, forward, prep, dtype, journal, index, batch_size,
+                                          num_workers, max_pixels, progress, result,
+                                          compile_auto=compile == "auto" and dev.type == "cpu")
             result.compute_seconds = time.perf_counter() - t1
         else:
             failed_shas = {}

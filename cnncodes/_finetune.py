@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._accel import autocast, resolve_device, resolve_precision
+from ._accel import autocast, resolve_device, resolve_precision, reuse_freed_memory
 from ._backbones import build_model, finish_model, get_backbone, graph_nodes, weights_enum
 from ._errors import CnnCodesError, SourceError, WeightsError
 from ._images import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocess, decode
@@ -931,7 +931,8 @@ def finetune(
     reason = _stop_reason(history, bad_epochs, early_stopping, target_accuracy, len(val_rows)) if start else None
     if reason:  # the interrupted run had decided to stop after its last saved epoch
         stopped, start = reason, epochs
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+    # reuse_freed_memory: the activations and gradients of every step reused, not faulted in anew
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), reuse_freed_memory():
         for epoch in range(start + 1, epochs + 1):
             torch.manual_seed(random_state * 100_003 + epoch)
             t_epoch = time.perf_counter()
@@ -973,8 +974,9 @@ def finetune(
     model.net.load_state_dict(best_state)
     test_acc = None
     if len(test_rows):
-        idx, logits, _, _ = _logits(model, eval_loader(test_rows), prep, dev, precision, channels_last,
-                                    _bar(progress, len(test_rows), "test"), tta=tta)
+        with reuse_freed_memory():
+            idx, logits, _, _ = _logits(model, eval_loader(test_rows), prep, dev, precision, channels_last,
+                                        _bar(progress, len(test_rows), "test"), tta=tta)
         test_acc = float((logits.argmax(1).numpy() == y[test_rows][idx]).mean())
     _write_checkpoint(out, best_state, best, history, True, stopped, test_acc, meta)
     state_path.unlink(missing_ok=True)

@@ -21,11 +21,13 @@ resumed, and the merge keeps each id once.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
 import numpy as np
 
+from ._accel import reuse_freed_memory
 from ._errors import CnnCodesError
 from ._sources import Item
 
@@ -104,6 +106,10 @@ class _CodesWorker:
             torch.set_num_threads(max(1, int(cpus)))
         self.forward = CodesForward(spec_b, _weights_here(weights), infos, pooling, prep, device,
                                     precision, tta)
+        # For the actor's life (it only runs the backbone): activations reused, not faulted
+        # in anew at every batch.
+        self._memory = contextlib.ExitStack()
+        self._memory.enter_context(reuse_freed_memory())
         self.dtype, self.base, self.faults = dtype, base, faults
         self.journal = Journal(Path(store))
         self.written = 0

@@ -288,3 +288,40 @@ def test_a_failing_compile_stops_only_when_it_was_asked_for(photos, tmp_path, fa
     assert result.n_extracted == 12 and len(CodeStore(tmp_path / "auto.h5")) == 12
     with pytest.raises(CnnCodesError, match=r"torch.compile failed on this machine.*compile=False"):
         extract(photos, out=tmp_path / "asked.h5", compile=True, **fast)
+
+
+def _faults_of_large_allocations(n=10, mb=64):
+    """Minor page faults of allocating, touching and freeing a 64 MB tensor n times."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(n):
+        torch.ones(mb << 18)  # 64 MB of float32, written (touched) once
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+def _resident_bytes():
+    import os
+
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(__import__("cnncodes._accel", fromlist=["_glibc"])._glibc() is None, reason="glibc only")
+def test_reuse_freed_memory_stops_refaulting_large_blocks():
+    """Check that inside reuse_freed_memory freed 64 MB blocks are soon reused without page
+    faults (glibc's default unmaps them, and each allocation faults its 16,384 pages in
+    again), also when nested, and that leaving gives the kept memory back to the system."""
+    from cnncodes._accel import reuse_freed_memory
+
+    with reuse_freed_memory():
+        # the heap grows over the first few allocations, then serves them from freed memory
+        warm_up = [_faults_of_large_allocations(1) for _ in range(20)]
+        assert min(warm_up) < 1_000, warm_up
+        inside = _faults_of_large_allocations()
+        with reuse_freed_memory():
+            nested = _faults_of_large_allocations()
+        after_nested = _faults_of_large_allocations()
+        kept = _resident_bytes()
+    assert max(inside, nested, after_nested) < 1_000  # not 163,840: 10 x 16,384 pages
+    assert kept - _resident_bytes() > 48 << 20  # malloc_trim returned the freed blocks
