@@ -230,8 +230,8 @@ def _extract_options(e) -> None:
                    help="arithmetic of the forward pass; auto: the store's, else bfloat16 where the "
                    "CPU/GPU runs it natively, else float32")
     e.add_argument("--compile", dest="compile", action="store_const", const=True, default="auto",
-                   help="torch.compile the model (20-35 s, then 1.4-1.6x faster; auto: on a CPU when the eager "
-                        "pass would take a minute or more, judged from the first two batches)")
+                   help="torch.compile the model (20-35 s, then 1.05-1.2x faster; auto: on a CPU when the eager "
+                        "pass would take five minutes or more, judged from the first two batches)")
     e.add_argument("--no-compile", dest="compile", action="store_const", const=False)
     e.add_argument("--tta", choices=["none", "flip"],
                    help="average the codes of each image and its mirror image (default: the store's, else none)")

@@ -35,14 +35,15 @@ from ._weights import load_model, resolve
 DTYPES = ("float32", "float16")
 TTAS = ("none", "flip")
 RESIZES = ("workers", "device")
+HASH_CHUNK = 64
 # compile="auto" on a CPU: the first PROBE_BATCHES batches run eagerly, and the model is
 # compiled when the eager forward pass of the images left would take COMPILE_MIN_SECONDS or
 # more. torch.compile costs 20-35 s on a 2-core CPU (a few seconds once its kernels are
-# cached) and then runs 1.4-1.6x faster. Measured end to end on flowers5
-# (benchmarks/bench_extract.py --compile, first compilation): MobileNetV2 on 4,274 photos,
-# ~33 s of eager forward, lost with it (2.72x vs 3.29x the plain loop); ResNet50 lost on
-# 1,000 photos (~24 s: 1.82x vs 2.63x) and won on 4,274 (~100 s: 3.17x vs 2.78x).
-COMPILE_MIN_SECONDS = 60.0
+# cached). Since the eager path stopped faulting its activations in at every batch
+# (reuse_freed_memory), compiling gains little: model only, bfloat16, 2 cores, MobileNetV2
+# 1.05-1.15x (438 -> 465 img/s), ResNet50 1.17-1.19x (89 -> 105 img/s). A first compilation
+# is repaid from about 2-7 minutes of eager work; auto compiles from 5.
+COMPILE_MIN_SECONDS = 300.0
 
 
 @dataclass
@@ -227,10 +228,10 @@ def extract(
         elsewhere. Recorded in the store: codes of different precision are never mixed.
     compile : bool or "auto"
         Run the model through ``torch.compile`` (20-35 s to compile on a CPU, a few seconds
-        once its kernels are cached; then 1.4-1.6x faster). ``"auto"``, on a CPU: the first
+        once its kernels are cached; then 1.05-1.2x faster). ``"auto"``, on a CPU: the first
         two batches run eagerly and are timed, and the model is compiled when the images
-        left would take a minute or more (MobileNetV2: ~7,000 images on 2 cores;
-        ResNet50: ~2,500). The codes are the same either way.
+        left would take five minutes or more (MobileNetV2: ~130,000 images on 2 cores;
+        ResNet50: ~27,000). The codes are the same either way.
     tta : {"none", "flip"}, optional
         Test-time augmentation: ``"flip"`` averages the codes of each image and its mirror
         image (twice the compute). Follows an existing store when omitted, else ``"none"``.
@@ -446,8 +447,11 @@ def _plan(items: list[Item], store: CodeStore | None, journal: Journal) -> _Plan
     j_ids, j_shas, j_fail = journal.done()
     known_shas |= set(j_shas)
     known_fail.update(j_fail)
+    # Files hashed HASH_CHUNK to a task: one task per file spent more time handing tasks
+    # to the threads (0.2 s for 4,317 photos) than hashing them.
+    chunks = [items[i:i + HASH_CHUNK] for i in range(0, len(items), HASH_CHUNK)]
     with ThreadPoolExecutor(max_workers=8) as pool:
-        hashed = list(pool.map(lambda it: _sha256_file(it.path), items))
+        hashed = [h for part in pool.map(lambda c: [_sha256_file(it.path) for it in c], chunks) for h in part]
     scheduled = set()
     for item, (sha, err) in zip(items, hashed):
         if sha is None:
