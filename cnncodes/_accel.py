@@ -98,7 +98,7 @@ def reuse_freed_memory():
     page by page: extracting flowers5 with MobileNetV2 on 2 cores spent more time in the
     kernel (43 s of system time, 26 million page faults) than computing (37 s). Inside this
     block large blocks come from the heap and freed memory stays there (what jemalloc or
-    tcmalloc would do): 0.3 million faults, 1 s of system time, the run 2.9x faster. On
+    tcmalloc would do): 0.3 million faults, 1 s of system time, that run 2.9x faster. On
     exit glibc's default limits come back and ``malloc_trim`` returns the free memory to the
     system. Nested and concurrent uses share one setting; a no-op outside glibc.
     """
