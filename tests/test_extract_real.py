@@ -62,3 +62,30 @@ def test_default_codes_are_the_pre_logits_features(ten_photos, tmp_path):
         from_codes = model.classifier(torch.from_numpy(codes["block5"]))
     order = [rows[p.relative_to(store.attrs["data_root"]).as_posix()] for p in ten_photos]
     torch.testing.assert_close(from_codes[order], full, rtol=1e-4, atol=1e-4)
+
+
+def test_decoding_threads_keep_warnings_quiet_and_the_filters_intact(photos, tmp_path, fast, monkeypatch):
+    """Check that images decoded in turn by a thread per core (num_workers=0) neither leak
+    their decoding warnings nor leave the process's warning filters changed (concurrent
+    catch_warnings blocks in the threads would scramble them)."""
+    import time
+    import warnings
+
+    import cnncodes._images as images
+
+    real = images.to_rgb
+
+    def noisy(img):
+        warnings.warn("an odd image", UserWarning)
+        time.sleep(0.02)  # the threads' decodings overlap
+        return real(img)
+
+    extract(photos, out=tmp_path / "warm.h5", **fast)  # modules imported on first use add their filters
+    monkeypatch.setattr(images, "to_rgb", noisy)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        filters = list(warnings.filters)
+        result = extract(photos, out=tmp_path / "quiet.h5", **fast)
+        assert list(warnings.filters) == filters
+    assert result.n_extracted == 12
+    assert not [w for w in caught if "an odd image" in str(w.message)]
