@@ -115,9 +115,8 @@ class _Images(torch.utils.data.Dataset):
     Sample ``k`` is item ``start + k``, and that index is what it returns.
     """
 
-    def __init__(self, items: list[Item], prep: Preprocess, max_pixels: int, start: int = 0, quiet: bool = True):
+    def __init__(self, items: list[Item], prep: Preprocess, max_pixels: int, start: int = 0):
         self.items, self.prep, self.max_pixels, self.start = items, prep, max_pixels, start
-        self.quiet = quiet  # see decode()
 
     def __len__(self):
         return len(self.items) - self.start
@@ -132,9 +131,14 @@ class _Images(torch.utils.data.Dataset):
             return i, None, "", f"cannot read file: {exc.strerror or exc}"
         sha = hashlib.sha256(data).hexdigest()
         try:
-            return i, decode(data, self.prep, self.max_pixels, self.quiet), sha, None
+            return i, decode(data, self.prep, self.max_pixels), sha, None
         except ImageDecodeError as exc:
             return i, None, sha, str(exc)
+
+
+def default_resize(device: torch.device, engine: str = "local") -> str:
+    """Where a new store's images are resized: on a CUDA device (local engine), else in the workers."""
+    return "device" if device.type == "cuda" and engine == "local" else "workers"
 
 
 def _collate(samples):
@@ -334,9 +338,8 @@ def extract(
         if jpeg_draft is None:
             jpeg_draft = stored["preprocessing"]["jpeg_draft"] if stored else True
         if resize is None:
-            on_gpu = dev.type == "cuda" and engine == "local"
-            resize = normalize_spec(stored)["preprocessing"]["resize"] if stored else (
-                "device" if on_gpu else "workers")
+            resize = (normalize_spec(stored)["preprocessing"]["resize"] if stored
+                      else default_resize(dev, engine))
         if resize == "device" and engine == "ray":
             raise CnnCodesError(
                 f"resize='device' does not run with engine='ray': its decoding tasks hand the "
@@ -495,7 +498,7 @@ SERIAL_DECODE_SHARE = 0.25
 def _loader(items, prep, max_pixels, batch_size, workers, pin, start=0):
     """Batches of ``items[start:]``: decoded by `workers` processes, or in turn (0)."""
     if workers == 0:
-        return _in_turn(_Images(items, prep, max_pixels, start, quiet=False), batch_size, pin)
+        return _in_turn(_Images(items, prep, max_pixels, start), batch_size, pin)
     return torch.utils.data.DataLoader(
         _Images(items, prep, max_pixels, start), batch_size=batch_size, shuffle=False,
         num_workers=workers, collate_fn=_collate, pin_memory=pin,
@@ -507,12 +510,14 @@ def _in_turn(dataset, batch_size, pin):
 
     PIL lets go of the GIL while it decodes and resizes, so the threads share the work:
     on 2 cores a batch of flowers5 photos decodes 1.35-1.5x faster than on one thread,
-    which would leave the second core idle while the model waits. Nothing else runs here
-    while a batch decodes, so its warnings are silenced around the whole batch.
+    which would leave the second core idle while the model waits. The warnings filters are
+    process-wide: the threads' own ``catch_warnings`` blocks (in ``decode``) interleave and
+    can leave them changed, so this thread saves and restores them around each batch
+    (nothing else runs here while a batch decodes).
     """
     with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
         for s in range(0, len(dataset), batch_size):
-            with warnings.catch_warnings():  # for the decoding threads (quiet=False), once
+            with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 samples = list(pool.map(dataset.__getitem__, range(s, min(s + batch_size, len(dataset)))))
             idx, images, shas, bad = _collate(samples)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import math
 import warnings
@@ -130,20 +129,13 @@ def preprocess(img: Image.Image, prep: Preprocess) -> torch.Tensor:
     return F.pil_to_tensor(img)
 
 
-def decode(data: bytes, prep: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS, quiet: bool = True) -> torch.Tensor:
-    """Decode file bytes to a uint8 CHW tensor, or raise ImageDecodeError with the reason.
-
-    ``quiet``: silence PIL's warnings (odd EXIF, palettes ...) while decoding. Threads that
-    decode side by side pass False, and their caller silences them once for all: the
-    warnings filters are process-wide, and concurrent ``catch_warnings`` blocks would leave
-    them scrambled.
-    """
+def decode(data: bytes, prep: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """Decode file bytes to a uint8 CHW tensor, or raise ImageDecodeError with the reason."""
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
     try:
-        with warnings.catch_warnings() if quiet else contextlib.nullcontext():
-            if quiet:
-                warnings.simplefilter("ignore")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             img = Image.open(io.BytesIO(data))
             w, h = img.size
             if w * h > max_pixels:
