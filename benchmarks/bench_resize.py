@@ -1,13 +1,16 @@
-"""Where to resize: in the decoding processes (PIL) or on the model's device (torch).
+"""Where to resize: on the model's device (torch, a batch at a time) or in the decoding processes (PIL).
 
-On a GPU the forward pass is fast and the CPU's decoding sets the pace; `extract(resize=
-"device")` (the default on CUDA) sends each decoded uint8 image to the device and resizes it
-there. This script measures, on the same images, side by side in one run:
+`extract(resize="device")` (the default) has the decoding threads or processes only decode,
+and resizes each batch with torch where the model runs: on a GPU the CPU is spared the work,
+on a CPU torch's channels-last uint8 kernel does it several times faster than PIL. This
+script measures, on the same images, side by side in one run:
 
-- decoding with the resize in the decoding processes (``resize="workers"``, the CPU default);
+- decoding with the resize in the decoding processes (``resize="workers"``);
 - decoding with the resize left to the device (what the CPU still does with ``"device"``);
 - the resize and crop of those batches on the model's device (the CPU here, a GPU if present);
-- that the two paths give the same pixels (CPU: equal; GPU: within one grey level).
+- the resize alone on one core: PIL one image at a time against torch one batch at a time;
+- how far apart the two paths' pixels are (enlarged photos: equal on a CPU; reduced ones
+  differ in a few pixels by one or two grey levels; a GPU rounds within one grey level).
 
     python benchmarks/bench_resize.py ../shared/datasets/flowers5
     python benchmarks/bench_resize.py ../shared/datasets/flowers5 --n 500 --workers 0
@@ -69,7 +72,7 @@ def main(argv=None):
     device = _prep("device")
     rows = []
     t_pil, pil_batches = decode_all(items, pil, args.batch_size, workers)
-    rows.append(("decode + resize in the decoding processes (resize='workers')", t_pil))
+    rows.append(("decode + resize by PIL in the decoding processes (resize='workers')", t_pil))
     t_dev, dev_batches = decode_all(items, device, args.batch_size, workers)
     rows.append(("decode only, resize left to the device (resize='device')", t_dev))
     resize_batch(dev_batches[0], device, dev)  # warm-up: kernels, allocator
@@ -82,14 +85,46 @@ def main(argv=None):
     t_resize = time.perf_counter() - t0
     rows.append((f"resize + crop of those batches on the device ({dev.type})", t_resize))
 
-    diff = max(int((a.to(torch.int16) - b.cpu().to(torch.int16)).abs().max())
-               for a, b in zip(pil_batches, resized))
+    diffs = [(a.to(torch.int16) - b.cpu().to(torch.int16)).abs() for a, b in zip(pil_batches, resized)]
     print(f"\n| step | seconds | images/s | vs decode + resize in the workers |")
     print("|---|---|---|---|")
     for label, sec in rows:
         print(f"| {label} | {sec:.2f} | {n / sec:.0f} | {t_pil / sec:.2f}x |")
-    print(f"\nlargest pixel difference between the two paths: {diff} grey level(s) "
-          f"({'equal' if diff == 0 else 'torch resizes in float on this device'})")
+    t_one_pil, t_one_torch = resize_one_core(items, pil, device, dev_batches)
+    print(f"\nThe resize alone, one core: PIL, one image at a time, {t_one_pil:.2f} s "
+          f"({n / t_one_pil:.0f} img/s); torch, channels-last uint8 batches, {t_one_torch:.2f} s "
+          f"({n / t_one_torch:.0f} img/s): {t_one_pil / t_one_torch:.1f}x faster.")
+    print(f"Pixels of the two paths: at most {max(int(d.max()) for d in diffs)} grey level(s) apart, "
+          f"{sum(int((d > 0).sum()) for d in diffs) / sum(d.numel() for d in diffs) * 100:.3f} % of them differ.")
+
+
+def resize_one_core(items, pil, device, dev_batches):
+    """Seconds to resize and crop the images on one core: PIL per image, torch per batch."""
+    import io
+
+    from PIL import Image
+
+    from cnncodes._images import preprocess, resize_batch, to_rgb
+
+    images = []
+    for item in items:  # decoded beforehand: only the resize is timed
+        with open(item.path, "rb") as fh:
+            img = Image.open(io.BytesIO(fh.read()))
+            img.load()
+        images.append(to_rgb(img))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        t0 = time.perf_counter()
+        for img in images:
+            preprocess(img, pil)
+        t_pil = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for b in dev_batches:
+            resize_batch(b, device, torch.device("cpu"))
+        return t_pil, time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

@@ -238,9 +238,9 @@ def _extract_options(e) -> None:
     e.add_argument("--no-jpeg-draft", dest="jpeg_draft", action="store_const", const=False, default=None,
                    help="decode large JPEGs at full size (default: reduced DCT scale, never below 2x the resize)")
     e.add_argument("--resize", choices=["workers", "device"],
-                   help="where images are resized: in the decoding processes (PIL) or on the model's "
-                        "device after the uint8 transfer (torch; frees the CPU on a GPU). Default: the "
-                        "store's, else device on CUDA, workers elsewhere")
+                   help="where images are resized: by torch where the model runs, a batch at a time "
+                        "(device), or by PIL where each image is decoded (workers: torchvision's "
+                        "transform to the pixel). Default: the store's, else device")
     e.add_argument("--max-pixels", type=int, help="larger images are recorded as failures")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
 

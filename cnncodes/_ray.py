@@ -51,20 +51,32 @@ def import_ray():
 
 
 def _decode_batch(batch: dict, *, prep, max_pixels: int) -> dict:
-    """Read, hash and decode a batch of images (a Ray task); unreadable ones get an error."""
+    """Read, hash and decode a batch of images (a Ray task); unreadable ones get an error.
+
+    The images leave the task at the crop size, whatever ``prep.resize``: with ``"device"``
+    the task runs torch's resize on its CPU, as one machine does on its CPU.
+    """
+    import torch
+
     from ._extract import _Images
+    from ._images import resize_batch
 
     items = [Item(str(i), str(p), str(lab) or None)
              for i, p, lab in zip(batch["id"], batch["path"], batch["label"])]
     images = _Images(items, prep, max_pixels)
     pixels = np.zeros((len(items), 3, prep.crop_size, prep.crop_size), dtype=np.uint8)
-    shas, errors = [], []
+    shas, errors, decoded = [], [], {}
     for k in range(len(items)):
         _, tensor, sha, why = images[k]
         if tensor is not None:
-            pixels[k] = tensor.numpy()
+            decoded[k] = tensor
         shas.append(sha)
         errors.append(why or "")
+    if decoded and prep.resize == "device":
+        resized = resize_batch(list(decoded.values()), prep, torch.device("cpu"))
+        decoded = dict(zip(decoded, resized))
+    for k, tensor in decoded.items():
+        pixels[k] = tensor.numpy()
     return {"pos": batch["pos"], "id": batch["id"], "label": batch["label"], "image": pixels,
             "sha256": np.array(shas, dtype=str), "error": np.array(errors, dtype=object)}
 
@@ -93,6 +105,8 @@ class _CodesWorker:
 
     def __init__(self, *, backbone, weights, layers, pooling, prep, precision, tta, dtype, store,
                  base, use_gpu, cpus, faults):
+        from dataclasses import replace
+
         import torch
 
         from ._backbones import get_backbone
@@ -104,8 +118,9 @@ class _CodesWorker:
         device = torch.device("cuda" if use_gpu else "cpu")
         if not use_gpu:
             torch.set_num_threads(max(1, int(cpus)))
-        self.forward = CodesForward(spec_b, _weights_here(weights), infos, pooling, prep, device,
-                                    precision, tta)
+        # The decoding tasks resized the images already (see _decode_batch).
+        self.forward = CodesForward(spec_b, _weights_here(weights), infos, pooling,
+                                    replace(prep, resize="workers"), device, precision, tta)
         # For the actor's life (it only runs the backbone): activations reused, not faulted
         # in anew at every batch.
         self._memory = contextlib.ExitStack()

@@ -20,7 +20,7 @@ from sklearn.utils.validation import check_is_fitted
 from ._backbones import check_pooling, code_size, get_backbone, output_shapes, weights_enum
 from ._errors import CnnCodesError, FailedImagesError, SourceError, StoreLockedError
 from ._accel import resolve_device, resolve_precision
-from ._extract import DTYPES, TTAS, default_resize, extract
+from ._extract import DEFAULT_RESIZE, DTYPES, TTAS, extract
 from ._images import Preprocess
 from ._store import CodeStore
 from ._weights import resolve
@@ -163,7 +163,7 @@ class CNNCodes(TransformerMixin, BaseEstimator):
         device = resolve_device(self.device)
         self.precision_ = resolve_precision(self.precision, device)
         w = resolve(spec, self.weights)
-        self._resize = default_resize(device)  # extract's own choice for a new store
+        self._resize = DEFAULT_RESIZE  # extract's own choice for a new store
         prep = Preprocess.from_weights(weights_enum(spec)[w.preprocessing_from], self.image_size,
                                        jpeg_draft=True, resize=self._resize)
         shape = output_shapes(spec.name, (info.node,), prep.crop_size)[info.node]

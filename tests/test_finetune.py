@@ -49,10 +49,11 @@ def data(tmp_path_factory, sample_dir):
 
 @pytest.fixture(scope="module")
 def store(data, tmp_path_factory):
-    """ImageNet block4 + block5 codes of `data` at 64 px, float32."""
+    """ImageNet block4 + block5 codes of `data` at 64 px, float32, resized by PIL as
+    fine-tuning's decoding resizes (the same pixels: a head on these codes reads the network's)."""
     out = tmp_path_factory.mktemp("codes") / "codes.h5"
     extract(data, out=out, layers=["block4", "block5"], image_size=64, precision="float32",
-            num_workers=0, progress=False)
+            resize="workers", num_workers=0, progress=False)
     return out
 
 
@@ -369,7 +370,8 @@ def test_checkpoint_is_a_backbone_for_extract(trained, data, store, tmp_path):
     result, out = trained
     codes = tmp_path / "ft.h5"
     assert main(["extract", str(data), "-o", str(codes), "--weights", str(out), "--layer", "block4",
-                 "--layer", "block5", "--precision", "float32", "--workers", "0", "--quiet"]) == 0
+                 "--layer", "block5", "--precision", "float32", "--resize", "workers", "--workers", "0",
+                 "--quiet"]) == 0  # resized as `store` and as the network's decoding below
     st, base = CodeStore(codes), CodeStore(store)
     assert st.spec["preprocessing"]["crop_size"] == 64 == base.spec["preprocessing"]["crop_size"]
     assert st.spec["weights"] == "file:ft.pt"

@@ -62,6 +62,20 @@ def test_ray_equals_local_and_rerun_skips(cluster, reference, sample_dir, tmp_pa
     assert_same_store(CodeStore(out), reference)
 
 
+def test_ray_resizes_where_the_store_says(cluster, reference, sample_dir, tmp_path):
+    """Check that the default resize ("device": torch, in the decoding tasks) is recorded as
+    one machine records it, and that resize="workers" (PIL) gives the local workers' codes."""
+    assert reference.spec["preprocessing"]["resize"] == "device"
+    local = tmp_path / "local-workers.h5"
+    extract(str(sample_dir), out=local, num_workers=0, resize="workers", **SMALL)
+    out = tmp_path / "ray-workers.h5"
+    result = extract(str(sample_dir), out=out, engine="ray", ray_workers=2, resize="workers", **SMALL)
+    assert result.n_extracted == 40 and CodeStore(out).spec["preprocessing"]["resize"] == "workers"
+    assert_same_store(CodeStore(out), CodeStore(local))
+    # At 96 px the photos are reduced: the two resizes differ by a grey level here and there.
+    assert not np.array_equal(CodeStore(local).codes("block5"), reference.codes("block5"))
+
+
 def test_ray_records_failures_and_extends(cluster, reference, sample_dir, tmp_path):
     """Check that Ray records unreadable images as failures and extends a store made locally."""
     photos = tmp_path / "photos"

@@ -72,7 +72,7 @@ def test_codes_match_a_direct_forward_pass(photos, tmp_path, fast):
     import torch
 
     from cnncodes._backbones import CodesModel, get_backbone
-    from cnncodes._images import Preprocess, decode
+    from cnncodes._images import Preprocess, decode, resize_batch
     from cnncodes._weights import load_model, resolve
     from torchvision.models import MobileNet_V2_Weights
 
@@ -81,9 +81,11 @@ def test_codes_match_a_direct_forward_pass(photos, tmp_path, fast):
     store = CodeStore(out)
     spec = get_backbone("mobilenet_v2")
     model = CodesModel(load_model(spec, resolve(spec)), {"features.18": "block5"}, "avg").eval()
-    prep = Preprocess.from_weights(MobileNet_V2_Weights.IMAGENET1K_V1, 64)
+    prep = Preprocess.from_weights(MobileNet_V2_Weights.IMAGENET1K_V1, 64, resize="device")
+    assert store.spec["preprocessing"]["resize"] == "device"  # the default
     rows = [4, 0, 11]
-    batch = torch.stack([decode((photos / store.ids[r]).read_bytes(), prep) for r in rows])
+    batch = resize_batch([decode((photos / store.ids[r]).read_bytes(), prep) for r in rows], prep,
+                         torch.device("cpu"))
     with torch.inference_mode():
         direct = model(prep.normalize(batch))["block5"].numpy()
     np.testing.assert_allclose(store.codes("block5")[rows], direct, rtol=1e-4, atol=1e-5)
