@@ -19,10 +19,9 @@ import torch
 from ._backbones import (
     CodesModel,
     check_pooling,
-    code_size,
+    code_sizes,
     get_backbone,
-    graph_nodes,
-    output_shapes,
+    shallow_to_deep,
     weights_enum,
 )
 from ._accel import resolve_device, resolve_precision, reuse_freed_memory
@@ -327,8 +326,7 @@ def extract(
     by_node = {}
     for info in infos:
         by_node.setdefault(info.node, info)
-    depth = {node: k for k, node in enumerate(graph_nodes(backbone))}
-    infos = sorted(by_node.values(), key=lambda i: depth[i.node])  # shallow to deep
+    infos = shallow_to_deep(spec_b, list(by_node.values()))
     w = resolve(spec_b, weights)
     src = read_source(source, labels, root=root)
     out = Path(out)
@@ -352,8 +350,7 @@ def extract(
             image_size = w.image_size
         prep = Preprocess.from_weights(weights_enum(spec_b)[w.preprocessing_from], image_size,
                                        jpeg_draft, resize)
-        shapes = output_shapes(backbone, tuple(i.node for i in infos), prep.crop_size)
-        code_dims = {i.alias: code_size(shapes[i.node], pooling) for i in infos}
+        code_dims = code_sizes(spec_b, infos, pooling, prep.crop_size)
         spec = {
             "backbone": backbone,
             "weights": w.id,

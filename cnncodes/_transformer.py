@@ -17,7 +17,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
-from ._backbones import check_pooling, code_size, get_backbone, output_shapes, weights_enum
+from ._backbones import check_pooling, code_sizes, get_backbone, weights_enum
 from ._errors import CnnCodesError, FailedImagesError, SourceError, StoreLockedError
 from ._accel import resolve_device, resolve_precision
 from ._extract import DEFAULT_RESIZE, DTYPES, TTAS, extract
@@ -166,9 +166,8 @@ class CNNCodes(TransformerMixin, BaseEstimator):
         self._resize = DEFAULT_RESIZE  # extract's own choice for a new store
         prep = Preprocess.from_weights(weights_enum(spec)[w.preprocessing_from], self.image_size,
                                        jpeg_draft=True, resize=self._resize)
-        shape = output_shapes(spec.name, (info.node,), prep.crop_size)[info.node]
         self.layer_ = info.alias
-        self.n_features_out_ = int(code_size(shape, self.pooling))
+        self.n_features_out_ = int(code_sizes(spec, [info], self.pooling, prep.crop_size)[info.alias])
         # The store file is named by everything that makes codes comparable (what the
         # store's own spec checks), so settings never collide and never split needlessly.
         settings = {"pooling": self.pooling, "weights": w.id, "weights_sha256": w.sha256,

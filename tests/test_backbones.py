@@ -14,10 +14,12 @@ from cnncodes._backbones import (
     CodesModel,
     LayerInfo,
     check_pooling,
+    code_sizes,
     default_image_size,
     get_backbone,
     graph_nodes,
     output_shapes,
+    shallow_to_deep,
 )
 from cnncodes._cli import main
 from cnncodes._weights import load_model, resolve
@@ -159,6 +161,10 @@ def test_layer_table_is_ordered_and_sized(name):
         else:
             assert len(shape) == 3 and shape[1] == shape[2] <= math.ceil(size / info.stride)
 
+    # extract's code lengths (read off the registry for pooled layers, untraced) are the table's.
+    for pooling, rows in (("avg", avg), ("flatten", flat)):
+        assert code_sizes(spec, spec.layers, pooling, size) == {r["alias"]: r["code_size"] for r in rows}
+
     # Shallow to deep: strides never decrease, fc layers come last, and the nodes follow
     # the order of the model's graph.
     strides = [info.stride for info in spec.layers]
@@ -167,6 +173,7 @@ def test_layer_table_is_ordered_and_sized(name):
     order = graph_nodes(name)
     positions = [order.index(info.node) for info in spec.layers]
     assert positions == sorted(positions)
+    assert shallow_to_deep(spec, spec.layers[::-1]) == list(spec.layers)
 
     # Exactly one default, the registered one, and "default" / None select it.
     assert [row["alias"] for row in avg if row["default"]] == [spec.default_layer]
