@@ -308,12 +308,18 @@ def _resident_bytes():
 
 
 @pytest.mark.skipif(__import__("cnncodes._accel", fromlist=["_glibc"])._glibc() is None, reason="glibc only")
-def test_reuse_freed_memory_stops_refaulting_large_blocks():
+def test_reuse_freed_memory_stops_refaulting_large_blocks(monkeypatch):
     """Check that inside reuse_freed_memory freed 64 MB blocks are soon reused without page
     faults (glibc's default unmaps them, and each allocation faults its 16,384 pages in
-    again), also when nested, and that leaving gives the kept memory back to the system."""
-    from cnncodes._accel import reuse_freed_memory
+    again), also when nested; that the kept memory outlives the block by
+    RELEASE_AFTER_SECONDS, a new block in that time keeping it longer; and that it then goes
+    back to the system, glibc's default restored."""
+    import time
 
+    from cnncodes import _accel
+    from cnncodes._accel import release_freed_memory, reuse_freed_memory
+
+    monkeypatch.setattr(_accel, "RELEASE_AFTER_SECONDS", 0.5)
     with reuse_freed_memory():
         # the heap grows over the first few allocations, then serves them from freed memory
         warm_up = [_faults_of_large_allocations(1) for _ in range(20)]
@@ -324,4 +330,39 @@ def test_reuse_freed_memory_stops_refaulting_large_blocks():
         after_nested = _faults_of_large_allocations()
         kept = _resident_bytes()
     assert max(inside, nested, after_nested) < 1_000  # not 163,840: 10 x 16,384 pages
+    # Just after the block the memory is still kept (the first allocations may fault once,
+    # where small ones made as the block ended took part of a freed block).
+    [_faults_of_large_allocations(1) for _ in range(3)]
+    assert _faults_of_large_allocations() < 1_000
+    time.sleep(0.3)
+    with reuse_freed_memory():  # a new block before the release: kept past the first deadline
+        time.sleep(0.4)
+    time.sleep(0.2)  # 0.9 s after the first block, 0.2 s after the second
+    [_faults_of_large_allocations(1) for _ in range(3)]
+    assert _faults_of_large_allocations() < 1_000
+    time.sleep(0.6)
     assert kept - _resident_bytes() > 48 << 20  # malloc_trim returned the freed blocks
+    assert _faults_of_large_allocations(1) > 10_000  # glibc's default again: mmap and unmap
+    release_freed_memory()  # nothing kept: a no-op
+
+
+@pytest.mark.skipif(__import__("cnncodes._accel", fromlist=["_glibc"])._glibc() is None, reason="glibc only")
+def test_release_freed_memory_at_once(monkeypatch):
+    """Check that RELEASE_AFTER_SECONDS = 0 gives the memory back as the block ends, and that
+    release_freed_memory() gives it back at once, except while a block runs."""
+    from cnncodes import _accel
+    from cnncodes._accel import release_freed_memory, reuse_freed_memory
+
+    monkeypatch.setattr(_accel, "RELEASE_AFTER_SECONDS", 0)
+    with reuse_freed_memory():
+        _faults_of_large_allocations()
+        kept = _resident_bytes()
+    assert kept - _resident_bytes() > 48 << 20
+    monkeypatch.setattr(_accel, "RELEASE_AFTER_SECONDS", 60)
+    with reuse_freed_memory():
+        _faults_of_large_allocations()
+        release_freed_memory()  # a block runs: nothing happens
+        assert _faults_of_large_allocations() < 1_000
+        kept = _resident_bytes()
+    release_freed_memory()
+    assert kept - _resident_bytes() > 48 << 20

@@ -8,7 +8,6 @@ import torch
 from PIL import Image
 from torchvision.models import MobileNet_V2_Weights
 
-import oddimages as odd
 from cnncodes import CodeStore, StoreMismatchError, extract
 from cnncodes._cli import main as cli
 from cnncodes._errors import CnnCodesError

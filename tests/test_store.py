@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import h5py
@@ -109,6 +110,35 @@ def test_unchanged_rerun_does_nothing(photos, tmp_path, fast):
     assert (result.n_extracted, result.n_reused, result.n_unchanged) == (0, 0, 12)
     assert (out.stat().st_mtime_ns, _sha(out)) == before
     assert not Journal(out).exists() and not Path(f"{out}.lock").exists()
+
+
+@pytest.mark.parametrize("slow", [False, True], ids=["one-thread", "threads"])
+def test_files_hash_alike_in_this_thread_or_in_threads(tmp_path, monkeypatch, slow):
+    """Check that planning hashes every file in order, an unreadable one as its reason,
+    whether the reads come quickly (this thread) or slowly (the rest by 8 threads)."""
+    import hashlib
+
+    import cnncodes._extract as ex
+
+    monkeypatch.setattr(ex, "HASH_CHUNK", 4)
+    if slow:  # every chunk counts as slow: from the second chunk on, threads
+        monkeypatch.setattr(ex, "SLOW_READ_SECONDS", -1.0)
+    used = []
+    monkeypatch.setattr(ex, "ThreadPoolExecutor", lambda **kw: used.append(kw) or ThreadPoolExecutor(**kw))
+    paths = []
+    for k in range(23):
+        f = tmp_path / f"f{k:02d}.bin"
+        f.write_bytes(bytes([k]) * (k + 1))
+        paths.append(str(f))
+    paths[17] = str(tmp_path / "missing.bin")
+    hashed = ex._hash_files(paths)
+    assert len(hashed) == 23
+    for k, (sha, why) in enumerate(hashed):
+        if k == 17:
+            assert sha is None and why.startswith("cannot read file: No such file")
+        else:
+            assert why is None and sha == hashlib.sha256(bytes([k]) * (k + 1)).hexdigest()
+    assert used == ([{"max_workers": 8}] if slow else [])
 
 
 def test_incremental_add_and_label_conflict(photos, tmp_path, sample_dir, fast):
