@@ -7,8 +7,12 @@ ratios, not the absolute rates):
 - decode-only: cnncodes' readers and decoders (DataLoader workers), no model;
 - model-only: cnncodes' forward pass on already-decoded tensors, at the same settings (and
   once with glibc's default malloc, which faults the activations in anew at every batch);
-- `cnncodes extract`, first run, end to end (hashing, decoding, model, journal, merge);
-- an unchanged re-run, and a re-run after adding 1 % new images.
+- `cnncodes extract`, first run, end to end (hashing, decoding, model, journal, merge),
+  alternating with model-only in `--rounds` rounds (medians, and the median of the rounds'
+  ratios: on a shared machine the rate drifts by 10 % within minutes);
+- an unchanged re-run, and a re-run after adding 1 % new images: soon after a run (its freed
+  memory still kept, see `cnncodes._accel.reuse_freed_memory`) and with that memory given
+  back first, as a new process starts.
 
     python benchmarks/bench_extract.py ../shared/datasets/flowers5 --n 1000
     python benchmarks/bench_extract.py ../shared/datasets/flowers5 --n all --compile
@@ -147,8 +151,18 @@ def subset(src: Path, dst: Path, n: int | None, seed: int = 0) -> list[Path]:
     return files[n:]
 
 
+def _median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+
+
+def _spread(xs, fmt="{:.2f}"):
+    return f"rounds {', '.join(fmt.format(x) for x in xs)}" if len(xs) > 1 else ""
+
+
 def main():
     from cnncodes import extract
+    from cnncodes._accel import release_freed_memory
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", type=Path, help="a folder of class subfolders, e.g. ../shared/datasets/flowers5")
@@ -160,6 +174,8 @@ def main():
     p.add_argument("--layer", help="layer alias (default: the backbone's pre-logits layer)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--precision", default="auto")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of model-only, end to end and "
+                   "the re-runs (medians reported; default 3)")
     p.add_argument("--compile", action="store_true", help="also time the torch.compile'd path")
     p.add_argument("--no-reruns", action="store_true", help="skip the re-run rows")
     args = p.parse_args()
@@ -178,7 +194,8 @@ def main():
     rest = subset(args.data, work / "data", None if args.n == "all" else int(args.n))
     n = sum(1 for _ in (work / "data").rglob("*.*"))
     print(f"# {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.backbone} {layer} "
-          f"({node}), weights {args.weights}, {n} images, batch {args.batch_size}, precision {precision}")
+          f"({node}), weights {args.weights}, {n} images, batch {args.batch_size}, precision {precision}, "
+          f"{args.rounds} interleaved rounds (medians)")
     print(f"# command: python benchmarks/bench_extract.py {args.data} --n {args.n} --backbone {args.backbone} "
           f"--weights {args.weights}" + (" --compile" if args.compile else ""))
     settings = dict(backbone=args.backbone, layers=[layer], weights=weights, batch_size=args.batch_size,
@@ -190,8 +207,26 @@ def main():
     rows.append(("decode only (cnncodes workers)", t_dec, n, ""))
     t_fp32, _ = model_only(batches, args.backbone, weights, layer, "float32", False, args.batch_size)
     rows.append(("model only, float32 channels-last (BatchNorm folded)", t_fp32, n, ""))
-    t_model, _ = model_only(batches, args.backbone, weights, layer, precision, False, args.batch_size)
-    rows.append((f"model only, {precision} (extract's default)", t_model, n, ""))
+
+    # Model-only and the first run end to end alternate, each starting with the memory given
+    # back as a fresh process has it: on a shared machine the rate drifts by 10 % within
+    # minutes, and each round's ratio compares runs a few seconds apart.
+    out = work / "codes.h5"
+    models, firsts = [], []
+    for r in range(args.rounds):
+        release_freed_memory()
+        models.append(model_only(batches, args.backbone, weights, layer, precision, False, args.batch_size)[0])
+        release_freed_memory()
+        target = out if r == 0 else work / f"first-{r}.h5"
+        t0 = time.perf_counter()
+        extract(work / "data", out=target, compile=False, **settings)
+        firsts.append(time.perf_counter() - t0)
+        if target != out:
+            target.unlink()
+    t_model, t_first = _median(models), _median(firsts)
+    ratios = [m / f * 100 for m, f in zip(models, firsts)]
+    rows.append((f"model only, {precision} (extract's default)", t_model, n, _spread(models)))
+    release_freed_memory()
     t_faults, _ = model_only(batches, args.backbone, weights, layer, precision, False, args.batch_size,
                              reuse=False)
     rows.append((f"model only, {precision}, glibc's default malloc (activations faulted in every batch)",
@@ -200,13 +235,11 @@ def main():
         t_cmodel, warm = model_only(batches, args.backbone, weights, layer, precision, True, args.batch_size)
         rows.append((f"model only, {precision} + torch.compile", t_cmodel, n, f"cold compile {warm:.0f} s"))
     del batches
-    out = work / "codes.h5"
-    t0 = time.perf_counter()
-    r = extract(work / "data", out=out, compile=False, **settings)
-    t_first = time.perf_counter() - t0
     rows.append(("cnncodes extract --no-compile (first run, end to end)", t_first, n,
-                 f"{t_model / t_first * 100:.0f} % of model-only's rate"))
+                 f"**{_median(ratios):.0f} %** of model-only's rate (median of the rounds' ratios; "
+                 f"{_spread(ratios, '{:.0f} %')}); {_spread(firsts)}"))
     if precision != "float32":
+        release_freed_memory()
         t0 = time.perf_counter()
         extract(work / "data", out=work / "float32.h5", compile=False, **{**settings, "precision": "float32"})
         t_f32 = time.perf_counter() - t0
@@ -214,7 +247,7 @@ def main():
                      f"{t_fp32 / t_f32 * 100:.0f} % of float32 model-only's rate"))
     if args.compile:
         # The defaults: compile="auto" times two eager batches, then compiles when the rest
-        # would take a minute or more. A user's first run: fresh process, empty cache.
+        # would take five minutes or more. A user's first run: fresh process, empty cache.
         c = compiled_extract(work / "data", work / "auto.h5", settings, work / "inductor-auto", "auto")
         rows.append(("cnncodes extract, defaults (compile='auto'; first run, empty cache)", c["seconds"], n,
                      f"{c['rate']:.1f} img/s"))
@@ -224,21 +257,7 @@ def main():
             rows.append((f"cnncodes extract --compile, end to end ({label})", c["seconds"], n,
                          f"{c['rate']:.1f} img/s after compiling"))
     if not args.no_reruns:
-        t0 = time.perf_counter()
-        r = extract(work / "data", out=out, **settings)
-        t_rerun = time.perf_counter() - t0
-        assert r.n_extracted == 0
-        rows.append(("cnncodes extract (unchanged re-run)", t_rerun, n, f"{t_rerun / t_first * 100:.1f} % of first run"))
-        extra = max(1, n // 100)
-        for f in rest[:extra]:
-            target = work / "data" / f.relative_to(args.data)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(f, target)
-        t0 = time.perf_counter()
-        r = extract(work / "data", out=out, **settings)
-        t_add = time.perf_counter() - t0
-        rows.append((f"cnncodes extract (+{r.n_extracted} new images)", t_add, r.n_extracted,
-                     f"{t_add / t_first * 100:.1f} % of first run"))
+        rows += reruns(work, out, args.data, rest, settings, t_first, args.rounds)
     print("| run | seconds | images/s | speed vs plain loop | note |")
     print("|---|---|---|---|---|")
     plain_rate = n / t_plain
@@ -246,6 +265,52 @@ def main():
         rate = count / secs if secs else float("inf")
         print(f"| {name} | {secs:.2f} | {rate:.1f} | {rate / plain_rate:.2f}x | {note} |")
     shutil.rmtree(work)
+
+
+def reruns(work: Path, out: Path, src: Path, rest: list[Path], settings: dict, t_first: float, rounds: int):
+    """Rows for an unchanged re-run and a re-run with 1 % new images, each round on a copy of
+    the first run's store: soon after a run (its freed memory still kept, as for a re-run or
+    a grid search in one process), and after that memory went back to the system."""
+    from cnncodes import extract
+    from cnncodes._accel import release_freed_memory
+
+    n = sum(1 for _ in (work / "data").rglob("*.*"))
+    added = []
+    for f in rest[:max(1, n // 100)]:
+        target = work / "data" / f.relative_to(src)
+        added.append((f, target))
+    times = {"unchanged": [], "soon": [], "cold": []}
+    count = 0
+    for r in range(rounds):
+        for kind in ("cold", "soon"):  # "soon": seconds after the "cold" run's model pass
+            store = work / f"rerun-{r}-{kind}.h5"
+            shutil.copy(out, store)
+            t0 = time.perf_counter()
+            result = extract(work / "data", out=store, **settings)
+            assert result.n_extracted == 0
+            if kind == "cold":
+                times["unchanged"].append(time.perf_counter() - t0)
+            for f, target in added:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(f, target)
+            if kind == "cold":
+                release_freed_memory()
+            t0 = time.perf_counter()
+            result = extract(work / "data", out=store, **settings)
+            times[kind].append(time.perf_counter() - t0)
+            count = result.n_extracted
+            for _, target in added:
+                target.unlink()
+            store.unlink()
+    t_un, t_soon, t_cold = (_median(times[k]) for k in ("unchanged", "soon", "cold"))
+    return [
+        ("cnncodes extract (unchanged re-run)", t_un, n,
+         f"**{t_un / t_first * 100:.1f} %** of first run; {_spread(times['unchanged'])}"),
+        (f"cnncodes extract (+{count} new images, soon after a run)", t_soon, count,
+         f"**{t_soon / t_first * 100:.1f} %** of first run; {_spread(times['soon'])}"),
+        (f"cnncodes extract (+{count} new images, memory given back first)", t_cold, count,
+         f"{t_cold / t_first * 100:.1f} % of first run; {_spread(times['cold'])}"),
+    ]
 
 
 if __name__ == "__main__":
