@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 IMAGE_EXTENSIONS = (
     ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm",
@@ -83,7 +83,9 @@ class Preprocess:
 def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL mode to RGB: EXIF orientation applied, alpha composited on white."""
     try:
-        img = ImageOps.exif_transpose(img)
+        # exif_transpose copies even an image it leaves as it is: most photos need no turn.
+        if img.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+            img = ImageOps.exif_transpose(img)
     except Exception:  # noqa: BLE001 - a corrupt EXIF block: the pixels are fine, keep them
         pass  # as browsers do when the orientation cannot be read
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
@@ -99,7 +101,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, rgba)
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")  # convert() would copy an RGB image
 
 
 def preprocess(img: Image.Image, prep: Preprocess) -> torch.Tensor:
