@@ -13,6 +13,7 @@ EXAMPLES = {
     "backbones": "cnncodes backbones",
     "layers": "cnncodes layers resnet50 --pooling avg",
     "info": "cnncodes info codes.h5",
+    "check": "cnncodes check codes.h5 --rehash",
     "demo": "cnncodes demo -o demo.h5",
     "fit": "cnncodes fit codes.h5 --layer block5 --classifier logreg --test-size 0.25 -o model.skops",
     "predict": "cnncodes predict model.skops new_photos/ --top-k 3 --csv predictions.csv",
@@ -60,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
                    "of the local engine")
     e.add_argument("--gpus-per-worker", type=float, default=0,
                    help="with --engine ray: GPUs per actor (default 0: CPU actors)")
+    e.add_argument("--rehash", action="store_true",
+                   help="read and hash every file again; by default a file whose size, mtime and "
+                   "inode are those stored with its row is not read")
 
     command("backbones", "list the registered backbones", "List the registered backbones.")
 
@@ -73,6 +77,15 @@ def _parser() -> argparse.ArgumentParser:
     info = command("info", "describe a code store", "Describe a code store: rows, layers, classes, "
                    "failures, label conflicts and provenance.")
     info.add_argument("store")
+
+    chk = command("check", "verify a code store",
+                  "Verify a code store: its segment files present and readable, row counts in "
+                  "agreement, no non-finite codes; with --rehash, every image still matches its "
+                  "sha256. Prints one verdict; exit 0 when sound, 1 when damaged.")
+    chk.add_argument("store")
+    chk.add_argument("--rehash", action="store_true", help="re-read every image and compare its sha256")
+    chk.add_argument("--root", help="where the images are, for --rehash (default: the data root the "
+                     "store recorded)")
 
     fit = command("fit", "fit a classifier on the codes of a store",
                   "Fit logistic regression, a linear SVM or faiss kNN on a store's codes and save "
@@ -263,7 +276,7 @@ def _extract(args) -> int:
         compile=args.compile, tta=args.tta, jpeg_draft=args.jpeg_draft, resize=args.resize,
         max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, progress=not args.quiet,
         engine=args.engine, ray_address=args.address, ray_workers=args.ray_workers,
-        gpus_per_worker=args.gpus_per_worker,
+        gpus_per_worker=args.gpus_per_worker, rehash=args.rehash,
     )
     print(result.summary())
     return EXIT_FAILURES if result.failures or result.known_failures else EXIT_OK
@@ -307,6 +320,14 @@ def _info(args) -> int:
     return EXIT_OK
 
 
+def _check(args) -> int:
+    from ._store import check
+
+    result = check(args.store, rehash=args.rehash, root=args.root)
+    print(result.summary())
+    return EXIT_OK if result.ok else EXIT_FAILURES
+
+
 def describe_store(store) -> str:
     """A plain-text description of a store, for `cnncodes info` and the demo."""
     import json
@@ -317,7 +338,8 @@ def describe_store(store) -> str:
     labels, names = store.labels, store.class_names
     counts = np.bincount(labels[labels >= 0], minlength=len(names)) if names else []
     lines = [
-        f"{store.path}: {len(store)} rows, format {attrs['format']} v{attrs['format_version']}",
+        f"{store.path}: {len(store)} rows, format {attrs['format']} v{attrs['format_version']}"
+        + (f", {len(store.segments)} segment(s) in {store.path.name}.d/" if store.segments else ""),
         f"backbone {spec['backbone']}, weights {spec['weights']} (sha256 {spec['weights_sha256'][:12] or '-'}), "
         f"pooling {spec['pooling']}, {spec['dtype']}",
         "layers: " + ", ".join(f"{a} = {n} ({store.codes_shape(a)[1]})" for a, n in spec["layers"].items()),
@@ -482,7 +504,7 @@ def _advise(args) -> int:
     return EXIT_OK
 
 
-HANDLERS = {"extract": _extract, "backbones": _backbones, "layers": _layers, "info": _info,
+HANDLERS = {"extract": _extract, "backbones": _backbones, "layers": _layers, "info": _info, "check": _check,
             "demo": _demo, "fit": _fit, "predict": _predict, "evaluate": _evaluate,
             "sweep": _sweep, "advise": _advise, "finetune": _finetune}
 

@@ -43,3 +43,7 @@ class StoreMismatchError(StoreError):
 
 class StoreLockedError(StoreError):
     """Another process is writing the same store."""
+
+
+class StoreWriteError(StoreError, OSError):
+    """Writing the store failed (no space left, file too large, I/O error); nothing stored is lost."""

@@ -10,6 +10,7 @@ import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cached_property
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -28,7 +29,17 @@ from ._accel import resolve_device, resolve_precision, reuse_freed_memory
 from ._errors import CnnCodesError
 from ._images import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocess, decode, resize_batch
 from ._sources import Item, read_source
-from ._store import CodeStore, Journal, StoreLock, check_spec, merge, normalize_spec
+from ._store import (
+    FORMAT_VERSION,
+    UNKNOWN_STAT,
+    CodeStore,
+    Journal,
+    StoreLock,
+    check_spec,
+    merge,
+    normalize_spec,
+    remove_unmapped,
+)
 from ._weights import load_model, resolve
 
 DTYPES = ("float32", "float16")
@@ -44,6 +55,10 @@ SLOW_READ_SECONDS = 200e-6  # a file read and hashed slower than this, on averag
 # 1.05-1.15x (438 -> 465 img/s), ResNet50 1.17-1.19x (89 -> 105 img/s). A first compilation
 # is repaid from about 2-7 minutes of eager work; auto compiles from 5.
 COMPILE_MIN_SECONDS = 300.0
+# A file modified this close to the moment it was listed may be modified again within the
+# file system's timestamp resolution without its stat key changing (git's "racy" files):
+# its stat key is recorded as unknown, so the next run reads it once more.
+RACY_NS = 2_000_000_000
 
 
 @dataclass
@@ -56,6 +71,8 @@ class ExtractResult:
     n_reused: int = 0  # identical content already computed: codes copied, not recomputed
     n_unchanged: int = 0  # already in the store
     n_resumed: int = 0  # done by an interrupted run (in its journal), merged now
+    n_hashed: int = 0  # files read to hash them (the others were recognised by their stat key)
+    converted_from: int | None = None  # the store's format version, when this run converted it
     failures: list[tuple[str, str]] = field(default_factory=list)  # this run's (id, reason)
     # failures recorded by an earlier run for files still unchanged in the source
     known_failures: list[tuple[str, str]] = field(default_factory=list)
@@ -81,6 +98,10 @@ class ExtractResult:
             f"{self.path}: {self.n_rows} rows; "
             + ", ".join(f"{a} ({d})" for a, d in self.layers.items()) + ".",
         ]
+        if self.converted_from is not None:
+            lines.append(f"converted {Path(self.path).name} from store format {self.converted_from} to "
+                         f"{FORMAT_VERSION} (once): its rows now live in {Path(self.path).name}.d/, and "
+                         f"later runs write only what is new.")
         if self.failures:
             lines.append(f"{len(self.failures)} images failed and are recorded in the store:")
             lines += [f"  {rid}: {why}" for rid, why in self.failures[:20]]
@@ -197,6 +218,7 @@ def extract(
     ray_address: str | None = None,
     ray_workers: int | None = None,
     gpus_per_worker: float = 0,
+    rehash: bool = False,
 ) -> ExtractResult:
     """Extract CNN codes of images into an HDF5 code store; resume and skip what is there.
 
@@ -286,6 +308,12 @@ def extract(
         cluster, or half its CPUs.
     gpus_per_worker : float
         GPUs per actor (0: CPU actors).
+    rehash : bool
+        Read and hash every file again. By default a file whose size, mtime (ns) and inode
+        are those stored with its row is taken as unchanged without being read, as git's
+        index does; a file rewritten with the same size within the same mtime tick and inode
+        (rare; the tick is nanoseconds on ext4, xfs and btrfs) is then missed, and
+        ``rehash=True`` (``--rehash``) finds it.
 
     Returns
     -------
@@ -334,6 +362,7 @@ def extract(
     out.parent.mkdir(parents=True, exist_ok=True)
 
     with StoreLock(out):
+        remove_unmapped(out)  # what a killed run left half written: temporaries, orphan segments
         store = CodeStore(out) if out.exists() else None
         # Settings left open follow the store being extended, so that adding images to a
         # store never needs its settings repeated (and never mixes precisions silently).
@@ -368,7 +397,9 @@ def extract(
             check_spec(store.spec, spec, out.name)
         journal = Journal(out)
         journal.open(spec)
-        plan = _plan(src.items, store, journal)
+        journal.clean()
+        plan = _plan(src.items, store, journal, rehash=rehash)
+        result.n_hashed = plan.n_hashed
         result.n_unchanged = plan.n_unchanged
         result.n_resumed = plan.n_resumed
         result.known_failures = plan.known_failures
@@ -380,7 +411,7 @@ def extract(
 
             failed_shas, index = run_ray(
                 plan.compute, backbone=backbone, weights=w, infos=infos, pooling=pooling, prep=prep,
-                precision=precision, tta=tta, dtype=dtype, journal=journal, index=index,
+                precision=precision, tta=tta, dtype=dtype, journal=journal, index=index, stat_of=plan.stat_of,
                 batch_size=batch_size, max_pixels=max_pixels, progress=progress, result=result,
                 address=ray_address, workers=ray_workers, gpus_per_worker=gpus_per_worker)
             result.compute_seconds = time.perf_counter() - t1
@@ -389,7 +420,7 @@ def extract(
                                    compile=compile is True, batch_size=batch_size)
             with reuse_freed_memory():  # activations reused, not faulted in anew each batch
                 failed_shas, index = _run(plan.compute, forward, prep, dtype, journal, index, batch_size,
-                                          num_workers, max_pixels, progress, result,
+                                          num_workers, max_pixels, progress, result, plan.stat_of,
                                           compile_auto=compile == "auto" and dev.type == "cpu")
             result.compute_seconds = time.perf_counter() - t1
         else:
@@ -398,11 +429,18 @@ def extract(
         late_failures = [(i.id, s, failed_shas[s]) for i, s in plan.reused if s in failed_shas]
         result.n_reused = len(reused)
         result.failures += [(rid, why) for rid, _, why in late_failures]
-        if reused or plan.failures_with_sha or late_failures:
-            journal.write(index, ids=[i.id for i, _ in reused], sha256=[s for _, s in reused],
-                          labels=[i.label for i, _ in reused],
-                          failures=plan.failures_with_sha + late_failures)
+        # Rows kept as they are, with the stat key their file has now (touched, copied back,
+        # or a version 1 store, which had none): their codes are copied, not recomputed.
+        kept = reused + plan.refresh
+        failures = plan.failures_with_sha + late_failures + plan.refresh_failures
+        if kept or failures:
+            journal.write(index, ids=[i.id for i, _ in kept], sha256=[s for _, s in kept],
+                          labels=[i.label for i, _ in kept],
+                          stat=[plan.stat_of[i.id] for i, _ in kept], failures=failures,
+                          fail_stat=[plan.stat_of.get(rid, UNKNOWN_STAT) for rid, _, _ in failures])
         if journal.batches():
+            if store is not None and store.format_version < FORMAT_VERSION:
+                result.converted_from = store.format_version
             merge(out, journal, spec, code_dims, _provenance(src, w))
         else:
             journal.remove()
@@ -428,43 +466,109 @@ def _provenance(src, w) -> dict:
 class _Plan:
     compute: list[Item] = field(default_factory=list)
     reused: list[tuple[Item, str]] = field(default_factory=list)
+    refresh: list[tuple[Item, str]] = field(default_factory=list)  # same content, new stat key
+    refresh_failures: list[tuple[str, str, str]] = field(default_factory=list)  # likewise, failed
     failures_with_sha: list[tuple[str, str, str]] = field(default_factory=list)
     known_failures: list[tuple[str, str]] = field(default_factory=list)
+    stat_of: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # id -> stat key to store
     n_unchanged: int = 0
     n_resumed: int = 0
+    n_hashed: int = 0
 
     @property
     def failures(self):
         return [(rid, why) for rid, _, why in self.failures_with_sha]
 
 
-def _plan(items: list[Item], store: CodeStore | None, journal: Journal) -> _Plan:
-    """Decide per image: unchanged, reuse identical content, compute, or unreadable."""
+class _Known:
+    """What the store holds, looked up by id without decoding every row (1M rows: ~0.5 s)."""
+
+    def __init__(self, store: CodeStore | None):
+        self.store = store
+        if store is None:
+            self.row_of, self.fail = {}, {}
+            return
+        self.row_of = dict(zip(store._raw_ids.tolist(), range(len(store))))
+        self.names = store.class_names
+        stats = store.failure_stats()
+        self.fail = {rid: (sha, why, stats.get(rid, UNKNOWN_STAT)) for rid, sha, why in store.failure_records()}
+
+    def row(self, rid: str) -> int | None:
+        return self.row_of.get(rid.encode())
+
+    def label(self, row: int) -> str | None:
+        lab = self.store._labels[row]
+        return self.names[lab] if lab >= 0 else None
+
+    def stat(self, row: int) -> tuple:
+        return tuple(self.store._stat[row].tolist())
+
+    def sha(self, row: int) -> str:
+        return self.store._raw_sha256[row].decode()
+
+    @cached_property
+    def shas(self) -> set:
+        return {s.decode() for s in self.store._raw_sha256.tolist()} if self.store is not None else set()
+
+
+def _stat_key(path: str) -> tuple[int, int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def _plan(items: list[Item], store: CodeStore | None, journal: Journal, rehash: bool = False) -> _Plan:
+    """Decide per image: unchanged, reuse identical content, compute, or unreadable.
+
+    A file whose stat key (size, mtime_ns, inode) is the one stored with its row, its
+    journalled row or its recorded failure is decided without being read; the others are
+    read and hashed (all of them with `rehash`).
+    """
     plan = _Plan()
-    known_ids, known_shas, known_fail = {}, set(), {}
-    if store is not None:
-        names = store.class_names
-        for rid, sha, lab in zip(store.ids, store.sha256, store.labels):
-            known_ids[rid] = (sha, names[lab] if lab >= 0 else None)
-            known_shas.add(sha)
-        known_fail = {rid: (sha, why) for rid, sha, why in store.failure_records()}
+    known = _Known(store)
     j_ids, j_shas, j_fail = journal.done()
-    known_shas |= set(j_shas)
-    known_fail.update(j_fail)
-    hashed = _hash_files([item.path for item in items])
+    known_fail = {**known.fail, **j_fail}
+    now = time.time_ns()
+    to_hash = []
+    for item in items:
+        try:
+            key = _stat_key(item.path)
+        except OSError as exc:
+            plan.failures_with_sha.append((item.id, "", f"cannot read file: {exc.strerror or exc}"))
+            continue
+        plan.stat_of[item.id] = UNKNOWN_STAT if now - key[1] < RACY_NS else key
+        if not rehash:
+            row = known.row(item.id)
+            if row is not None and known.stat(row) == key and known.label(row) == item.label:
+                plan.n_unchanged += 1
+                continue
+            if item.id in j_ids and j_ids[item.id][1] == key:
+                plan.n_resumed += 1
+                continue
+            if item.id in known_fail and known_fail[item.id][2] == key:
+                plan.n_unchanged += 1
+                plan.known_failures.append((item.id, known_fail[item.id][1]))
+                continue
+        to_hash.append(item)
+    plan.n_hashed = len(to_hash)
+    hashed = _hash_files([item.path for item in to_hash])
     scheduled = set()
-    for item, (sha, err) in zip(items, hashed):
+    for item, (sha, err) in zip(to_hash, hashed):
         if sha is None:
             plan.failures_with_sha.append((item.id, "", err))
             continue
-        if known_ids.get(item.id) == (sha, item.label):
+        row = known.row(item.id)
+        if row is not None and known.sha(row) == sha and known.label(row) == item.label:
             plan.n_unchanged += 1
-        elif j_ids.get(item.id) == sha:
+            if known.stat(row) != plan.stat_of[item.id] and plan.stat_of[item.id] != UNKNOWN_STAT:
+                plan.refresh.append((item, sha))
+        elif item.id in j_ids and j_ids[item.id][0] == sha:
             plan.n_resumed += 1
         elif item.id in known_fail and known_fail[item.id][0] == sha:
             plan.n_unchanged += 1
             plan.known_failures.append((item.id, known_fail[item.id][1]))
-        elif sha in known_shas or sha in scheduled:
+            if known_fail[item.id][2] != plan.stat_of[item.id] != UNKNOWN_STAT:  # recorded again, with it
+                plan.refresh_failures.append((item.id, sha, known_fail[item.id][1]))
+        elif sha in known.shas or sha in j_shas or sha in scheduled:
             plan.reused.append((item, sha))
         else:
             scheduled.add(sha)
@@ -624,7 +728,7 @@ class CodesForward:
 
 
 def _run(items, forward, prep, dtype, journal, index, batch_size, num_workers, max_pixels,
-         progress, result, compile_auto=False):
+         progress, result, stat_of, compile_auto=False):
     from tqdm.auto import tqdm
 
     dev = forward.device
@@ -661,6 +765,8 @@ def _run(items, forward, prep, dtype, journal, index, batch_size, num_workers, m
             pending.append(writer.submit(
                 journal.write, index, ids=[items[i].id for i in idx], sha256=shas,
                 labels=[items[i].label for i in idx], codes=codes if idx else None, failures=failures,
+                stat=[stat_of[items[i].id] for i in idx],
+                fail_stat=[stat_of.get(rid, UNKNOWN_STAT) for rid, _, _ in failures],
             ))
             index += 1
             result.n_extracted += len(idx)

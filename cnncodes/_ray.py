@@ -77,7 +77,7 @@ def _decode_batch(batch: dict, *, prep, max_pixels: int) -> dict:
         decoded = dict(zip(decoded, resized))
     for k, tensor in decoded.items():
         pixels[k] = tensor.numpy()
-    return {"pos": batch["pos"], "id": batch["id"], "label": batch["label"], "image": pixels,
+    return {"pos": batch["pos"], "id": batch["id"], "label": batch["label"], "image": pixels, "stat": batch["stat"],
             "sha256": np.array(shas, dtype=str), "error": np.array(errors, dtype=object)}
 
 
@@ -147,8 +147,8 @@ class _CodesWorker:
         self.journal.write(
             self.base + int(pos.min()), ids=[str(ids[k]) for k in ok],
             sha256=[str(shas[k]) for k in ok], labels=[str(labels[k]) or None for k in ok],
-            codes=codes if len(ok) else None,
-            failures=[(str(ids[k]), str(shas[k]), str(reasons[k])) for k in bad],
+            codes=codes if len(ok) else None, stat=batch["stat"][ok],
+            failures=[(str(ids[k]), str(shas[k]), str(reasons[k])) for k in bad], fail_stat=batch["stat"][bad],
         )
         self.written += 1
         if self.faults.get("actor_exit_after") and self.written >= self.faults["actor_exit_after"]:
@@ -175,8 +175,8 @@ def _resources(ray, workers, gpus_per_worker):
 
 
 def run_ray(items: list[Item], *, backbone, weights, infos, pooling, prep, precision, tta, dtype,
-            journal, index, batch_size, max_pixels, progress, result, address=None, workers=None,
-            gpus_per_worker=0):
+            journal, index, batch_size, max_pixels, progress, result, stat_of, address=None,
+            workers=None, gpus_per_worker=0):
     """Extract `items` on Ray into shards of `journal`; return (failed sha -> reason, next index).
 
     Connects to the Ray cluster at `address` (``"auto"``, ``"ray://host:10001"``...), or to
@@ -202,7 +202,7 @@ def run_ray(items: list[Item], *, backbone, weights, infos, pooling, prep, preci
     try:
         return _pipeline(ray, items, backbone=backbone, weights=weights, infos=infos, pooling=pooling,
                          prep=prep, precision=precision, tta=tta, dtype=dtype, journal=journal,
-                         index=index, batch_size=batch_size, max_pixels=max_pixels,
+                         index=index, stat_of=stat_of, batch_size=batch_size, max_pixels=max_pixels,
                          progress=progress, result=result, workers=workers,
                          gpus_per_worker=gpus_per_worker, tqdm=tqdm)
     finally:
@@ -211,13 +211,14 @@ def run_ray(items: list[Item], *, backbone, weights, infos, pooling, prep, preci
 
 
 def _pipeline(ray, items, *, backbone, weights, infos, pooling, prep, precision, tta, dtype, journal,
-              index, batch_size, max_pixels, progress, result, workers, gpus_per_worker, tqdm):
+              index, stat_of, batch_size, max_pixels, progress, result, workers, gpus_per_worker, tqdm):
     workers, actor_cpus, decode_cpus = _resources(ray, workers, gpus_per_worker)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the driver shows one bar of its own
     ctx.print_on_execution_start = False
-    rows = [{"pos": k, "id": it.id, "path": os.path.abspath(it.path), "label": it.label or ""}
-            for k, it in enumerate(items)]
+    # Each row carries the stat key the driver listed, stored with its codes (see _plan).
+    rows = [{"pos": k, "id": it.id, "path": os.path.abspath(it.path), "label": it.label or "",
+             "stat": np.asarray(stat_of[it.id], dtype=np.int64)} for k, it in enumerate(items)]
     n_blocks = max(1, min(len(rows), -(-len(rows) // batch_size)))
     ds = ray.data.from_items(rows, override_num_blocks=n_blocks)
     ds = ds.map_batches(_decode_batch, fn_kwargs={"prep": prep, "max_pixels": max_pixels},

@@ -1,22 +1,28 @@
-"""The HDF5 code store: a self-describing file, a crash-safe journal, a writer lock, a reader."""
+"""The HDF5 code store: a root over immutable segments, a crash-safe journal, a writer lock, a reader."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
+import io
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections import defaultdict
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from ._errors import StoreError, StoreLockedError, StoreMismatchError
+from ._errors import StoreError, StoreLockedError, StoreMismatchError, StoreWriteError
 
 FORMAT = "cnncodes.codes"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: one self-contained file (read as it is; converted once when extended)
 # The settings that make codes comparable; a store refuses rows made with other values.
 SPEC_KEYS = ("backbone", "weights", "weights_sha256", "layers", "pooling", "preprocessing",
              "precision", "tta", "dtype")
@@ -119,6 +125,158 @@ class StoreLock:
         self.release()
 
 
+# --------------------------------------------------------------------------- write failures
+
+
+_ERRNO_IN_MESSAGE = re.compile(r"errno\s*=\s*(\d+)")
+
+
+def _errno_of(exc: BaseException) -> int | None:
+    """The errno of an OSError, or the one HDF5 writes into its message (``errno = 28``)."""
+    if isinstance(exc, OSError) and exc.errno:
+        return exc.errno
+    found = _ERRNO_IN_MESSAGE.search(str(exc))
+    return int(found.group(1)) if found else None
+
+
+def _write_error(exc: BaseException, path, kept: str) -> StoreWriteError:
+    """One line naming the file and the errno, saying what is kept and what to do."""
+    code = _errno_of(exc)
+    if code == errno.ENOSPC:
+        what, fix = "no space left on device", "free space and re-run"
+    elif code == errno.EFBIG:
+        what, fix = "file too large (a file-size limit, ulimit -f, or the file system's)", \
+            "raise the limit or write elsewhere, and re-run"
+    elif code == errno.EDQUOT:
+        what, fix = "disk quota exceeded", "free space within the quota and re-run"
+    elif code is not None:
+        what, fix = f"{os.strerror(code).lower()} (errno {errno.errorcode.get(code, code)})", "fix it and re-run"
+    else:
+        what, fix = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}", "fix it and re-run"
+    err = StoreWriteError(f"{what} while writing {path}; {fix}: {kept}")
+    err.errno = code
+    return err
+
+
+def _kept(path: Path, journal: "Journal | None") -> str:
+    rows = journal.rows() if journal is not None else 0
+    old = f"{path.name} is unchanged" if path.exists() else f"{path.name} was not created"
+    return f"{old}, and the {rows} rows already journalled are kept." if rows else f"{old}."
+
+
+def _remove_quietly(path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+class _GuardedFile(io.RawIOBase):
+    """A new file for h5py's ``fileobj`` driver whose writes never fail under HDF5.
+
+    An HDF5 file whose write failed (a full disk, a file-size limit) cannot be closed
+    cleanly: h5py then prints tracebacks from its object destructors and can crash the
+    interpreter at exit. So the first OSError is kept, HDF5 is told the write went
+    through (later writes are dropped, reads of what was never written give zeros), and
+    `_h5_create` raises the error once HDF5 has closed the file, which is then deleted.
+    """
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self._fh = open(path, "w+b", buffering=0)
+        self.error: OSError | None = None
+
+    def readable(self):
+        return True
+
+    def writable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def seek(self, pos, whence=0):
+        return self._fh.seek(pos, whence)
+
+    def tell(self):
+        return self._fh.tell()
+
+    def readinto(self, buffer):
+        view = memoryview(buffer).cast("B")
+        n = self._fh.readinto(view) or 0
+        view[n:] = b"\0" * (len(view) - n)
+        return len(view)
+
+    def write(self, data):
+        view = memoryview(data).cast("B")
+        if self.error is None:
+            try:
+                done = 0
+                while done < len(view):
+                    done += self._fh.write(view[done:])
+                return len(view)
+            except OSError as exc:
+                self.error = exc
+        self._fh.seek(len(view), os.SEEK_CUR)
+        return len(view)
+
+    def truncate(self, size=None):
+        if self.error is None:
+            try:
+                return self._fh.truncate(size)
+            except OSError as exc:
+                self.error = exc
+        return size
+
+    def flush(self):
+        pass
+
+    def sync(self) -> None:
+        if self.error is None:
+            try:
+                os.fsync(self._fh.fileno())
+            except OSError as exc:
+                self.error = exc
+
+    def close(self):
+        if not self.closed:
+            self._fh.close()
+        super().close()
+
+
+@contextlib.contextmanager
+def _h5_create(path: Path):
+    """Create an HDF5 file (h5py.File, "w"), synced to disk; a failed write raises OSError after
+    HDF5 closed the file cleanly (see `_GuardedFile`)."""
+    guard = _GuardedFile(path)
+    try:
+        with h5py.File(guard, "w", libver="latest") as f:
+            yield f
+        guard.sync()
+    finally:
+        guard.close()
+    if guard.error is not None:
+        raise guard.error
+
+
+def _check_room(folder: Path, nbytes: int) -> None:
+    """Refuse to start a file of `nbytes` where it cannot fit: free space, the size limit."""
+    try:
+        free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
+    except OSError:
+        return
+    if nbytes > free:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    except (ImportError, OSError, ValueError):
+        return
+    if soft != resource.RLIM_INFINITY and nbytes > soft:
+        raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+
+
 # --------------------------------------------------------------------------- journal
 
 
@@ -135,23 +293,37 @@ def _fsync_dir(folder: Path) -> None:
 
 def _atomic_savez(path: Path, arrays: dict) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npz")
-    with os.fdopen(fd, "wb") as fh:
-        np.savez(fh, **arrays)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **arrays)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
+UNKNOWN_STAT = (-1, -1, -1)
+
+
+def _stat_array(stat, n: int) -> np.ndarray:
+    if stat is None:
+        return np.full((n, 3), -1, dtype=np.int64)
+    return np.asarray(stat, dtype=np.int64).reshape(n, 3)
 
 
 class Journal:
     """Finished batches of a run, one atomically written .npz each, beside the store.
 
     HDF5 files are not crash-safe while open for writing, so a run never writes into the
-    store directly: it journals each batch, then merges the journal into a copy of the store
-    that atomically replaces it. A kill at any moment leaves the old store intact and the
-    journal to resume from.
+    store directly: it journals each batch, then commits the journal as one new immutable
+    segment and a new root that atomically replaces the old one. A kill at any moment leaves
+    the old store intact and the journal to resume from.
     """
 
     def __init__(self, store_path: Path):
+        self.store_path = Path(store_path)
         self.folder = Path(f"{store_path}.partial")
 
     def exists(self) -> bool:
@@ -164,11 +336,21 @@ class Journal:
             check_spec(json.loads(meta.read_text()), spec,
                        f"the interrupted run in {self.folder.name}")
             return
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = meta.with_suffix(".tmp")
-        tmp.write_text(json.dumps(spec, sort_keys=True))
-        os.replace(tmp, meta)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            tmp = meta.with_suffix(".tmp")
+            tmp.write_text(json.dumps(spec, sort_keys=True))
+            os.replace(tmp, meta)
+        except OSError as exc:
+            self.remove()
+            raise _write_error(exc, meta, _kept(self.store_path, None)) from None
         _fsync_dir(self.folder)
+
+    def clean(self) -> None:
+        """Remove the temporaries of writes a killed run left half done."""
+        if self.exists():
+            for stray in [*self.folder.glob(".tmp-*.npz"), *self.folder.glob("*.tmp")]:
+                _remove_quietly(stray)
 
     def batches(self) -> list[Path]:
         # Numeric order: Ray shards are numbered by image position, past six digits.
@@ -179,192 +361,504 @@ class Journal:
         batches = self.batches()
         return int(batches[-1].stem.split("-")[1]) + 1 if batches else 0
 
-    def write(self, index: int, *, ids, sha256, labels, codes=None, failures=()) -> None:
-        """Write one batch. `codes` maps alias -> (n, d) array (None for reused content)."""
+    def write(self, index: int, *, ids, sha256, labels, codes=None, failures=(), stat=None,
+              fail_stat=None) -> None:
+        """Write one batch. `codes` maps alias -> (n, d) array (None for reused content).
+
+        `stat` gives each row's (size, mtime_ns, inode) when its file was listed, `fail_stat`
+        each failure's; unknown (-1) when not given, so the next run reads such files again.
+        """
         arrays = {
             "ids": np.asarray(ids, dtype=str),
             "sha256": np.asarray(sha256, dtype="S64"),
             "labels": np.asarray(["" if lab is None else lab for lab in labels], dtype=str),
+            "stat": _stat_array(stat, len(ids)),
             "fail_ids": np.asarray([f[0] for f in failures], dtype=str),
             "fail_sha256": np.asarray([f[1] for f in failures], dtype="S64"),
             "fail_reasons": np.asarray([f[2] for f in failures], dtype=str),
+            "fail_stat": _stat_array(fail_stat, len(failures)),
         }
         for alias, array in (codes or {}).items():
             arrays[f"codes/{alias}"] = array
-        _atomic_savez(self.folder / f"batch-{index:06d}.npz", arrays)
+        target = self.folder / f"batch-{index:06d}.npz"
+        try:
+            _atomic_savez(target, arrays)
+        except OSError as exc:
+            raise _write_error(exc, target, _kept(self.store_path, self)) from None
 
     def read(self, path: Path) -> dict:
         with np.load(path, allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
 
+    @staticmethod
+    def _stat(npz, key: str, n: int) -> np.ndarray:
+        return npz[key] if key in npz.files else np.full((n, 3), -1, dtype=np.int64)
+
     def done(self) -> tuple[dict, dict, dict]:
-        """Return (id -> sha, sha -> has codes, id -> (sha, reason)) of what the journal holds."""
+        """Return (id -> (sha, stat), sha -> has codes, id -> (sha, reason, stat)) of the journal."""
         ids, shas, fails = {}, {}, {}
         for path in self.batches():
             with np.load(path, allow_pickle=False) as npz:
                 has_codes = any(k.startswith("codes/") for k in npz.files)
-                for rid, sha in zip(npz["ids"], npz["sha256"]):
-                    ids[str(rid)] = sha.decode()
+                stat = self._stat(npz, "stat", len(npz["ids"]))
+                for rid, sha, st in zip(npz["ids"], npz["sha256"], stat.tolist()):
+                    ids[str(rid)] = (sha.decode(), tuple(st))
                     if has_codes:
                         shas[sha.decode()] = True
-                for rid, sha, why in zip(npz["fail_ids"], npz["fail_sha256"], npz["fail_reasons"]):
-                    fails[str(rid)] = (sha.decode(), str(why))
+                fstat = self._stat(npz, "fail_stat", len(npz["fail_ids"]))
+                for rid, sha, why, st in zip(npz["fail_ids"], npz["fail_sha256"], npz["fail_reasons"],
+                                             fstat.tolist()):
+                    fails[str(rid)] = (sha.decode(), str(why), tuple(st))
         return ids, shas, fails
+
+    def rows(self) -> int:
+        """Rows (codes or reused content) the journal holds."""
+        total = 0
+        for path in self.batches():
+            try:
+                with np.load(path, allow_pickle=False) as npz:
+                    total += len(npz["ids"])
+            except (OSError, ValueError, KeyError):
+                pass
+        return total
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-# --------------------------------------------------------------------------- writing
+# --------------------------------------------------------------------------- segments
+#
+# Format version 2: `codes.h5` is a small root file; the rows live in immutable segment
+# files `codes.h5.d/segment-<n>.h5`, written once by the run that made them. The root's
+# `ids`, `sha256`, `labels`, `stat` and `codes/<alias>` are HDF5 virtual datasets that map
+# runs of segment rows, in order, so plain h5py reads `f["codes/block5"][:]` as before; the
+# source paths are relative, so the store can be moved with its folder. A run writes its new
+# rows as one segment and then atomically replaces the root: adding rows never rewrites the
+# rows already stored. A file that changed under the same id supersedes its old row: the
+# root simply stops mapping it. Small segments are merged, tiered as in an LSM tree: when a
+# run's segment and the TIER_FANOUT - 1 segments before it are all of its size tier
+# (rows < TIER_FANOUT ** (t + 1)) or smaller, they are rewritten as one (each row is copied
+# about log_TIER_FANOUT(rows) times in its life; at most TIER_FANOUT - 1 segments per tier).
+
+SEGMENT_FORMAT = "cnncodes.segment"
+TIER_FANOUT = 8
+ROW_DATASETS = ("ids", "sha256", "labels", "stat")
+BLOCK_BYTES = 64 << 20  # codes copied into a segment a block of about this many bytes at a time
 
 
-def _new_store(path: Path, spec: dict, code_dims: dict[str, int], attrs: dict) -> None:
-    with h5py.File(path, "w") as f:
+def segment_folder(path: Path) -> Path:
+    return Path(f"{path}.d")
+
+
+def _tier(rows: int) -> int:
+    t = 0
+    while rows >= TIER_FANOUT ** (t + 1):
+        t += 1
+    return t
+
+
+def _dtype_of(array) -> str:
+    return str(np.dtype(array.dtype))
+
+
+def _code_chunks(dim: int, dtype: str, rows: int) -> tuple[int, int]:
+    per = int(max(1, min(4096, (1 << 20) // (dim * np.dtype(dtype).itemsize))))
+    return (max(1, min(per, rows)), dim)
+
+
+class _Old:
+    """The rows of the store being extended, in the order the root maps them."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with h5py.File(path, "r") as f:
+            self.version = int(f.attrs.get("format_version", 1))
+            self.attrs = dict(f.attrs)
+            self.classes = [c.decode() if isinstance(c, bytes) else c for c in f["classes"][:]]
+            self.ids = f["ids"][:]  # bytes
+            self.sha = f["sha256"][:]
+            self.labels = f["labels"][:].astype(np.int64)
+            n = len(self.ids)
+            self.stat = f["stat"][:] if "stat" in f else np.full((n, 3), -1, dtype=np.int64)
+            g = f["failures"]
+            fstat = g["stat"][:] if "stat" in g else np.full((len(g["ids"]), 3), -1, dtype=np.int64)
+            self.failures = {
+                r.decode(): (bytes(s), w.decode(), tuple(st))
+                for r, s, w, st in zip(g["ids"][:], g["sha256"][:], g["reasons"][:], fstat.tolist())
+            }
+            self.aliases = list(f["codes"])
+            if self.version >= 2:
+                seg = f["segments"]
+                self.segments = [s.decode() for s in seg["names"][:]]
+                self.segment_rows = [int(r) for r in seg["rows"][:]]
+                self.runs = [tuple(int(v) for v in r) for r in seg["runs"][:]]
+            else:  # the whole v1 file is one segment, rewritten (converted) by this run
+                self.segments, self.segment_rows, self.runs = [None], [n], [(0, 0, n)] if n else []
+            self.next_segment = int(f.attrs.get("next_segment", 0))
+        self.n = len(self.ids)
+
+    def live_rows_per_segment(self) -> list[int]:
+        rows = [0] * len(self.segments)
+        for s, a, b in self.runs:
+            rows[s] += b - a
+        return rows
+
+
+def _compaction_start(rows: list[int], pending: int, v1: bool) -> int:
+    """Index of the first old segment rewritten with this run's rows (len(rows): none)."""
+    if v1:
+        return 0
+    start = len(rows)
+    while True:
+        t = _tier(pending)
+        k = start
+        while k > 0 and _tier(rows[k - 1]) <= t:
+            k -= 1
+        if start - k >= TIER_FANOUT - 1:
+            pending += sum(rows[k:start])
+            start = k
+            continue
+        return start
+
+
+class _Sources:
+    """Where each row of a new segment takes its codes: an old row, or a journal batch row."""
+
+    def __init__(self):
+        self.kind, self.a, self.b = [], [], []  # kind 0: old virtual row a; 1: batch a, row b
+
+    def old(self, row: int) -> None:
+        self.kind.append(0), self.a.append(row), self.b.append(0)
+
+    def batch(self, index: int, k: int) -> None:
+        self.kind.append(1), self.a.append(index), self.b.append(k)
+
+    def arrays(self):
+        return (np.asarray(self.kind, dtype=np.int8), np.asarray(self.a, dtype=np.int64),
+                np.asarray(self.b, dtype=np.int64))
+
+
+def _read_rows(ds, rows: np.ndarray) -> np.ndarray:
+    """ds[rows] for sorted rows, read as a few contiguous slices (h5py's point reads are slow)."""
+    out = np.empty((len(rows), *ds.shape[1:]), dtype=ds.dtype)
+    if not len(rows):
+        return out
+    breaks = np.flatnonzero(np.diff(rows) > 64) + 1
+    for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, len(rows)]):
+        first, last = int(rows[lo]), int(rows[hi - 1])
+        out[lo:hi] = ds[first:last + 1][rows[lo:hi] - first]
+    return out
+
+
+def _write_segment(tmp: Path, *, ids, sha, labels, stat, sources: _Sources, batch_paths, old_path,
+                   aliases, code_dims, dtype) -> None:
+    n = len(ids)
+    kind, a, b = sources.arrays()
+    with _h5_create(tmp) as f:
+        f.attrs["format"] = SEGMENT_FORMAT
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.create_dataset("ids", data=np.asarray(ids, dtype=object), dtype=_STR)
+        f.create_dataset("sha256", data=np.asarray(sha, dtype="S64"))
+        f.create_dataset("labels", data=np.asarray(labels, dtype=np.int32))
+        f.create_dataset("stat", data=np.asarray(stat, dtype=np.int64).reshape(n, 3))
+        f["stat"].attrs["columns"] = "size, mtime_ns, inode (-1: unknown)"
+        old = h5py.File(old_path, "r") if old_path is not None and (kind == 0).any() else None
+        try:
+            for alias in aliases:
+                dim = code_dims[alias]
+                ds = f.create_dataset(f"codes/{alias}", (n, dim), dtype=dtype,
+                                      chunks=_code_chunks(dim, dtype, n) if n else None)
+                block = max(1, BLOCK_BYTES // (dim * np.dtype(dtype).itemsize))
+                cached = {}
+                for lo in range(0, n, block):
+                    hi = min(n, lo + block)
+                    out = np.empty((hi - lo, dim), dtype=dtype)
+                    k, ra, rb = kind[lo:hi], a[lo:hi], b[lo:hi]
+                    sel = np.flatnonzero(k == 0)
+                    if len(sel):
+                        order = np.argsort(ra[sel], kind="stable")
+                        rows = ra[sel][order]
+                        uniq, inverse = np.unique(rows, return_inverse=True)
+                        got = _read_rows(old[f"codes/{alias}"], uniq)[inverse]
+                        out[sel[order]] = got
+                    for index in np.unique(ra[k == 1]):
+                        if index not in cached:
+                            cached.clear()
+                            with np.load(batch_paths[index], allow_pickle=False) as npz:
+                                cached[index] = npz[f"codes/{alias}"]
+                        pick = np.flatnonzero((k == 1) & (ra == index))
+                        out[pick] = cached[index][rb[pick]]
+                    ds[lo:hi] = out
+        finally:
+            if old is not None:
+                old.close()
+
+
+def _layout(f, name: str, dtype, tail: tuple, folder: str, segments, runs, total: int) -> None:
+    if total == 0:
+        f.create_dataset(name, (0, *tail), dtype=dtype, maxshape=(None, *tail))
+        return
+    layout = h5py.VirtualLayout((total, *tail), dtype=dtype)
+    sources = {}
+    pos = 0
+    for s, lo, hi in runs:
+        src = sources.get(s)
+        if src is None:
+            name_s, rows = segments[s]
+            src = sources[s] = h5py.VirtualSource(f"{folder}/{name_s}", name, shape=(rows, *tail), dtype=dtype)
+        layout[pos:pos + hi - lo] = src[lo:hi]
+        pos += hi - lo
+    f.create_virtual_dataset(name, layout, fillvalue=None)
+
+
+def _write_root(tmp: Path, *, folder_name: str, attrs: dict, spec: dict, classes, failures: dict,
+                segments: list[tuple[str, int]], runs: list[tuple[int, int, int]], code_dims: dict,
+                next_segment: int) -> None:
+    total = sum(hi - lo for _, lo, hi in runs)
+    dtype = spec["dtype"]
+    with _h5_create(tmp) as f:
+        for key, value in attrs.items():
+            f.attrs[key] = value
         f.attrs["format"] = FORMAT
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["spec"] = json.dumps(spec, sort_keys=True)
-        for key, value in attrs.items():
-            f.attrs[key] = value if isinstance(value, (str, int, float)) else json.dumps(value)
-        f.create_dataset("ids", (0,), dtype=_STR, maxshape=(None,), chunks=(4096,))
-        f.create_dataset("sha256", (0,), dtype="S64", maxshape=(None,), chunks=(4096,))
-        f.create_dataset("labels", (0,), dtype="int32", maxshape=(None,), chunks=(4096,))
-        f.create_dataset("classes", (0,), dtype=_STR, maxshape=(None,), chunks=(256,))
-        codes = f.create_group("codes")
+        f.attrs["next_segment"] = next_segment
+        f.attrs["segment_folder"] = folder_name
+        _layout(f, "ids", _STR, (), folder_name, segments, runs, total)
+        _layout(f, "sha256", "S64", (), folder_name, segments, runs, total)
+        _layout(f, "labels", "int32", (), folder_name, segments, runs, total)
+        _layout(f, "stat", "int64", (3,), folder_name, segments, runs, total)
+        f.create_group("codes")
         for alias, dim in code_dims.items():
-            itemsize = np.dtype(spec["dtype"]).itemsize
-            rows = int(max(1, min(4096, (1 << 20) // (dim * itemsize))))
-            ds = codes.create_dataset(alias, (0, dim), dtype=spec["dtype"],
-                                      maxshape=(None, dim), chunks=(rows, dim))
-            ds.attrs["node"] = spec["layers"][alias]
-            ds.attrs["pooling"] = spec["pooling"]
-        fails = f.create_group("failures")
-        fails.create_dataset("ids", (0,), dtype=_STR, maxshape=(None,), chunks=(256,))
-        fails.create_dataset("sha256", (0,), dtype="S64", maxshape=(None,), chunks=(256,))
-        fails.create_dataset("reasons", (0,), dtype=_STR, maxshape=(None,), chunks=(256,))
+            _layout(f, f"codes/{alias}", dtype, (dim,), folder_name, segments, runs, total)
+            f[f"codes/{alias}"].attrs["node"] = spec["layers"][alias]
+            f[f"codes/{alias}"].attrs["pooling"] = spec["pooling"]
+        f.create_dataset("classes", data=np.asarray(classes, dtype=object), dtype=_STR, maxshape=(None,))
+        g = f.create_group("failures")
+        items = sorted(failures.items())
+        g.create_dataset("ids", data=np.asarray([k for k, _ in items], dtype=object), dtype=_STR, maxshape=(None,))
+        g.create_dataset("sha256", data=np.asarray([v[0] for _, v in items], dtype="S64"), maxshape=(None,))
+        g.create_dataset("reasons", data=np.asarray([v[1] for _, v in items], dtype=object), dtype=_STR,
+                         maxshape=(None,))
+        g.create_dataset("stat", data=np.asarray([v[2] for _, v in items], dtype=np.int64).reshape(-1, 3))
+        seg = f.create_group("segments")
+        seg.create_dataset("names", data=np.asarray([s for s, _ in segments], dtype=object), dtype=_STR)
+        seg.create_dataset("rows", data=np.asarray([r for _, r in segments], dtype=np.int64))
+        seg.create_dataset("runs", data=np.asarray(runs, dtype=np.int64).reshape(-1, 3))
+        seg["runs"].attrs["columns"] = "segment (index into names), first row, end row"
 
 
-def _append(ds, values) -> None:
-    n = ds.shape[0]
-    ds.resize(n + len(values), axis=0)
-    ds[n:] = values
+def _store_attrs(old: _Old | None, attrs: dict) -> dict:
+    """The root's provenance: kept from the store's creation, as version 1 files kept it."""
+    if old is not None:
+        keep = {k: v for k, v in old.attrs.items()
+                if k not in ("format", "format_version", "spec", "next_segment", "segment_folder")}
+        if keep:
+            return keep
+    return {k: (v if isinstance(v, (str, int, float)) else json.dumps(v)) for k, v in attrs.items()}
 
 
 def merge(path: Path, journal: Journal, spec: dict, code_dims: dict[str, int], attrs: dict) -> int:
-    """Merge the journal into the store atomically; return the number of rows added/updated."""
+    """Commit the journal: its rows as one new segment, then a new root; return rows written.
+
+    The caller holds the store's lock. Only this run's rows are written, plus the segments a
+    tiered compaction merges (a version 1 store is converted: its rows become one segment).
+    Write failures raise `StoreWriteError`; the old store and the journal are then intact.
+    """
     path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        if path.exists():
-            shutil.copyfile(path, tmp)
-        else:
-            _new_store(tmp, spec, code_dims, attrs)
-        changed = _merge_into(tmp, journal)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-    journal.remove()
-    return changed
-
-
-def _merge_into(tmp: Path, journal: Journal) -> int:
-    with h5py.File(tmp, "a") as f:
-        classes = [c.decode() if isinstance(c, bytes) else c for c in f["classes"][:]]
-        class_index = {c: i for i, c in enumerate(classes)}
-        row_of = {rid.decode(): i for i, rid in enumerate(f["ids"][:])}
-        shas = f["sha256"][:]
-        labels = f["labels"][:]
-        row_of_sha = {}
-        for i, sha in enumerate(shas):
-            row_of_sha.setdefault(bytes(sha), i)
-        aliases = list(f["codes"])
-        changed = 0
-
-        def label_index(name: str) -> int:
-            if not name:
-                return -1
-            if name not in class_index:
-                class_index[name] = len(class_index)
-                _append(f["classes"], [name])
-            return class_index[name]
-
-        failures = {r.decode(): (s, w.decode()) for r, s, w in zip(
-            f["failures/ids"][:], f["failures/sha256"][:], f["failures/reasons"][:])}
-        fail_count = len(failures)
-        reused = []  # rows whose codes are copied from identical content, after all batches
-        for bpath in journal.batches():
-            batch = journal.read(bpath)
-            for rid, sha, why in zip(batch["fail_ids"], batch["fail_sha256"], batch["fail_reasons"]):
-                failures[str(rid)] = (bytes(sha), str(why))
-            has_codes = f"codes/{aliases[0]}" in batch
-            new_rows, new_sel = [], []
-            for k, (rid, sha, lab) in enumerate(zip(batch["ids"], batch["sha256"], batch["labels"])):
-                rid, sha, lab = str(rid), bytes(sha), label_index(str(lab))
+    folder = segment_folder(path)
+    old = _Old(path) if path.exists() else None
+    n_old = old.n if old else 0
+    classes = list(old.classes) if old else []
+    class_index = {c: i for i, c in enumerate(classes)}
+    failures = dict(old.failures) if old else {}
+    row_of = dict(zip(old.ids.tolist(), range(n_old))) if old else {}
+    dead = np.zeros(n_old, dtype=bool)
+    # this run's rows: id -> [sha, label, stat, source], source ("b", batch, k) or ("s", None, None)
+    new: dict[bytes, list] = {}
+    batch_paths = journal.batches()
+    for bi, bpath in enumerate(batch_paths):
+        with np.load(bpath, allow_pickle=False) as npz:
+            n = len(npz["ids"])
+            has_codes = any(k.startswith("codes/") for k in npz.files)
+            stat = Journal._stat(npz, "stat", n).tolist()
+            for rid, sha, why, st in zip(npz["fail_ids"], npz["fail_sha256"], npz["fail_reasons"],
+                                         Journal._stat(npz, "fail_stat", len(npz["fail_ids"])).tolist()):
+                failures[str(rid)] = (bytes(sha), str(why), tuple(st))
+            for k, (rid, sha, lab) in enumerate(zip(npz["ids"].tolist(), npz["sha256"].tolist(),
+                                                    npz["labels"].tolist())):
                 failures.pop(rid, None)
-                row = row_of.get(rid)
-                if row is not None and bytes(shas[row]) == sha and labels[row] == lab:
-                    continue  # merged already (a kill after the replace, before cleanup)
-                if not has_codes:
-                    reused.append((rid, sha, lab))
-                    continue
-                changed += 1
-                if row is not None:  # the file changed under the same id: overwrite
-                    f["sha256"][row], f["labels"][row] = sha, lab
-                    for alias in aliases:
-                        f["codes"][alias][row] = batch[f"codes/{alias}"][k]
-                    row_of_sha.setdefault(sha, row)
-                    continue
-                new_rows.append((rid, sha, lab))
-                new_sel.append(k)
-            if new_rows:
-                start = f["ids"].shape[0]
-                _append(f["ids"], [r[0] for r in new_rows])
-                _append(f["sha256"], [r[1] for r in new_rows])
-                _append(f["labels"], [r[2] for r in new_rows])
-                for alias in aliases:
-                    _append(f["codes"][alias], batch[f"codes/{alias}"][new_sel])
-                for j, (rid, sha, _) in enumerate(new_rows):
-                    row_of[rid] = start + j
-                    row_of_sha.setdefault(sha, start + j)
-        for rid, sha, lab in reused:
-            src = row_of_sha.get(sha)
+                if lab and lab not in class_index:
+                    class_index[lab] = len(classes)
+                    classes.append(lab)
+                label = class_index[lab] if lab else -1
+                key = rid.encode()
+                row = row_of.get(key)
+                if row is not None and not dead[row] and old.sha[row] == sha and old.labels[row] == label \
+                        and tuple(old.stat[row]) == tuple(stat[k]):
+                    continue  # committed already (a kill after the root was replaced, before cleanup)
+                if row is not None:
+                    dead[row] = True  # superseded: the file changed, or its stat key did
+                new.pop(key, None)  # a later batch wins
+                new[key] = [sha, label, stat[k], ("b", bi, k) if has_codes else ("s", None, None)]
+    # Codes of reused content: from a row of this run with that content, else an old row.
+    first_new = {}
+    for key, (sha, _, _, src) in new.items():
+        if src[0] == "b":
+            first_new.setdefault(sha, src)
+    wanted = {v[0] for v in new.values() if v[3][0] == "s" and v[0] not in first_new}
+    first_old = {}
+    if wanted:
+        hits = np.flatnonzero(np.isin(old.sha, np.asarray(sorted(wanted), dtype="S64"))) if old else []
+        for row in hits:
+            first_old.setdefault(bytes(old.sha[row]), int(row))
+    # Which trailing old segments this run rewrites (v1: all of it), then the new segment.
+    live = old.live_rows_per_segment() if old else []
+    start = _compaction_start(live, len(new), v1=old is not None and old.version < 2) if old else 0
+    seg_ids, seg_sha, seg_labels, seg_stat, sources = [], [], [], [], _Sources()
+    kept_runs, pos = [], 0
+    for s, lo, hi in (old.runs if old else []):
+        rows = np.arange(pos, pos + hi - lo)
+        alive = ~dead[pos:pos + hi - lo]
+        if s >= start:  # rewritten into the new segment
+            for v in rows[alive]:
+                seg_ids.append(old.ids[v].decode())
+                seg_sha.append(old.sha[v])
+                seg_labels.append(old.labels[v])
+                seg_stat.append(old.stat[v])
+                sources.old(int(v))
+        else:  # still mapped where it is, split around superseded rows
+            edges = np.flatnonzero(np.diff(np.r_[0, alive.astype(np.int8), 0]))
+            for a, b in zip(edges[::2], edges[1::2]):
+                kept_runs.append((s, lo + int(a), lo + int(b)))
+        pos += hi - lo
+    for key, (sha, label, st, src) in new.items():
+        if src[0] == "s":
+            src = first_new.get(sha) or (("o", first_old[sha], None) if sha in first_old else None)
             if src is None:
-                raise StoreError(f"internal error: no codes for the content of {rid!r}; re-run.")
-            changed += 1
-            row = row_of.get(rid)
-            if row is None:
-                row = f["ids"].shape[0]
-                _append(f["ids"], [rid])
-                _append(f["sha256"], [sha])
-                _append(f["labels"], [lab])
-                for alias in aliases:
-                    _append(f["codes"][alias], f["codes"][alias][src : src + 1])
-                row_of[rid] = row
-            else:
-                f["sha256"][row], f["labels"][row] = sha, lab
-                for alias in aliases:
-                    f["codes"][alias][row] = f["codes"][alias][src]
-        if failures or fail_count:
-            grp = f["failures"]
-            items = sorted(failures.items())
-            for name, values in (("ids", [k for k, _ in items]),
-                                 ("sha256", [v[0] for _, v in items]),
-                                 ("reasons", [v[1] for _, v in items])):
-                grp[name].resize(len(items), axis=0)
-                if items:
-                    grp[name][:] = values
-    return changed
+                raise StoreError(f"internal error: no codes for the content of {key.decode()!r}; re-run.")
+        seg_ids.append(key.decode())
+        seg_sha.append(sha)
+        seg_labels.append(label)
+        seg_stat.append(st)
+        if src[0] == "o":
+            sources.old(src[1])
+        else:
+            sources.batch(src[1], src[2])
+    # Write: the segment (if any row), then the root, each to a temporary file replaced at once.
+    old_segments = [(name, rows) for name, rows in zip(old.segments, old.segment_rows)] if old else []
+    next_segment = old.next_segment if old else 0
+    segments = old_segments[:start]
+    runs = [r for r in kept_runs if r[0] < start]
+    written = []
+    tmp_seg = tmp_root = None
+    target = path
+    try:
+        if seg_ids:
+            folder.mkdir(exist_ok=True)
+            name = f"segment-{next_segment:06d}.h5"
+            next_segment += 1
+            nbytes = len(seg_ids) * (sum(code_dims.values()) * np.dtype(spec["dtype"]).itemsize + 200)
+            target = folder / name
+            _check_room(folder, nbytes)
+            tmp_seg = folder / f".{name}.tmp"
+            _write_segment(tmp_seg, ids=seg_ids, sha=seg_sha, labels=seg_labels, stat=seg_stat,
+                           sources=sources, batch_paths=batch_paths, old_path=path if old else None,
+                           aliases=list(code_dims), code_dims=code_dims, dtype=spec["dtype"])
+            os.replace(tmp_seg, folder / name)
+            tmp_seg = None
+            written.append(folder / name)
+            _fsync_dir(folder)
+            segments.append((name, len(seg_ids)))
+            runs.append((len(segments) - 1, 0, len(seg_ids)))
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        tmp_root, target = Path(tmp_name), path
+        os.chmod(tmp_root, 0o666 & ~_umask())
+        _write_root(tmp_root, folder_name=folder.name, attrs=_store_attrs(old, attrs), spec=spec,
+                    classes=classes, failures=failures, segments=segments, runs=runs,
+                    code_dims=code_dims, next_segment=next_segment)
+        os.replace(tmp_root, path)
+        tmp_root = None
+        _fsync_dir(path.parent)
+    except (OSError, RuntimeError, ValueError) as exc:
+        for stray in [tmp_seg, tmp_root, *written]:
+            if stray is not None:
+                _remove_quietly(stray)
+        if isinstance(exc, ValueError) and _errno_of(exc) is None:
+            raise
+        raise _write_error(exc, target, _kept(path, journal)) from exc
+    # The new root is in place: what it no longer maps goes (compacted segments, orphans).
+    remove_unmapped(path)
+    journal.remove()
+    return len(new)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def remove_unmapped(path: Path) -> list[Path]:
+    """Delete segment files the root does not map and temporaries of killed runs (lock held)."""
+    path = Path(path)
+    removed = [Path(p) for p in path.parent.glob(f".{glob_escape(path.name)}.*.tmp")]
+    folder = segment_folder(path)
+    if folder.is_dir():
+        mapped = set()
+        if path.exists():
+            try:
+                with h5py.File(path, "r") as f:
+                    if "segments" in f:
+                        mapped = {s.decode() for s in f["segments/names"][:]}
+            except OSError:
+                return []  # an unreadable root: touch nothing
+        removed += [p for p in folder.iterdir() if p.name not in mapped]
+    for p in removed:
+        _remove_quietly(p)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    import glob
+
+    return glob.escape(name)
+
+
+def append_rows(path, *, ids, sha256, labels, codes: dict, stat=None) -> None:
+    """Append rows to an existing store as one segment (benchmarks; synthetic growth)."""
+    path = Path(path)
+    store = CodeStore(path)
+    with StoreLock(path):
+        journal = Journal(Path(f"{path}.append"))
+        journal.folder = Path(f"{path}.append.partial")
+        journal.folder.mkdir(exist_ok=True)
+        try:
+            journal.write(0, ids=ids, sha256=sha256, labels=labels, codes=codes, stat=stat)
+            dims = {a: int(c.shape[1]) for a, c in codes.items()}
+            merge(path, journal, store.spec, dims, {})
+        finally:
+            journal.remove()
 
 
 # --------------------------------------------------------------------------- reading
 
 
+def _missing_segments(path: Path, f) -> list[str]:
+    if "segments" not in f:
+        return []
+    folder = path.parent / f.attrs.get("segment_folder", segment_folder(path).name)
+    return [name for name in (s.decode() for s in f["segments/names"][:])
+            if not (folder / name).is_file()]
+
+
 class CodeStore:
     """Read a code store: codes, labels, ids and class names as numpy arrays.
+
+    Reads format version 2 (a root file over segment files in ``codes.h5.d/``) and version 1
+    (one self-contained file) alike. The reader is a snapshot of the store as opened: when a
+    run replaces the store while it is read, reading raises `StoreError` (open it again).
 
     Parameters
     ----------
@@ -381,12 +875,15 @@ class CodeStore:
         self.path = Path(path)
         if not self.path.is_file():
             raise StoreError(f"code store {str(self.path)!r} does not exist. Create it with `cnncodes extract`.")
+        self._key = self._stat_key()
         try:
             with h5py.File(self.path, "r") as f:
                 fmt = f.attrs.get("format")
                 version = int(f.attrs.get("format_version", -1))
                 attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
-                self._ids = np.array([s.decode() for s in f["ids"][:]], dtype=object) if fmt == FORMAT else None
+                missing = _missing_segments(self.path, f) if fmt == FORMAT and version <= FORMAT_VERSION else []
+                ok = fmt == FORMAT and version <= FORMAT_VERSION and not missing
+                self._raw_ids = f["ids"][:] if ok else None
         except OSError as exc:
             raise StoreError(f"{str(self.path)!r} is not a readable HDF5 file ({exc}).") from None
         if fmt != FORMAT:
@@ -396,17 +893,35 @@ class CodeStore:
                 f"{str(self.path)!r} has store format version {version}; this cnncodes reads up to "
                 f"{FORMAT_VERSION}. Upgrade cnncodes (pip install -U cnncodes)."
             )
+        if missing:
+            raise StoreError(
+                f"{self.path.name} is incomplete: {len(missing)} segment file(s) are missing from "
+                f"{segment_folder(self.path).name}/ ({', '.join(missing[:3])}"
+                f"{', ...' if len(missing) > 3 else ''}). A store is the file and its folder: move "
+                f"or copy them together; `cnncodes check {self.path.name}` lists what is damaged."
+            )
+        self.format_version = version
         self.attrs = attrs
         self.spec = normalize_spec(json.loads(attrs["spec"]))
 
-    def _read(self, key):
+    def _stat_key(self):
+        st = os.stat(self.path)
+        return st.st_ino, st.st_mtime_ns, st.st_size
+
+    def _read(self, key, rows=slice(None)):
         with h5py.File(self.path, "r") as f:
             if key not in f:
                 raise StoreError(f"{str(self.path)!r} has no dataset {key!r}.")
-            return f[key][:]
+            data = f[key][rows]
+        if self._stat_key() != self._key:
+            raise StoreError(
+                f"{self.path.name} was replaced by another run while it was read. Open it again "
+                f"(CodeStore(path)) to read the new rows."
+            )
+        return data
 
     def __len__(self) -> int:
-        return len(self._ids)
+        return len(self._raw_ids)
 
     def __repr__(self) -> str:
         return (f"CodeStore({str(self.path)!r}, rows={len(self)}, backbone={self.backbone!r}, "
@@ -420,6 +935,10 @@ class CodeStore:
     def layers(self) -> list[str]:
         """The layer aliases stored, shallow to deep."""
         return list(self.spec["layers"])
+
+    @cached_property
+    def _ids(self) -> np.ndarray:
+        return np.array([s.decode() for s in self._raw_ids], dtype=object)
 
     @property
     def ids(self) -> np.ndarray:
@@ -436,8 +955,18 @@ class CodeStore:
         return [c.decode() for c in self._read("classes")]
 
     @cached_property
+    def _raw_sha256(self) -> np.ndarray:
+        return self._read("sha256")
+
+    @cached_property
     def _sha256(self) -> np.ndarray:
-        return np.array([s.decode() for s in self._read("sha256")], dtype=object)
+        return np.array([s.decode() for s in self._raw_sha256], dtype=object)
+
+    @cached_property
+    def _stat(self) -> np.ndarray:
+        if self.format_version < 2:
+            return np.full((len(self), 3), -1, dtype=np.int64)
+        return self._read("stat")
 
     @property
     def labels(self) -> np.ndarray:
@@ -453,8 +982,22 @@ class CodeStore:
         """Content sha256 (hex) of each row's file."""
         return self._sha256.copy()
 
-    def codes(self, layer: str | None = None) -> np.ndarray:
-        """Return the (n_rows, dim) codes of one layer (the only or deepest one by default)."""
+    @property
+    def stat(self) -> np.ndarray:
+        """(n_rows, 3) int64: each row's file size, mtime_ns and inode when it was read (-1: unknown).
+
+        A later run whose file has the same three values keeps the row without reading the file.
+        """
+        return self._stat.copy()
+
+    @property
+    def segments(self) -> list[str]:
+        """The segment files (in ``<store>.d/``) the rows live in; empty for a version 1 store."""
+        if self.format_version < 2:
+            return []
+        return [s.decode() for s in self._read("segments/names")]
+
+    def _alias(self, layer: str | None) -> str:
         layer = layer or self.layers[-1]
         if layer not in self.spec["layers"]:
             nodes = {n: a for a, n in self.spec["layers"].items()}
@@ -464,7 +1007,11 @@ class CodeStore:
                     f"Extract that layer into another store."
                 )
             layer = nodes[layer]
-        return self._read(f"codes/{layer}")
+        return layer
+
+    def codes(self, layer: str | None = None) -> np.ndarray:
+        """Return the (n_rows, dim) codes of one layer (the only or deepest one by default)."""
+        return self._read(f"codes/{self._alias(layer)}")
 
     def codes_shape(self, layer: str) -> tuple[int, int]:
         """Return the (rows, dim) shape of a layer's codes without reading them."""
@@ -478,6 +1025,14 @@ class CodeStore:
             return [(i.decode(), s.decode(), r.decode())
                     for i, s, r in zip(g["ids"][:], g["sha256"][:], g["reasons"][:])]
 
+    def failure_stats(self) -> dict[str, tuple[int, int, int]]:
+        """id -> the (size, mtime_ns, inode) of each failed file when it failed (-1: unknown)."""
+        with h5py.File(self.path, "r") as f:
+            g = f["failures"]
+            if "stat" not in g:
+                return {}
+            return {i.decode(): tuple(st) for i, st in zip(g["ids"][:], g["stat"][:].tolist())}
+
     @property
     def failures(self) -> list[tuple[str, str]]:
         """(id, reason) of every image that could not be extracted."""
@@ -485,8 +1040,148 @@ class CodeStore:
 
     def conflicts(self) -> list[list[tuple[str, str]]]:
         """Groups of rows with identical content but different labels, as (id, label) lists."""
+        sha, labels = self._raw_sha256, self._labels
+        if len(sha) < 2:
+            return []
+        order = np.argsort(sha, kind="stable")
+        s = sha[order]
+        same = s[1:] == s[:-1]
+        if not same.any():
+            return []
         names = self.class_names
         groups = defaultdict(list)
-        for rid, sha, lab in zip(self._ids, self.sha256, self.labels):
-            groups[sha].append((rid, names[lab] if lab >= 0 else None))
+        dup = np.zeros(len(s), dtype=bool)
+        dup[1:] |= same
+        dup[:-1] |= same
+        for row in np.sort(order[dup]):
+            groups[bytes(sha[row])].append((self._ids[row], names[labels[row]] if labels[row] >= 0 else None))
         return [g for g in groups.values() if len({lab for _, lab in g}) > 1]
+
+
+# --------------------------------------------------------------------------- checking
+
+
+@dataclass
+class CheckResult:
+    """What `check` found: ``ok`` and a list of problems, each naming the file or row."""
+
+    path: str
+    rows: int = 0
+    segments: int = 0
+    problems: list[str] = field(default_factory=list)
+    rehashed: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> str:
+        what = f"{self.rows} rows in {self.segments} segment(s)" if self.segments else f"{self.rows} rows"
+        extra = f", {self.rehashed} files re-read" if self.rehashed else ""
+        if self.ok:
+            return f"{self.path}: OK ({what}{extra})."
+        lines = [f"{self.path}: {len(self.problems)} problem(s) ({what}{extra}):"]
+        lines += [f"  {p}" for p in self.problems[:50]]
+        if len(self.problems) > 50:
+            lines.append(f"  ... and {len(self.problems) - 50} more.")
+        return "\n".join(lines)
+
+
+def check(path, *, rehash: bool = False, root=None, progress: bool = False) -> CheckResult:
+    """Verify a store: segment files present and readable, row counts agree, codes finite.
+
+    Parameters
+    ----------
+    path : str or Path
+        The store (``codes.h5``).
+    rehash : bool
+        Also re-read every row's image and compare its sha256 with the stored one.
+    root : path, optional
+        Where the images are, for `rehash`; by default the data root the store recorded.
+
+    Returns
+    -------
+    CheckResult
+        ``ok``, ``problems`` (one line each, naming the segment or the row) and ``summary()``.
+    """
+    path = Path(path)
+    result = CheckResult(str(path))
+    if not path.is_file():
+        raise StoreError(f"code store {str(path)!r} does not exist. Create it with `cnncodes extract`.")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        result.problems.append(f"{path.name}: not a readable HDF5 file ({str(exc)[:200]})")
+        return result
+    with f:
+        if f.attrs.get("format") != FORMAT:
+            result.problems.append(f"{path.name}: not a cnncodes store (format {f.attrs.get('format')!r})")
+            return result
+        version = int(f.attrs.get("format_version", -1))
+        aliases = list(f["codes"]) if "codes" in f else []
+        if version >= 2:
+            folder = path.parent / f.attrs.get("segment_folder", segment_folder(path).name)
+            names = [s.decode() for s in f["segments/names"][:]]
+            rows = [int(r) for r in f["segments/rows"][:]]
+            runs = [tuple(int(v) for v in r) for r in f["segments/runs"][:]]
+            result.segments = len(names)
+            mapped = sum(hi - lo for _, lo, hi in runs)
+            result.rows = int(f["ids"].shape[0])
+            if mapped != result.rows:
+                result.problems.append(f"{path.name}: the root maps {mapped} rows but its datasets hold {result.rows}")
+            for s, lo, hi in runs:
+                if not (0 <= s < len(names) and 0 <= lo <= hi <= rows[s]):
+                    result.problems.append(f"{path.name}: a run ({s}, {lo}, {hi}) points outside its segment")
+            for name, n in zip(names, rows):
+                result.problems += _check_segment(folder / name, n, aliases)
+        else:
+            result.rows = int(f["ids"].shape[0])
+            for key in ("sha256", "labels", *(f"codes/{a}" for a in aliases)):
+                if f[key].shape[0] != result.rows:
+                    result.problems.append(f"{path.name}: {key} has {f[key].shape[0]} rows, ids {result.rows}")
+            for alias in aliases:
+                result.problems += _finite(f[f"codes/{alias}"], f"{path.name}: codes/{alias}")
+    if rehash and result.ok:
+        store = CodeStore(path)
+        base = Path(root) if root is not None else Path(store.attrs.get("data_root", "."))
+        for rid, sha in zip(store.ids, store.sha256):
+            try:
+                with open(base / rid, "rb") as fh:
+                    digest = hashlib.sha256(fh.read()).hexdigest()
+            except OSError as exc:
+                result.problems.append(f"{rid}: cannot read {base / rid} ({exc.strerror or exc})")
+                continue
+            result.rehashed += 1
+            if digest != sha:
+                result.problems.append(f"{rid}: the file changed since it was extracted (sha256 differs)")
+    return result
+
+
+def _finite(ds, where: str) -> list[str]:
+    bad = 0
+    step = max(1, BLOCK_BYTES // max(1, ds.shape[1] * ds.dtype.itemsize))
+    for lo in range(0, ds.shape[0], step):
+        bad += int((~np.isfinite(ds[lo:lo + step])).any(axis=1).sum())
+    return [f"{where}: {bad} rows hold non-finite codes (NaN/inf)"] if bad else []
+
+
+def _check_segment(seg: Path, rows: int, aliases) -> list[str]:
+    name = f"{seg.parent.name}/{seg.name}"
+    if not seg.is_file():
+        return [f"{name}: missing"]
+    try:
+        with h5py.File(seg, "r") as g:
+            problems = []
+            if g.attrs.get("format") != SEGMENT_FORMAT:
+                problems.append(f"{name}: not a cnncodes segment")
+            for key in (*ROW_DATASETS, *(f"codes/{a}" for a in aliases)):
+                if key not in g:
+                    problems.append(f"{name}: no dataset {key}")
+                elif g[key].shape[0] != rows:
+                    problems.append(f"{name}: {key} has {g[key].shape[0]} rows, the root says {rows}")
+            for alias in aliases:
+                if f"codes/{alias}" in g:
+                    problems += _finite(g[f"codes/{alias}"], f"{name}: codes/{alias}")
+            return problems
+    except (OSError, RuntimeError, KeyError) as exc:
+        return [f"{name}: unreadable ({str(exc).splitlines()[0][:200]})"]

@@ -46,7 +46,7 @@ def test_extract_and_info(photos, tmp_path, capsys):
     assert CodeStore(out).layers == ["block4", "block5"]
     assert main(["info", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "12 rows, format cnncodes.codes v1" in text
+    assert "12 rows, format cnncodes.codes v2, 1 segment(s) in c.h5.d/" in text
     assert "block4 = features.13 (96)" in text and "classes: daisy 4, rose 4, tulip 4" in text
     assert "weights IMAGENET1K_V1 (sha256 b03531047ffa)" in text
 

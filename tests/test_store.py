@@ -58,14 +58,20 @@ def test_plain_h5py_reads_everything(photos, tmp_path, fast):
     extract(photos, out=out, layers=["block4"], **fast)
     store = CodeStore(out)
     with h5py.File(out, "r") as f:
-        assert f.attrs["format"] == FORMAT and f.attrs["format_version"] == 1
+        assert f.attrs["format"] == FORMAT and f.attrs["format_version"] == 2
         spec = json.loads(f.attrs["spec"])
         assert spec["backbone"] == "mobilenet_v2" and spec["layers"] == {"block4": "features.13"}
         assert "torch" in json.loads(f.attrs["versions"])
         np.testing.assert_array_equal(f["codes/block4"][:], store.codes("block4"))
         assert [s.decode() for s in f["ids"][:]] == list(store.ids)
         assert f["codes/block4"].attrs["node"] == "features.13"
-        assert f["codes/block4"].chunks is not None and f["codes/block4"].maxshape == (None, 96)
+        # Format 2: a virtual dataset over segment files, named relative to the root's folder.
+        assert f["codes/block4"].is_virtual and f["codes/block4"].shape == (12, 96)
+        sources = f["codes/block4"].virtual_sources()
+        assert sources and all(s.file_name.startswith("codes.h5.d/segment-") for s in sources)
+    for seg in (tmp_path / "codes.h5.d").iterdir():
+        with h5py.File(seg, "r") as g:
+            assert g["codes/block4"].chunks is not None and g["codes/block4"].shape[1] == 96
 
 
 def test_codes_match_a_direct_forward_pass(photos, tmp_path, fast):
@@ -308,7 +314,7 @@ def test_store_format_checks(tmp_path, photos, fast):
     extract(photos, out=out, **fast)
     with h5py.File(out, "a") as f:
         f.attrs["format_version"] = 99
-    with pytest.raises(StoreError, match="format version 99; this cnncodes reads up to 1. Upgrade"):
+    with pytest.raises(StoreError, match="format version 99; this cnncodes reads up to 2. Upgrade"):
         CodeStore(out)
 
 
