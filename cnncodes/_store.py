@@ -13,43 +13,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ._errors import StoreError, StoreLockedError, StoreMismatchError
+from ._errors import StoreError, StoreLockedError
+from ._spec import SPEC_KEYS, ExtractorSpec, check_spec, normalize_spec  # noqa: F401 - re-exported
 
 FORMAT = "cnncodes.codes"
 FORMAT_VERSION = 1
-# The settings that make codes comparable; a store refuses rows made with other values.
-SPEC_KEYS = ("backbone", "weights", "weights_sha256", "layers", "pooling", "preprocessing",
-             "precision", "tta", "dtype")
 _STR = h5py.string_dtype("utf-8")
-
-
-def _describe(key, value) -> str:
-    if key == "layers":
-        return ", ".join(f"{a}={n}" for a, n in value.items())
-    if key == "preprocessing" and isinstance(value, dict):
-        return value.get("description", json.dumps(value, sort_keys=True))
-    return str(value)
-
-
-def normalize_spec(spec: dict) -> dict:
-    """Fill the settings that stores written before they existed used implicitly."""
-    spec = dict(spec)
-    spec.setdefault("tta", "none")
-    spec["preprocessing"] = {"jpeg_draft": False, "resize": "workers", **spec.get("preprocessing", {})}
-    return spec
-
-
-def check_spec(stored: dict, wanted: dict, where: str) -> None:
-    """Raise StoreMismatchError naming both values of the first setting that differs."""
-    stored, wanted = normalize_spec(stored), normalize_spec(wanted)
-    for key in SPEC_KEYS:
-        if stored.get(key) != wanted.get(key):
-            raise StoreMismatchError(
-                f"{where} was made with {key} {_describe(key, stored.get(key))!r}, but this run "
-                f"asks for {key} {_describe(key, wanted.get(key))!r}. Codes made with different "
-                f"settings are never mixed: write to another file (-o other.h5), or re-run "
-                f"with the store's settings."
-            )
 
 
 # --------------------------------------------------------------------------- lock
@@ -157,16 +126,16 @@ class Journal:
     def exists(self) -> bool:
         return self.folder.is_dir()
 
-    def open(self, spec: dict) -> None:
+    def open(self, spec: ExtractorSpec) -> None:
         """Create the journal, or check that an existing one was made with the same spec."""
         meta = self.folder / "spec.json"
         if meta.is_file():
-            check_spec(json.loads(meta.read_text()), spec,
-                       f"the interrupted run in {self.folder.name}")
+            ExtractorSpec.from_json(json.loads(meta.read_text())).check(
+                spec, f"the interrupted run in {self.folder.name}")
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = meta.with_suffix(".tmp")
-        tmp.write_text(json.dumps(spec, sort_keys=True))
+        tmp.write_text(json.dumps(spec.to_json(), sort_keys=True))
         os.replace(tmp, meta)
         _fsync_dir(self.folder)
 
@@ -218,11 +187,11 @@ class Journal:
 # --------------------------------------------------------------------------- writing
 
 
-def _new_store(path: Path, spec: dict, code_dims: dict[str, int], attrs: dict) -> None:
+def _new_store(path: Path, spec: ExtractorSpec, code_dims: dict[str, int], attrs: dict) -> None:
     with h5py.File(path, "w") as f:
         f.attrs["format"] = FORMAT
         f.attrs["format_version"] = FORMAT_VERSION
-        f.attrs["spec"] = json.dumps(spec, sort_keys=True)
+        f.attrs["spec"] = json.dumps(spec.to_json(), sort_keys=True)
         for key, value in attrs.items():
             f.attrs[key] = value if isinstance(value, (str, int, float)) else json.dumps(value)
         f.create_dataset("ids", (0,), dtype=_STR, maxshape=(None,), chunks=(4096,))
@@ -231,12 +200,12 @@ def _new_store(path: Path, spec: dict, code_dims: dict[str, int], attrs: dict) -
         f.create_dataset("classes", (0,), dtype=_STR, maxshape=(None,), chunks=(256,))
         codes = f.create_group("codes")
         for alias, dim in code_dims.items():
-            itemsize = np.dtype(spec["dtype"]).itemsize
+            itemsize = np.dtype(spec.dtype).itemsize
             rows = int(max(1, min(4096, (1 << 20) // (dim * itemsize))))
-            ds = codes.create_dataset(alias, (0, dim), dtype=spec["dtype"],
+            ds = codes.create_dataset(alias, (0, dim), dtype=spec.dtype,
                                       maxshape=(None, dim), chunks=(rows, dim))
-            ds.attrs["node"] = spec["layers"][alias]
-            ds.attrs["pooling"] = spec["pooling"]
+            ds.attrs["node"] = spec.layers[alias]
+            ds.attrs["pooling"] = spec.pooling
         fails = f.create_group("failures")
         fails.create_dataset("ids", (0,), dtype=_STR, maxshape=(None,), chunks=(256,))
         fails.create_dataset("sha256", (0,), dtype="S64", maxshape=(None,), chunks=(256,))
@@ -249,7 +218,7 @@ def _append(ds, values) -> None:
     ds[n:] = values
 
 
-def merge(path: Path, journal: Journal, spec: dict, code_dims: dict[str, int], attrs: dict) -> int:
+def merge(path: Path, journal: Journal, spec: ExtractorSpec, code_dims: dict[str, int], attrs: dict) -> int:
     """Merge the journal into the store atomically; return the number of rows added/updated."""
     path = Path(path)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -397,7 +366,8 @@ class CodeStore:
                 f"{FORMAT_VERSION}. Upgrade cnncodes (pip install -U cnncodes)."
             )
         self.attrs = attrs
-        self.spec = normalize_spec(json.loads(attrs["spec"]))
+        self.spec = ExtractorSpec.from_json(json.loads(attrs["spec"]),
+                                            weights_path=attrs.get("weights_path", ""))
 
     def _read(self, key):
         with h5py.File(self.path, "r") as f:
@@ -410,16 +380,16 @@ class CodeStore:
 
     def __repr__(self) -> str:
         return (f"CodeStore({str(self.path)!r}, rows={len(self)}, backbone={self.backbone!r}, "
-                f"layers={self.layers}, pooling={self.spec['pooling']!r})")
+                f"layers={self.layers}, pooling={self.spec.pooling!r})")
 
     @property
     def backbone(self) -> str:
-        return self.spec["backbone"]
+        return self.spec.backbone
 
     @property
     def layers(self) -> list[str]:
         """The layer aliases stored, shallow to deep."""
-        return list(self.spec["layers"])
+        return list(self.spec.layers)
 
     @property
     def ids(self) -> np.ndarray:
@@ -456,15 +426,13 @@ class CodeStore:
     def codes(self, layer: str | None = None) -> np.ndarray:
         """Return the (n_rows, dim) codes of one layer (the only or deepest one by default)."""
         layer = layer or self.layers[-1]
-        if layer not in self.spec["layers"]:
-            nodes = {n: a for a, n in self.spec["layers"].items()}
-            if layer not in nodes:
-                raise StoreError(
-                    f"{self.path.name} has no layer {layer!r}; it holds {', '.join(self.layers)}. "
-                    f"Extract that layer into another store."
-                )
-            layer = nodes[layer]
-        return self._read(f"codes/{layer}")
+        alias = self.spec.find_layer(layer)
+        if alias is None:
+            raise StoreError(
+                f"{self.path.name} has no layer {layer!r}; it holds {', '.join(self.layers)}. "
+                f"Extract that layer into another store."
+            )
+        return self._read(f"codes/{alias}")
 
     def codes_shape(self, layer: str) -> tuple[int, int]:
         """Return the (rows, dim) shape of a layer's codes without reading them."""
