@@ -201,7 +201,7 @@ def _describe(key, value) -> str:
     if key == "layers":
         return ", ".join(f"{a}={n}" for a, n in value.items())
     if key == "preprocessing" and isinstance(value, Mapping):
-        return value.get("description", json.dumps(value, sort_keys=True))
+        return Preprocessing(value).description
     return str(value)
 
 

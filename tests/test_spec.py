@@ -216,3 +216,24 @@ def test_weights_ref_refuses_an_unknown_kind():
     with pytest.raises(ValueError, match="unknown weights kind 'url'. Valid kinds: torchvision, file, "
                                          "random"):
         WeightsRef("url", "x")
+
+
+def test_model_files_keep_the_extractor_dict(store, tmp_path):
+    """Check that a model file holds the extractor dict of earlier versions and loads it as a spec."""
+    import skops.io as sio
+
+    from cnncodes import fit, load, save
+
+    out, text = store
+    path = save(fit(out, layer="features.18", C=1.0), tmp_path / "m.skops")
+    bundle = sio.load(path, trusted=sio.get_untrusted_types(file=path))
+    stored = json.loads(text)
+    # What `_extractor_spec` wrote before the spec was typed: the store's dict, one layer,
+    # the crop as image_size and the checkpoint's path, keys in that order.
+    before = {**stored, "layers": {"block5": "features.18"},
+              "image_size": stored["preprocessing"]["crop_size"],
+              "weights_path": CodeStore(out).attrs["weights_path"]}
+    assert type(bundle["extractor"]) is dict and bundle["extractor"] == before
+    assert list(bundle["extractor"]) == list(before)
+    spec = load(path).extractor
+    assert spec == CodeStore(out).spec.narrow("block5") and spec.weights.path == before["weights_path"]
