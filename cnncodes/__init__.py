@@ -26,6 +26,7 @@ from ._fit import fit, split_store
 from ._stream import fit_streaming
 from ._knn import FaissKNNClassifier
 from ._model import Evaluation, Model, ModelFileError, Prediction, evaluate, load, predict, save
+from ._spec import ExtractorSpec, WeightsRef
 from ._store import CodeStore
 from ._sweep import LayerScore, SweepResult, sweep
 from ._transformer import CNNCodes
@@ -39,6 +40,7 @@ __all__ = [
     "EpochStats",
     "Evaluation",
     "ExtractResult",
+    "ExtractorSpec",
     "FailedImagesError",
     "FaissKNNClassifier",
     "FineTunedModel",
@@ -58,6 +60,7 @@ __all__ = [
     "UnknownBackboneError",
     "UnknownLayerError",
     "WeightsError",
+    "WeightsRef",
     "__version__",
     "advise",
     "evaluate",

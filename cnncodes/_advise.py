@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ._errors import CnnCodesError
+from ._spec import WeightsRef
 
 # --- Where the lines of the four-scenario table are drawn (see `place`) -------------------
 #
@@ -500,9 +501,7 @@ class Advice:
             # The sweep extracted images (perhaps a sample of them): extract the rest into the
             # same store, with its settings, then fit on every image of the source.
             src = read_source(self.images)
-            extract(self.images, out=store.path, backbone=self.backbone, layers=store.layers,
-                    pooling=store.spec["pooling"], weights=self._weights_arg(store),
-                    image_size=store.spec["preprocessing"]["crop_size"], progress=progress)
+            extract(self.images, out=store.path, **store.spec.extract_kwargs(), progress=progress)
             store = CodeStore(store.path)
             wanted = {it.id for it in src.items if it.label is not None}
             ids = store.ids
@@ -517,10 +516,10 @@ class Advice:
 
     def _weights_arg(self, store):
         """The `weights=` that rebuilds the store's network: a name, a checkpoint path, or None."""
-        w = store.spec["weights"]
-        if w.startswith("file:"):
-            return store.attrs.get("weights_path") or w[5:]
-        return {"random": None, "IMAGENET1K_V1": "imagenet"}.get(w, w)
+        from ._weights import _IMAGENET_MEMBER, IMAGENET
+
+        arg = store.spec.weights.extract_arg()
+        return IMAGENET if arg == _IMAGENET_MEMBER else arg
 
     def _score(self, layer: str) -> str:
         for a, _, mean, std in self.measurements.layers:
@@ -546,7 +545,7 @@ class Advice:
         store = CodeStore(self.store)
         init_head = None
         default_node = spec_b.layer(spec_b.default_layer).node
-        if default_node in store.spec["layers"].values() and store.spec["pooling"] == "avg" \
+        if default_node in store.spec.layers.values() and store.spec.pooling == "avg" \
                 and self.backbone != "convnext_tiny":
             init_head = str(store.path)  # the two-stage recipe: the head starts as the linear probe
         weights = self._weights_arg(store)
@@ -645,10 +644,10 @@ def advise(
         else:
             notes.append(f"the images of {codes.path.name} are not at hand ({root or 'unknown folder'}), so "
                          f"the ImageNet head was not run")
-        weights_id = codes.spec["weights"]
+        weights_id = codes.spec.weights.id
         sweep_data, store_path = codes, None
-        crop = codes.spec["preprocessing"]["crop_size"]
-        if weights_id not in ("random",) and not weights_id.startswith("file:") \
+        crop = codes.spec.preprocessing.crop_size
+        if codes.spec.weights.is_torchvision \
                 and crop != _preprocess_for(get_backbone(backbone), weights_id).crop_size:
             image_size = crop  # fine-tuning on the store's images must match its codes (init_head)
     else:
@@ -671,7 +670,7 @@ def advise(
     weights_id = weights_id or result.weights
     head = None
     if by_class:
-        if weights_id in ("random",) or weights_id.startswith("file:"):
+        if not WeightsRef.from_id(weights_id).is_torchvision:
             notes.append(f"weights {weights_id} have no ImageNet head to ask, so the similarity rests on "
                          f"the layer sweep")
         else:

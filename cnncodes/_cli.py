@@ -334,16 +334,13 @@ def describe_store(store) -> str:
 
     import numpy as np
 
-    spec, attrs = store.spec, store.attrs
+    attrs = store.attrs
     labels, names = store.labels, store.class_names
     counts = np.bincount(labels[labels >= 0], minlength=len(names)) if names else []
     lines = [
         f"{store.path}: {len(store)} rows, format {attrs['format']} v{attrs['format_version']}"
         + (f", {len(store.segments)} segment(s) in {store.path.name}.d/" if store.segments else ""),
-        f"backbone {spec['backbone']}, weights {spec['weights']} (sha256 {spec['weights_sha256'][:12] or '-'}), "
-        f"pooling {spec['pooling']}, {spec['dtype']}",
-        "layers: " + ", ".join(f"{a} = {n} ({store.codes_shape(a)[1]})" for a, n in spec["layers"].items()),
-        "preprocessing: " + spec["preprocessing"]["description"],
+        *store.spec.describe({a: store.codes_shape(a)[1] for a in store.layers}),
     ]
     if names:
         lines.append("classes: " + ", ".join(f"{n} {c}" for n, c in zip(names, counts)))

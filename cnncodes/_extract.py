@@ -29,17 +29,8 @@ from ._accel import resolve_device, resolve_precision, reuse_freed_memory
 from ._errors import CnnCodesError
 from ._images import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocess, decode, resize_batch
 from ._sources import Item, read_source
-from ._store import (
-    FORMAT_VERSION,
-    UNKNOWN_STAT,
-    CodeStore,
-    Journal,
-    StoreLock,
-    check_spec,
-    merge,
-    normalize_spec,
-    remove_unmapped,
-)
+from ._spec import ExtractorSpec
+from ._store import FORMAT_VERSION, UNKNOWN_STAT, CodeStore, Journal, StoreLock, merge, remove_unmapped
 from ._weights import load_model, resolve
 
 DTYPES = ("float32", "float16")
@@ -366,35 +357,29 @@ def extract(
         store = CodeStore(out) if out.exists() else None
         # Settings left open follow the store being extended, so that adding images to a
         # store never needs its settings repeated (and never mixes precisions silently).
-        stored = store.spec if store is not None else {}
-        if precision == "auto" and stored.get("precision"):
-            precision = stored["precision"]
+        stored = store.spec if store is not None else None
+        if precision == "auto" and stored is not None:
+            precision = stored.precision
         if tta is None:
-            tta = stored.get("tta", "none")
+            tta = stored.tta if stored is not None else "none"
         if jpeg_draft is None:
-            jpeg_draft = stored["preprocessing"]["jpeg_draft"] if stored else True
+            jpeg_draft = stored.preprocessing.jpeg_draft if stored is not None else True
         if resize is None:
-            resize = normalize_spec(stored)["preprocessing"]["resize"] if stored else DEFAULT_RESIZE
+            resize = stored.preprocessing.resize if stored is not None else DEFAULT_RESIZE
         precision = resolve_precision(precision, dev)
         if image_size is None and w.image_size is not None:  # a fine-tuned network: its training crop
             image_size = w.image_size
         prep = Preprocess.from_weights(weights_enum(spec_b)[w.preprocessing_from], image_size,
                                        jpeg_draft, resize)
         code_dims = code_sizes(spec_b, infos, pooling, prep.crop_size)
-        spec = {
-            "backbone": backbone,
-            "weights": w.id,
-            "weights_sha256": w.sha256,
-            "layers": {i.alias: i.node for i in infos},
-            "pooling": pooling,
-            "preprocessing": {**prep.as_dict(), "description": prep.describe()},
-            "precision": precision,
-            "tta": tta,
-            "dtype": dtype,
-        }
+        spec = ExtractorSpec(
+            backbone=backbone, weights=w.ref, layers={i.alias: i.node for i in infos}, pooling=pooling,
+            preprocessing={**prep.as_dict(), "description": prep.describe()},
+            precision=precision, tta=tta, dtype=dtype,
+        )
         result = ExtractResult(str(out), len(src.items), skipped_files=src.skipped, layers=code_dims)
         if store is not None:
-            check_spec(store.spec, spec, out.name)
+            store.spec.check(spec, out.name)
         journal = Journal(out)
         journal.open(spec)
         journal.clean()

@@ -21,6 +21,7 @@ from ._backbones import build_model, finish_model, get_backbone, graph_nodes, we
 from ._errors import CnnCodesError, SourceError, WeightsError
 from ._images import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocess, decode
 from ._sources import read_source
+from ._spec import ExtractorSpec
 from ._weights import IMAGENET, load_model, resolve
 
 CHECKPOINT_FORMAT = "cnncodes.finetuned"
@@ -335,20 +336,20 @@ def _init_head_estimator(init_head, spec, weights, prep, classes, shas, labels, 
     if isinstance(init_head, (str, os.PathLike)) and Path(init_head).suffix.lower() in (".h5", ".hdf5"):
         store = CodeStore(init_head)
         s = store.spec
-        node = {n: a for a, n in s["layers"].items()}.get(layer.node)
+        node = s.find_layer(layer.node)
         problems = []
-        if s["backbone"] != spec.name:
-            problems.append(f"backbone {s['backbone']} (fine-tuning {spec.name})")
-        if s["weights_sha256"] != weights.sha256:
-            problems.append(f"weights {s['weights']} (fine-tuning from {weights.id})")
+        if s.backbone != spec.name:
+            problems.append(f"backbone {s.backbone} (fine-tuning {spec.name})")
+        if s.weights.sha256 != weights.sha256:
+            problems.append(f"weights {s.weights.id} (fine-tuning from {weights.id})")
         if node is None:
-            problems.append(f"no {layer.alias} ({layer.node}) codes, only {', '.join(s['layers'])}")
-        if s["pooling"] != "avg":
-            problems.append(f"pooling {s['pooling']} (the classifier reads avg-pooled codes)")
-        p = s["preprocessing"]
-        if (p["resize_size"], p["crop_size"], list(p["mean"]), list(p["std"])) != (
+            problems.append(f"no {layer.alias} ({layer.node}) codes, only {', '.join(s.layers)}")
+        if s.pooling != "avg":
+            problems.append(f"pooling {s.pooling} (the classifier reads avg-pooled codes)")
+        p = s.preprocessing
+        if (p.resize_size, p.crop_size, list(p.mean), list(p.std)) != (
                 prep.resize_size, prep.crop_size, list(prep.mean), list(prep.std)):
-            problems.append(f"preprocessing resize {p['resize_size']}/crop {p['crop_size']} (fine-tuning "
+            problems.append(f"preprocessing resize {p.resize_size}/crop {p.crop_size} (fine-tuning "
                             f"uses {prep.resize_size}/{prep.crop_size})")
         if problems:
             raise CnnCodesError(
@@ -380,12 +381,13 @@ def _init_head_estimator(init_head, spec, weights, prep, classes, shas, labels, 
         estimator, extractor, seen, source = (init_head, meta.get("extractor"), meta.get("train_sha256"),
                                               type(init_head).__name__)
     if extractor:
-        if extractor["backbone"] != spec.name or list(extractor["layers"].values()) != [layer.node] \
-                or extractor["pooling"] != "avg" or extractor["weights_sha256"] != weights.sha256:
+        extractor = ExtractorSpec.from_json(extractor)  # a dict when the estimator carries it
+        if extractor.backbone != spec.name or list(extractor.layers.values()) != [layer.node] \
+                or extractor.pooling != "avg" or extractor.weights.sha256 != weights.sha256:
             raise CnnCodesError(
-                f"init_head model {source} was fitted on {extractor['backbone']} "
-                f"{'/'.join(extractor['layers'].values())} {extractor['pooling']}-pooled codes of weights "
-                f"{extractor['weights']}; the head of {spec.name} reads avg-pooled {layer.alias} "
+                f"init_head model {source} was fitted on {extractor.backbone} "
+                f"{'/'.join(extractor.layers.values())} {extractor.pooling}-pooled codes of weights "
+                f"{extractor.weights.id}; the head of {spec.name} reads avg-pooled {layer.alias} "
                 f"({layer.node}) codes of {weights.id}. Fit it on such codes.")
     if seen and test_shas & set(seen):
         raise CnnCodesError(

@@ -236,12 +236,9 @@ def fit_meta(info: dict, layer, store: CodeStore | None, rows) -> dict:
 
 
 def _extractor_spec(store: CodeStore, layer: str) -> dict:
-    """The store's settings narrowed to one layer: what extracting new photos needs."""
-    spec = dict(store.spec)
-    if layer not in spec["layers"]:
-        nodes = {n: a for a, n in spec["layers"].items()}
-        layer = nodes.get(layer, layer)
-    spec["layers"] = {layer: store.spec["layers"][layer]}
-    spec["image_size"] = spec["preprocessing"]["crop_size"]
-    spec["weights_path"] = store.attrs.get("weights_path", "")
-    return spec
+    """The store's settings narrowed to one layer: what extracting new photos needs.
+
+    A model file's dict (`ExtractorSpec.to_model_json`): the estimator carries it, and skops
+    files hold no cnncodes types.
+    """
+    return store.spec.narrow(layer).to_model_json()

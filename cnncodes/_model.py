@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from ._errors import CnnCodesError, StoreMismatchError
-from ._store import CodeStore, check_spec
+from ._spec import ExtractorSpec
+from ._store import CodeStore
 
 MODEL_FORMAT = "cnncodes.model"
 MODEL_VERSION = 1
@@ -27,7 +28,7 @@ class ModelFileError(CnnCodesError):
     """A model file cannot be read, or is not trusted."""
 
 
-def save(model, path, *, extractor: dict | None = None) -> Path:
+def save(model, path, *, extractor: ExtractorSpec | dict | None = None) -> Path:
     """Write a fitted model and what it needs to classify new photos to a ``.skops`` file.
 
     The file bundles the estimator, the extractor spec (backbone, weights id and sha256,
@@ -39,6 +40,8 @@ def save(model, path, *, extractor: dict | None = None) -> Path:
 
     meta = dict(getattr(model, "cnncodes_", {}) or {})
     extractor = extractor or meta.get("extractor")
+    # The same dict layout as every earlier version wrote (a skops file holds no cnncodes types).
+    extractor = None if extractor is None else ExtractorSpec.from_json(extractor).to_model_json()
     bundle = {
         "format": MODEL_FORMAT,
         "format_version": MODEL_VERSION,
@@ -58,11 +61,15 @@ def save(model, path, *, extractor: dict | None = None) -> Path:
 
 @dataclass
 class Model:
-    """A loaded model file: the estimator and what it was made from."""
+    """A loaded model file: the estimator and what it was made from.
+
+    ``extractor`` is the spec that made its training codes (one layer), None for a model
+    fitted on arrays.
+    """
 
     estimator: object
     classes: list[str]
-    extractor: dict | None
+    extractor: ExtractorSpec | None
     fit: dict | None
     train_ids: list[str] | None
     path: str
@@ -121,8 +128,8 @@ def load(path, *, trusted=()) -> Model:
     if bundle["format_version"] > MODEL_VERSION:
         raise ModelFileError(f"{path.name} has model format {bundle['format_version']}; this cnncodes "
                              f"reads up to {MODEL_VERSION}. Upgrade cnncodes.")
-    return Model(bundle["estimator"], bundle["classes"], bundle["extractor"], bundle["fit"],
-                 bundle["train_ids"], str(path), bundle.get("train_sha256"))
+    return Model(bundle["estimator"], bundle["classes"], _extractor(bundle["extractor"]),
+                 bundle["fit"], bundle["train_ids"], str(path), bundle.get("train_sha256"))
 
 
 def _as_model(model) -> Model:
@@ -133,8 +140,12 @@ def _as_model(model) -> Model:
     if isinstance(model, (str, Path)):
         return load(model)
     meta = getattr(model, "cnncodes_", {}) or {}
-    return Model(model, [str(c) for c in model.classes_], meta.get("extractor"), meta.get("fit"),
-                 meta.get("train_ids"), "", meta.get("train_sha256"))
+    return Model(model, [str(c) for c in model.classes_], _extractor(meta.get("extractor")),
+                 meta.get("fit"), meta.get("train_ids"), "", meta.get("train_sha256"))
+
+
+def _extractor(spec) -> ExtractorSpec | None:
+    return None if spec is None else ExtractorSpec.from_json(spec)
 
 
 @contextmanager
@@ -149,21 +160,11 @@ def _codes_for(model: Model, source, store=None, progress=False):
     if spec is None:
         raise CnnCodesError("this model was fitted on arrays, not on a code store, so it does not "
                             "know how to extract codes; fit it from a store made by `cnncodes extract`.")
-    weights = spec["weights"]
-    if weights.startswith("file:"):
-        weights = spec.get("weights_path") or weights[5:]
-    elif weights == "random":
-        weights = None
     tmp = None if store else tempfile.mkdtemp(prefix="cnncodes-predict-")
     out = Path(store) if store else Path(tmp) / "codes.h5"
-    (layer,) = spec["layers"]
+    (layer,) = spec.layers
     try:
-        extract(source, out=out, backbone=spec["backbone"], layers=[spec["layers"][layer]],
-                pooling=spec["pooling"], weights=weights, image_size=spec["image_size"],
-                dtype=spec["dtype"], precision=spec.get("precision", "float32"),
-                tta=spec.get("tta", "none"),
-                jpeg_draft=spec["preprocessing"].get("jpeg_draft", False),
-                resize=spec["preprocessing"].get("resize", "workers"), progress=progress)
+        extract(source, out=out, **spec.extract_kwargs(), progress=progress)
         yield CodeStore(out), layer
     finally:
         if tmp is not None:
@@ -171,15 +172,14 @@ def _codes_for(model: Model, source, store=None, progress=False):
 
 
 def _check_store(model: Model, store: CodeStore) -> str:
-    spec = dict(model.extractor or {})
-    (layer,) = spec["layers"]
-    if layer not in store.spec["layers"]:
+    spec = model.extractor
+    (layer,) = spec.layers
+    if layer not in store.spec.layers:
         raise StoreMismatchError(
             f"{store.path.name} holds layers {', '.join(store.layers)}; the model needs "
-            f"{layer} ({spec['layers'][layer]}). Extract that layer, or pass a folder of photos."
+            f"{layer} ({spec.layers[layer]}). Extract that layer, or pass a folder of photos."
         )
-    narrowed = {**store.spec, "layers": {layer: store.spec["layers"][layer]}}
-    check_spec(narrowed, spec, store.path.name)
+    store.spec.narrow(layer).check(spec, store.path.name)
     return layer
 
 

@@ -19,43 +19,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ._errors import StoreError, StoreLockedError, StoreMismatchError, StoreWriteError
+from ._errors import StoreError, StoreLockedError, StoreWriteError
+from ._spec import SPEC_KEYS, ExtractorSpec, check_spec, normalize_spec  # noqa: F401 - re-exported
 
 FORMAT = "cnncodes.codes"
 FORMAT_VERSION = 2  # 1: one self-contained file (read as it is; converted once when extended)
-# The settings that make codes comparable; a store refuses rows made with other values.
-SPEC_KEYS = ("backbone", "weights", "weights_sha256", "layers", "pooling", "preprocessing",
-             "precision", "tta", "dtype")
 _STR = h5py.string_dtype("utf-8")
-
-
-def _describe(key, value) -> str:
-    if key == "layers":
-        return ", ".join(f"{a}={n}" for a, n in value.items())
-    if key == "preprocessing" and isinstance(value, dict):
-        return value.get("description", json.dumps(value, sort_keys=True))
-    return str(value)
-
-
-def normalize_spec(spec: dict) -> dict:
-    """Fill the settings that stores written before they existed used implicitly."""
-    spec = dict(spec)
-    spec.setdefault("tta", "none")
-    spec["preprocessing"] = {"jpeg_draft": False, "resize": "workers", **spec.get("preprocessing", {})}
-    return spec
-
-
-def check_spec(stored: dict, wanted: dict, where: str) -> None:
-    """Raise StoreMismatchError naming both values of the first setting that differs."""
-    stored, wanted = normalize_spec(stored), normalize_spec(wanted)
-    for key in SPEC_KEYS:
-        if stored.get(key) != wanted.get(key):
-            raise StoreMismatchError(
-                f"{where} was made with {key} {_describe(key, stored.get(key))!r}, but this run "
-                f"asks for {key} {_describe(key, wanted.get(key))!r}. Codes made with different "
-                f"settings are never mixed: write to another file (-o other.h5), or re-run "
-                f"with the store's settings."
-            )
 
 
 # --------------------------------------------------------------------------- lock
@@ -329,17 +298,17 @@ class Journal:
     def exists(self) -> bool:
         return self.folder.is_dir()
 
-    def open(self, spec: dict) -> None:
+    def open(self, spec: ExtractorSpec) -> None:
         """Create the journal, or check that an existing one was made with the same spec."""
         meta = self.folder / "spec.json"
         if meta.is_file():
-            check_spec(json.loads(meta.read_text()), spec,
-                       f"the interrupted run in {self.folder.name}")
+            ExtractorSpec.from_json(json.loads(meta.read_text())).check(
+                spec, f"the interrupted run in {self.folder.name}")
             return
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             tmp = meta.with_suffix(".tmp")
-            tmp.write_text(json.dumps(spec, sort_keys=True))
+            tmp.write_text(json.dumps(spec.to_json(), sort_keys=True))
             os.replace(tmp, meta)
         except OSError as exc:
             self.remove()
@@ -611,17 +580,17 @@ def _layout(f, name: str, dtype, tail: tuple, folder: str, segments, runs, total
     f.create_virtual_dataset(name, layout, fillvalue=None)
 
 
-def _write_root(tmp: Path, *, folder_name: str, attrs: dict, spec: dict, classes, failures: dict,
+def _write_root(tmp: Path, *, folder_name: str, attrs: dict, spec: ExtractorSpec, classes, failures: dict,
                 segments: list[tuple[str, int]], runs: list[tuple[int, int, int]], code_dims: dict,
                 next_segment: int) -> None:
     total = sum(hi - lo for _, lo, hi in runs)
-    dtype = spec["dtype"]
+    dtype = spec.dtype
     with _h5_create(tmp) as f:
         for key, value in attrs.items():
             f.attrs[key] = value
         f.attrs["format"] = FORMAT
         f.attrs["format_version"] = FORMAT_VERSION
-        f.attrs["spec"] = json.dumps(spec, sort_keys=True)
+        f.attrs["spec"] = json.dumps(spec.to_json(), sort_keys=True)
         f.attrs["next_segment"] = next_segment
         f.attrs["segment_folder"] = folder_name
         _layout(f, "ids", _STR, (), folder_name, segments, runs, total)
@@ -631,8 +600,8 @@ def _write_root(tmp: Path, *, folder_name: str, attrs: dict, spec: dict, classes
         f.create_group("codes")
         for alias, dim in code_dims.items():
             _layout(f, f"codes/{alias}", dtype, (dim,), folder_name, segments, runs, total)
-            f[f"codes/{alias}"].attrs["node"] = spec["layers"][alias]
-            f[f"codes/{alias}"].attrs["pooling"] = spec["pooling"]
+            f[f"codes/{alias}"].attrs["node"] = spec.layers[alias]
+            f[f"codes/{alias}"].attrs["pooling"] = spec.pooling
         f.create_dataset("classes", data=np.asarray(classes, dtype=object), dtype=_STR, maxshape=(None,))
         g = f.create_group("failures")
         items = sorted(failures.items())
@@ -658,7 +627,7 @@ def _store_attrs(old: _Old | None, attrs: dict) -> dict:
     return {k: (v if isinstance(v, (str, int, float)) else json.dumps(v)) for k, v in attrs.items()}
 
 
-def merge(path: Path, journal: Journal, spec: dict, code_dims: dict[str, int], attrs: dict) -> int:
+def merge(path: Path, journal: Journal, spec: ExtractorSpec, code_dims: dict[str, int], attrs: dict) -> int:
     """Commit the journal: its rows as one new segment, then a new root; return rows written.
 
     The caller holds the store's lock. Only this run's rows are written, plus the segments a
@@ -758,13 +727,13 @@ def merge(path: Path, journal: Journal, spec: dict, code_dims: dict[str, int], a
             folder.mkdir(exist_ok=True)
             name = f"segment-{next_segment:06d}.h5"
             next_segment += 1
-            nbytes = len(seg_ids) * (sum(code_dims.values()) * np.dtype(spec["dtype"]).itemsize + 200)
+            nbytes = len(seg_ids) * (sum(code_dims.values()) * np.dtype(spec.dtype).itemsize + 200)
             target = folder / name
             _check_room(folder, nbytes)
             tmp_seg = folder / f".{name}.tmp"
             _write_segment(tmp_seg, ids=seg_ids, sha=seg_sha, labels=seg_labels, stat=seg_stat,
                            sources=sources, batch_paths=batch_paths, old_path=path if old else None,
-                           aliases=list(code_dims), code_dims=code_dims, dtype=spec["dtype"])
+                           aliases=list(code_dims), code_dims=code_dims, dtype=spec.dtype)
             os.replace(tmp_seg, folder / name)
             tmp_seg = None
             written.append(folder / name)
@@ -902,7 +871,8 @@ class CodeStore:
             )
         self.format_version = version
         self.attrs = attrs
-        self.spec = normalize_spec(json.loads(attrs["spec"]))
+        self.spec = ExtractorSpec.from_json(json.loads(attrs["spec"]),
+                                            weights_path=attrs.get("weights_path", ""))
 
     def _stat_key(self):
         st = os.stat(self.path)
@@ -925,16 +895,16 @@ class CodeStore:
 
     def __repr__(self) -> str:
         return (f"CodeStore({str(self.path)!r}, rows={len(self)}, backbone={self.backbone!r}, "
-                f"layers={self.layers}, pooling={self.spec['pooling']!r})")
+                f"layers={self.layers}, pooling={self.spec.pooling!r})")
 
     @property
     def backbone(self) -> str:
-        return self.spec["backbone"]
+        return self.spec.backbone
 
     @property
     def layers(self) -> list[str]:
         """The layer aliases stored, shallow to deep."""
-        return list(self.spec["layers"])
+        return list(self.spec.layers)
 
     @cached_property
     def _ids(self) -> np.ndarray:
@@ -999,15 +969,13 @@ class CodeStore:
 
     def _alias(self, layer: str | None) -> str:
         layer = layer or self.layers[-1]
-        if layer not in self.spec["layers"]:
-            nodes = {n: a for a, n in self.spec["layers"].items()}
-            if layer not in nodes:
-                raise StoreError(
-                    f"{self.path.name} has no layer {layer!r}; it holds {', '.join(self.layers)}. "
-                    f"Extract that layer into another store."
-                )
-            layer = nodes[layer]
-        return layer
+        alias = self.spec.find_layer(layer)
+        if alias is None:
+            raise StoreError(
+                f"{self.path.name} has no layer {layer!r}; it holds {', '.join(self.layers)}. "
+                f"Extract that layer into another store."
+            )
+        return alias
 
     def codes(self, layer: str | None = None) -> np.ndarray:
         """Return the (n_rows, dim) codes of one layer (the only or deepest one by default)."""

@@ -118,12 +118,11 @@ def fit_streaming(
     if isinstance(codes, (str, Path, CodeStore)):
         store = codes if isinstance(codes, CodeStore) else CodeStore(codes)
         layer = layer or store.layers[-1]
-        if layer not in store.spec["layers"]:
-            nodes = {n: a for a, n in store.spec["layers"].items()}
-            if layer not in nodes:
-                raise CnnCodesError(f"{store.path.name} has no layer {layer!r}; it holds "
-                                    f"{', '.join(store.layers)}.")
-            layer = nodes[layer]
+        alias = store.spec.find_layer(layer)
+        if alias is None:
+            raise CnnCodesError(f"{store.path.name} has no layer {layer!r}; it holds "
+                                f"{', '.join(store.layers)}.")
+        layer = alias
         idx = store.labels
         y_all = np.array(store.class_names, dtype=object)[np.maximum(idx, 0)].astype(str)
         labelled = idx >= 0

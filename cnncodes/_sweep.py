@@ -408,7 +408,7 @@ def sweep(
     scores = _probe_layers(codes, rows, chosen, y, groups, folds, classifier, random_state, n_jobs,
                            progress)
     result = SweepResult(
-        layers=scores, backbone=codes.backbone, weights=codes.spec["weights"], store=str(codes.path),
+        layers=scores, backbone=codes.backbone, weights=codes.spec.weights.id, store=str(codes.path),
         data=where if isinstance(data, (list, tuple)) else str(getattr(data, "path", data)),
         n_images=int(len(rows)), class_names=[codes.class_names[c] for c in sorted(set(y))], cv=cv,
         classifier=classifier, random_state=random_state, probe_seconds=time.perf_counter() - t1,
@@ -439,7 +439,7 @@ def _extract_for_sweep(data, where, *, backbone, layers, store, cv, need, max_im
     items = labelled
     if max_images is not None and len(items) > max_images:
         items = _sample_items(items, max_images, need, random_state)
-    held = CodeStore(store).spec["layers"] if store is not None and Path(store).exists() else None
+    held = CodeStore(store).spec.layers if store is not None and Path(store).exists() else None
     if held is not None and layers is None:
         layers = list(held)  # extend the store with the layers it holds
     infos = [spec_b.layer(name) for name in (layers or [i.alias for i in spec_b.layers])]
@@ -504,13 +504,12 @@ def _probe_layers(codes, rows, chosen, y, groups, folds, classifier, random_stat
 
 def _stored_layers(codes, layers) -> list[tuple[str, str]]:
     """(alias, node) of the requested layers of a store, shallow to deep; all stored by default."""
-    stored = codes.spec["layers"]
+    stored = codes.spec.layers
     if layers is None:
         return list(stored.items())
-    by_node = {n: a for a, n in stored.items()}
     out = []
     for name in layers:
-        alias = name if name in stored else by_node.get(name)
+        alias = codes.spec.find_layer(name)
         if alias is None:
             raise UnknownLayerError(
                 f"{codes.path.name} holds layers {', '.join(stored)}, not {name!r}. Sweep one of "

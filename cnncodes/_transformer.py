@@ -5,7 +5,6 @@ from __future__ import annotations
 import atexit
 import hashlib
 import io
-import json
 import os
 import shutil
 import tempfile
@@ -22,6 +21,7 @@ from ._errors import CnnCodesError, FailedImagesError, SourceError, StoreLockedE
 from ._accel import resolve_device, resolve_precision
 from ._extract import DEFAULT_RESIZE, DTYPES, TTAS, extract
 from ._images import Preprocess
+from ._spec import ExtractorSpec
 from ._store import CodeStore
 from ._weights import resolve
 
@@ -170,10 +170,11 @@ class CNNCodes(TransformerMixin, BaseEstimator):
         self.n_features_out_ = int(code_sizes(spec, [info], self.pooling, prep.crop_size)[info.alias])
         # The store file is named by everything that makes codes comparable (what the
         # store's own spec checks), so settings never collide and never split needlessly.
-        settings = {"pooling": self.pooling, "weights": w.id, "weights_sha256": w.sha256,
-                    "preprocessing": prep.as_dict(), "dtype": self.dtype,
-                    "precision": self.precision_, "tta": self.tta}
-        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+        digest = ExtractorSpec(
+            backbone=spec.name, weights=w.ref, layers={info.alias: info.node}, pooling=self.pooling,
+            preprocessing={**prep.as_dict(), "description": prep.describe()},
+            precision=self.precision_, tta=self.tta, dtype=self.dtype,
+        ).digest()
         safe_layer = info.alias.replace(os.sep, "_")
         self._store_name = f"{spec.name}-{safe_layer}-{self.pooling}-{digest}.h5"
         self.cache_path_ = self._cache_dir() / self._store_name

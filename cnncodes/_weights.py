@@ -13,6 +13,7 @@ import torch
 
 from ._backbones import BackboneSpec, build_model, finish_model, weights_enum
 from ._errors import WeightsError
+from ._spec import WeightsRef
 
 WEIGHTS_PATH_ENV = "CNNCODES_WEIGHTS_PATH"
 OFFLINE_ENV = "CNNCODES_OFFLINE"
@@ -24,11 +25,16 @@ _HASH_IN_NAME = re.compile(r"-([a-f0-9]{6,})\.")
 class Weights:
     """Where a backbone's parameters come from; recorded in every store."""
 
-    id: str  # "IMAGENET1K_V1", "file:ft.pt" or "random"
+    id: str  # WeightsRef.id: "IMAGENET1K_V1", "file:ft.pt" or "random"
     sha256: str  # of the checkpoint file; "" for random weights
     path: str  # the file used; "" for random weights
     preprocessing_from: str  # id of the torchvision weights whose preprocessing applies
     image_size: int | None = None  # the crop a fine-tuned checkpoint was trained at; None: the weights' own
+
+    @property
+    def ref(self) -> WeightsRef:
+        """What a store records of these weights (kind, name, sha256; the path as a hint)."""
+        return WeightsRef.from_id(self.id, self.sha256, self.path)
 
 
 def search_dirs() -> list[Path]:
@@ -101,7 +107,7 @@ def resolve(spec: BackboneSpec, weights=IMAGENET) -> Weights:
     """
     default_id = _IMAGENET_MEMBER
     if weights is None:
-        return Weights("random", "", "", default_id)
+        return Weights(WeightsRef("random").id, "", "", default_id)
     if _looks_like_path(spec, weights):
         path = Path(weights).expanduser()
         if not path.is_file():
@@ -115,8 +121,8 @@ def resolve(spec: BackboneSpec, weights=IMAGENET) -> Weights:
         info = finetuned_info(path, spec)
         preprocessing_from = info["preprocessing_from"] if info else default_id
         size = info["config"].get("image_size") if info else None
-        return Weights(f"file:{path.name}", file_sha256(path), str(path.resolve()), preprocessing_from,
-                       int(size) if size else None)
+        return Weights(WeightsRef("file", path.name).id, file_sha256(path), str(path.resolve()),
+                       preprocessing_from, int(size) if size else None)
     member = _enum_member(spec, weights)
     filename = member.url.rsplit("/", 1)[-1]
     looked = search_dirs()
@@ -189,7 +195,7 @@ def load_model(spec: BackboneSpec, weights: Weights) -> torch.nn.Module:
     Random weights are drawn from a fixed seed (without touching the caller's generator), so
     every run of a store made with ``weights=None`` uses the same network.
     """
-    if weights.id == "random":
+    if weights.ref.is_random:
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(RANDOM_SEED)  # built on the CPU
             return finish_model(spec, build_model(spec, pretrained=False))

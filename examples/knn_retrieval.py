@@ -64,8 +64,8 @@ def main():
 
     # The query's code, with the store's settings (a temporary store of one row).
     with tempfile.TemporaryDirectory() as tmp:
-        extract([args.query], out=Path(tmp, "query.h5"), backbone=store.backbone, layers=["block5"],
-                pooling=store.spec["pooling"], progress=False)
+        extract([args.query], out=Path(tmp, "query.h5"), **store.spec.narrow("block5").extract_kwargs(),
+                progress=False)
         query = CodeStore(Path(tmp, "query.h5")).codes("block5")
     sha = hashlib.sha256(Path(args.query).read_bytes()).hexdigest()
     same = int(np.sum(shas[rows] == sha))  # the query itself (or copies) in the index

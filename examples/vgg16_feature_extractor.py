@@ -57,7 +57,7 @@ def main():
     y_test = np.array(store.class_names)[store.labels[test]]
 
     print(f"\nlogistic regression (C by 5-fold CV), {len(train)} train / {len(test)} test photos, "
-          f"{len(store.class_names)} classes, weights {store.spec['weights']}")
+          f"{len(store.class_names)} classes, weights {store.spec.weights.id}")
     print(f"{'layer':<7} {'dims':>5} {'C':>7}  test accuracy")
     for layer in ["fc2", "block5"]:
         model = fit(store, layer=layer, rows=train)
