@@ -411,8 +411,19 @@ class Journal:
 
 SEGMENT_FORMAT = "cnncodes.segment"
 TIER_FANOUT = 8
-ROW_DATASETS = ("ids", "sha256", "labels", "stat")
+ROW_DATASETS = ("ids", "id_hash", "sha256", "labels", "stat")
 BLOCK_BYTES = 64 << 20  # codes copied into a segment a block of about this many bytes at a time
+
+
+def id_hashes(ids) -> np.ndarray:
+    """A 64-bit key per row id (blake2b of its utf-8 bytes): the store's index for lookups.
+
+    One sorted array of these finds a run's ids among millions of stored rows without
+    decoding every stored id; a match is then checked against the id itself.
+    """
+    digest = b"".join(hashlib.blake2b(r if isinstance(r, bytes) else r.encode(), digest_size=8).digest()
+                      for r in ids)
+    return np.frombuffer(digest, dtype="<i8").astype(np.int64)
 
 
 def segment_folder(path: Path) -> Path:
@@ -436,19 +447,18 @@ def _code_chunks(dim: int, dtype: str, rows: int) -> tuple[int, int]:
 
 
 class _Old:
-    """The rows of the store being extended, in the order the root maps them."""
+    """The store being extended: its tables, and its rows looked up through a `CodeStore`."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, store: "CodeStore | None" = None):
         self.path = path
+        if store is None or store.path != path or store._stat_key() != store._key:
+            store = CodeStore(path)  # not a snapshot of this file: open it
+        self.store = store
+        self.n = len(store)
         with h5py.File(path, "r") as f:
             self.version = int(f.attrs.get("format_version", 1))
             self.attrs = dict(f.attrs)
             self.classes = [c.decode() if isinstance(c, bytes) else c for c in f["classes"][:]]
-            self.ids = f["ids"][:]  # bytes
-            self.sha = f["sha256"][:]
-            self.labels = f["labels"][:].astype(np.int64)
-            n = len(self.ids)
-            self.stat = f["stat"][:] if "stat" in f else np.full((n, 3), -1, dtype=np.int64)
             g = f["failures"]
             fstat = g["stat"][:] if "stat" in g else np.full((len(g["ids"]), 3), -1, dtype=np.int64)
             self.failures = {
@@ -462,9 +472,10 @@ class _Old:
                 self.segment_rows = [int(r) for r in seg["rows"][:]]
                 self.runs = [tuple(int(v) for v in r) for r in seg["runs"][:]]
             else:  # the whole v1 file is one segment, rewritten (converted) by this run
+                n = self.n
                 self.segments, self.segment_rows, self.runs = [None], [n], [(0, 0, n)] if n else []
             self.next_segment = int(f.attrs.get("next_segment", 0))
-        self.n = len(self.ids)
+        self.labels, self.stat = store._labels, store._stat
 
     def live_rows_per_segment(self) -> list[int]:
         rows = [0] * len(self.segments)
@@ -527,6 +538,7 @@ def _write_segment(tmp: Path, *, ids, sha, labels, stat, sources: _Sources, batc
         f.attrs["format"] = SEGMENT_FORMAT
         f.attrs["format_version"] = FORMAT_VERSION
         f.create_dataset("ids", data=np.asarray(ids, dtype=object), dtype=_STR)
+        f.create_dataset("id_hash", data=id_hashes(ids))
         f.create_dataset("sha256", data=np.asarray(sha, dtype="S64"))
         f.create_dataset("labels", data=np.asarray(labels, dtype=np.int32))
         f.create_dataset("stat", data=np.asarray(stat, dtype=np.int64).reshape(n, 3))
@@ -594,6 +606,7 @@ def _write_root(tmp: Path, *, folder_name: str, attrs: dict, spec: ExtractorSpec
         f.attrs["next_segment"] = next_segment
         f.attrs["segment_folder"] = folder_name
         _layout(f, "ids", _STR, (), folder_name, segments, runs, total)
+        _layout(f, "id_hash", "int64", (), folder_name, segments, runs, total)
         _layout(f, "sha256", "S64", (), folder_name, segments, runs, total)
         _layout(f, "labels", "int32", (), folder_name, segments, runs, total)
         _layout(f, "stat", "int64", (3,), folder_name, segments, runs, total)
@@ -627,25 +640,27 @@ def _store_attrs(old: _Old | None, attrs: dict) -> dict:
     return {k: (v if isinstance(v, (str, int, float)) else json.dumps(v)) for k, v in attrs.items()}
 
 
-def merge(path: Path, journal: Journal, spec: ExtractorSpec, code_dims: dict[str, int], attrs: dict) -> int:
-    """Commit the journal: its rows as one new segment, then a new root; return rows written.
+def merge(path: Path, journal: Journal, spec: ExtractorSpec, code_dims: dict[str, int], attrs: dict,
+          store: "CodeStore | None" = None) -> set[bytes]:
+    """Commit the journal: its rows as one new segment, then a new root; return their sha256s.
 
     The caller holds the store's lock. Only this run's rows are written, plus the segments a
     tiered compaction merges (a version 1 store is converted: its rows become one segment).
     Write failures raise `StoreWriteError`; the old store and the journal are then intact.
+    `store`, the reader the run planned with, saves reading the rows' ids and hashes again.
     """
     path = Path(path)
     folder = segment_folder(path)
-    old = _Old(path) if path.exists() else None
+    old = _Old(path, store) if path.exists() else None
     n_old = old.n if old else 0
     classes = list(old.classes) if old else []
     class_index = {c: i for i, c in enumerate(classes)}
     failures = dict(old.failures) if old else {}
-    row_of = dict(zip(old.ids.tolist(), range(n_old))) if old else {}
     dead = np.zeros(n_old, dtype=bool)
     # this run's rows: id -> [sha, label, stat, source], source ("b", batch, k) or ("s", None, None)
     new: dict[bytes, list] = {}
     batch_paths = journal.batches()
+    rows_in = []  # (id, sha, label, stat, source) in journal order
     for bi, bpath in enumerate(batch_paths):
         with np.load(bpath, allow_pickle=False) as npz:
             n = len(npz["ids"])
@@ -660,16 +675,20 @@ def merge(path: Path, journal: Journal, spec: ExtractorSpec, code_dims: dict[str
                 if lab and lab not in class_index:
                     class_index[lab] = len(classes)
                     classes.append(lab)
-                label = class_index[lab] if lab else -1
-                key = rid.encode()
-                row = row_of.get(key)
-                if row is not None and not dead[row] and old.sha[row] == sha and old.labels[row] == label \
-                        and tuple(old.stat[row]) == tuple(stat[k]):
-                    continue  # committed already (a kill after the root was replaced, before cleanup)
-                if row is not None:
-                    dead[row] = True  # superseded: the file changed, or its stat key did
-                new.pop(key, None)  # a later batch wins
-                new[key] = [sha, label, stat[k], ("b", bi, k) if has_codes else ("s", None, None)]
+                rows_in.append((rid, sha, class_index[lab] if lab else -1, tuple(stat[k]),
+                                ("b", bi, k) if has_codes else ("s", None, None)))
+    found = old.store.rows_of([r[0] for r in rows_in]) if old and rows_in else np.full(len(rows_in), -1)
+    hit = np.sort(found[found >= 0])
+    stored_sha = dict(zip(hit.tolist(), old.store._sha_at(hit).tolist())) if len(hit) else {}
+    for (rid, sha, label, st, src), row in zip(rows_in, found.tolist()):
+        if row >= 0 and not dead[row] and stored_sha[row] == sha and old.labels[row] == label \
+                and tuple(old.stat[row].tolist()) == st:
+            continue  # committed already (a kill after the root was replaced, before cleanup)
+        if row >= 0:
+            dead[row] = True  # superseded: the file changed, or its stat key did
+        key = rid.encode()
+        new.pop(key, None)  # a later batch wins
+        new[key] = [sha, label, list(st), src]
     # Codes of reused content: from a row of this run with that content, else an old row.
     first_new = {}
     for key, (sha, _, _, src) in new.items():
@@ -678,9 +697,9 @@ def merge(path: Path, journal: Journal, spec: ExtractorSpec, code_dims: dict[str
     wanted = {v[0] for v in new.values() if v[3][0] == "s" and v[0] not in first_new}
     first_old = {}
     if wanted:
-        hits = np.flatnonzero(np.isin(old.sha, np.asarray(sorted(wanted), dtype="S64"))) if old else []
-        for row in hits:
-            first_old.setdefault(bytes(old.sha[row]), int(row))
+        all_sha = old.store._raw_sha256 if old else np.zeros(0, dtype="S64")
+        for row in np.flatnonzero(np.isin(all_sha, np.asarray(sorted(wanted), dtype="S64"))):
+            first_old.setdefault(bytes(all_sha[row]), int(row))
     # Which trailing old segments this run rewrites (v1: all of it), then the new segment.
     live = old.live_rows_per_segment() if old else []
     start = _compaction_start(live, len(new), v1=old is not None and old.version < 2) if old else 0
@@ -690,12 +709,13 @@ def merge(path: Path, journal: Journal, spec: ExtractorSpec, code_dims: dict[str
         rows = np.arange(pos, pos + hi - lo)
         alive = ~dead[pos:pos + hi - lo]
         if s >= start:  # rewritten into the new segment
-            for v in rows[alive]:
-                seg_ids.append(old.ids[v].decode())
-                seg_sha.append(old.sha[v])
-                seg_labels.append(old.labels[v])
-                seg_stat.append(old.stat[v])
-                sources.old(int(v))
+            keep = rows[alive]
+            seg_ids += [i.decode() for i in old.store._ids_at_rows(keep).tolist()]
+            seg_sha += old.store._sha_at(keep).tolist()
+            seg_labels += old.labels[keep].tolist()
+            seg_stat += old.stat[keep].tolist()
+            for v in keep.tolist():
+                sources.old(v)
         else:  # still mapped where it is, split around superseded rows
             edges = np.flatnonzero(np.diff(np.r_[0, alive.astype(np.int8), 0]))
             for a, b in zip(edges[::2], edges[1::2]):
@@ -760,7 +780,7 @@ def merge(path: Path, journal: Journal, spec: ExtractorSpec, code_dims: dict[str
     # The new root is in place: what it no longer maps goes (compacted segments, orphans).
     remove_unmapped(path)
     journal.remove()
-    return len(new)
+    return {bytes(v[0]) for v in new.values()}
 
 
 def _umask() -> int:
@@ -851,8 +871,7 @@ class CodeStore:
                 version = int(f.attrs.get("format_version", -1))
                 attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
                 missing = _missing_segments(self.path, f) if fmt == FORMAT and version <= FORMAT_VERSION else []
-                ok = fmt == FORMAT and version <= FORMAT_VERSION and not missing
-                self._raw_ids = f["ids"][:] if ok else None
+                self._len = int(f["ids"].shape[0]) if fmt == FORMAT and "ids" in f else 0
         except OSError as exc:
             raise StoreError(f"{str(self.path)!r} is not a readable HDF5 file ({exc}).") from None
         if fmt != FORMAT:
@@ -891,7 +910,61 @@ class CodeStore:
         return data
 
     def __len__(self) -> int:
-        return len(self._raw_ids)
+        return self._len
+
+    @cached_property
+    def _raw_ids(self) -> np.ndarray:
+        return self._read("ids")
+
+    @cached_property
+    def _row_of(self) -> dict:
+        """Row of each id (utf-8 bytes): the slow path of `rows_of`, for ids sharing a hash."""
+        return dict(zip(self._raw_ids.tolist(), range(len(self))))
+
+    @cached_property
+    def _id_index(self) -> tuple[np.ndarray, np.ndarray]:
+        with h5py.File(self.path, "r") as f:
+            indexed = "id_hash" in f  # written since format 2; computed for version 1 stores
+        keys = self._read("id_hash") if indexed else id_hashes(self._raw_ids.tolist())
+        order = np.argsort(keys, kind="stable")
+        return keys[order], order
+
+    def rows_of(self, ids) -> np.ndarray:
+        """The row of each id (-1: not in the store), without reading every stored id.
+
+        The ids' 64-bit hashes are looked up in the store's sorted `id_hash`; the ids of the
+        rows found are then read and compared, so two ids sharing a hash are never confused.
+        """
+        rows = np.full(len(ids), -1, dtype=np.int64)
+        if not len(self) or not len(ids):
+            return rows
+        keys, order = self._id_index
+        q = id_hashes(ids)
+        pos = np.searchsorted(keys, q).clip(0, len(keys) - 1)
+        hit = np.flatnonzero(keys[pos] == q)
+        rows[hit] = order[pos[hit]]
+        if len(hit):
+            srt = np.argsort(rows[hit], kind="stable")
+            stored = self._ids_at_rows(rows[hit][srt])
+            for k, sid in zip(hit[srt].tolist(), stored.tolist()):
+                want = ids[k].encode() if isinstance(ids[k], str) else ids[k]
+                if sid != want:  # a hash shared by two ids: ask the full table
+                    rows[k] = self._row_of.get(want, -1)
+        return rows
+
+    def _rows_read(self, key: str, rows: np.ndarray, cached: str) -> np.ndarray:
+        """`key` at sorted `rows`: from the array read already, else a few slices of the file."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if cached in self.__dict__:
+            return self.__dict__[cached][rows]
+        with h5py.File(self.path, "r") as f:
+            return _read_rows(f[key], rows)
+
+    def _ids_at_rows(self, rows) -> np.ndarray:
+        return self._rows_read("ids", rows, "_raw_ids")
+
+    def _sha_at(self, rows) -> np.ndarray:
+        return self._rows_read("sha256", rows, "_raw_sha256")
 
     def __repr__(self) -> str:
         return (f"CodeStore({str(self.path)!r}, rows={len(self)}, backbone={self.backbone!r}, "
@@ -909,6 +982,9 @@ class CodeStore:
     @cached_property
     def _ids(self) -> np.ndarray:
         return np.array([s.decode() for s in self._raw_ids], dtype=object)
+
+    def _ids_at(self, row: int) -> str:
+        return self._raw_ids[row].decode()
 
     @property
     def ids(self) -> np.ndarray:
@@ -1006,9 +1082,20 @@ class CodeStore:
         """(id, reason) of every image that could not be extracted."""
         return [(rid, why) for rid, _, why in self.failure_records()]
 
-    def conflicts(self) -> list[list[tuple[str, str]]]:
-        """Groups of rows with identical content but different labels, as (id, label) lists."""
+    def conflicts(self, among=None) -> list[list[tuple[str, str]]]:
+        """Groups of rows with identical content but different labels, as (id, label) lists by id.
+
+        `among`: only the groups of these sha256s (hex str or bytes), e.g. a run's new rows.
+        """
         sha, labels = self._raw_sha256, self._labels
+        if among is not None:
+            wanted = np.asarray([s.encode() if isinstance(s, str) else s for s in among], dtype="S64")
+            rows = np.flatnonzero(np.isin(sha, wanted)) if len(wanted) else np.zeros(0, dtype=np.int64)
+            names = self.class_names
+            groups = defaultdict(list)
+            for row in rows:
+                groups[bytes(sha[row])].append((self._ids_at(row), names[labels[row]] if labels[row] >= 0 else None))
+            return [sorted(g) for g in groups.values() if len({lab for _, lab in g}) > 1]
         if len(sha) < 2:
             return []
         order = np.argsort(sha, kind="stable")
@@ -1022,8 +1109,8 @@ class CodeStore:
         dup[1:] |= same
         dup[:-1] |= same
         for row in np.sort(order[dup]):
-            groups[bytes(sha[row])].append((self._ids[row], names[labels[row]] if labels[row] >= 0 else None))
-        return [g for g in groups.values() if len({lab for _, lab in g}) > 1]
+            groups[bytes(sha[row])].append((self._ids_at(row), names[labels[row]] if labels[row] >= 0 else None))
+        return [sorted(g) for g in groups.values() if len({lab for _, lab in g}) > 1]
 
 
 # --------------------------------------------------------------------------- checking
