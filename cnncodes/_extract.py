@@ -474,16 +474,19 @@ class _Known:
             self.rows, self.fail = np.full(len(items), -1, dtype=np.int64), {}
             return
         self.rows = store.rows_of([i.id for i in items])
+        held = np.unique(self.rows[self.rows >= 0])  # their labels and stat keys, not every row's
+        self._label = dict(zip(held.tolist(), store._labels_at(held).tolist()))
+        self._stat = dict(zip(held.tolist(), map(tuple, store._stat_at(held).tolist())))
         self.names = store.class_names
         stats = store.failure_stats()
         self.fail = {rid: (sha, why, stats.get(rid, UNKNOWN_STAT)) for rid, sha, why in store.failure_records()}
 
     def label(self, row: int) -> str | None:
-        lab = self.store._labels[row]
+        lab = self._label[row]
         return self.names[lab] if lab >= 0 else None
 
     def stat(self, row: int) -> tuple:
-        return tuple(self.store._stat[row].tolist())
+        return self._stat[row]
 
     def shas_of(self, rows: list[int]) -> dict[int, str]:
         """Stored sha256 of these rows."""
@@ -496,9 +499,8 @@ class _Known:
         """Those of `shas` some row of the store holds."""
         if self.store is None or not shas or not len(self.store):
             return set()
-        raw = self.store._raw_sha256
-        wanted = np.asarray([s.encode() for s in shas], dtype="S64")
-        return {s.decode() for s in np.unique(raw[np.isin(raw, wanted)]).tolist()}
+        rows = self.store.rows_with_sha(shas)
+        return {s.decode() for s in self.store._sha_at(rows).tolist()} if len(rows) else set()
 
 
 def _stat_key(path: str) -> tuple[int, int, int]:

@@ -411,7 +411,7 @@ class Journal:
 
 SEGMENT_FORMAT = "cnncodes.segment"
 TIER_FANOUT = 8
-ROW_DATASETS = ("ids", "id_hash", "sha256", "labels", "stat")
+ROW_DATASETS = ("ids", "id_hash", "sha256", "sha_key", "labels", "stat")
 BLOCK_BYTES = 64 << 20  # codes copied into a segment a block of about this many bytes at a time
 
 
@@ -424,6 +424,12 @@ def id_hashes(ids) -> np.ndarray:
     digest = b"".join(hashlib.blake2b(r if isinstance(r, bytes) else r.encode(), digest_size=8).digest()
                       for r in ids)
     return np.frombuffer(digest, dtype="<i8").astype(np.int64)
+
+
+def sha_keys(shas) -> np.ndarray:
+    """The first 8 bytes of each sha256 (hex str or bytes) as an int64: the content index."""
+    hexes = b"".join((h if isinstance(h, bytes) else h.encode())[:16] for h in shas)
+    return np.frombuffer(bytes.fromhex(hexes.decode("ascii")), dtype=">i8").astype(np.int64)
 
 
 def segment_folder(path: Path) -> Path:
@@ -475,7 +481,6 @@ class _Old:
                 n = self.n
                 self.segments, self.segment_rows, self.runs = [None], [n], [(0, 0, n)] if n else []
             self.next_segment = int(f.attrs.get("next_segment", 0))
-        self.labels, self.stat = store._labels, store._stat
 
     def live_rows_per_segment(self) -> list[int]:
         rows = [0] * len(self.segments)
@@ -540,6 +545,7 @@ def _write_segment(tmp: Path, *, ids, sha, labels, stat, sources: _Sources, batc
         f.create_dataset("ids", data=np.asarray(ids, dtype=object), dtype=_STR)
         f.create_dataset("id_hash", data=id_hashes(ids))
         f.create_dataset("sha256", data=np.asarray(sha, dtype="S64"))
+        f.create_dataset("sha_key", data=sha_keys(sha))
         f.create_dataset("labels", data=np.asarray(labels, dtype=np.int32))
         f.create_dataset("stat", data=np.asarray(stat, dtype=np.int64).reshape(n, 3))
         f["stat"].attrs["columns"] = "size, mtime_ns, inode (-1: unknown)"
@@ -608,6 +614,7 @@ def _write_root(tmp: Path, *, folder_name: str, attrs: dict, spec: ExtractorSpec
         _layout(f, "ids", _STR, (), folder_name, segments, runs, total)
         _layout(f, "id_hash", "int64", (), folder_name, segments, runs, total)
         _layout(f, "sha256", "S64", (), folder_name, segments, runs, total)
+        _layout(f, "sha_key", "int64", (), folder_name, segments, runs, total)
         _layout(f, "labels", "int32", (), folder_name, segments, runs, total)
         _layout(f, "stat", "int64", (3,), folder_name, segments, runs, total)
         f.create_group("codes")
@@ -678,11 +685,11 @@ def merge(path: Path, journal: Journal, spec: ExtractorSpec, code_dims: dict[str
                 rows_in.append((rid, sha, class_index[lab] if lab else -1, tuple(stat[k]),
                                 ("b", bi, k) if has_codes else ("s", None, None)))
     found = old.store.rows_of([r[0] for r in rows_in]) if old and rows_in else np.full(len(rows_in), -1)
-    hit = np.sort(found[found >= 0])
-    stored_sha = dict(zip(hit.tolist(), old.store._sha_at(hit).tolist())) if len(hit) else {}
+    hit = np.unique(found[found >= 0])
+    stored = dict(zip(hit.tolist(), zip(old.store._sha_at(hit).tolist(), old.store._labels_at(hit).tolist(),
+                                        map(tuple, old.store._stat_at(hit).tolist())))) if len(hit) else {}
     for (rid, sha, label, st, src), row in zip(rows_in, found.tolist()):
-        if row >= 0 and not dead[row] and stored_sha[row] == sha and old.labels[row] == label \
-                and tuple(old.stat[row].tolist()) == st:
+        if row >= 0 and not dead[row] and stored[row] == (sha, label, st):
             continue  # committed already (a kill after the root was replaced, before cleanup)
         if row >= 0:
             dead[row] = True  # superseded: the file changed, or its stat key did
@@ -697,9 +704,9 @@ def merge(path: Path, journal: Journal, spec: ExtractorSpec, code_dims: dict[str
     wanted = {v[0] for v in new.values() if v[3][0] == "s" and v[0] not in first_new}
     first_old = {}
     if wanted:
-        all_sha = old.store._raw_sha256 if old else np.zeros(0, dtype="S64")
-        for row in np.flatnonzero(np.isin(all_sha, np.asarray(sorted(wanted), dtype="S64"))):
-            first_old.setdefault(bytes(all_sha[row]), int(row))
+        rows = old.store.rows_with_sha(sorted(wanted)) if old else np.zeros(0, dtype=np.int64)
+        for row, sha in zip(rows.tolist(), old.store._sha_at(rows).tolist() if len(rows) else []):
+            first_old.setdefault(sha, row)
     # Which trailing old segments this run rewrites (v1: all of it), then the new segment.
     live = old.live_rows_per_segment() if old else []
     start = _compaction_start(live, len(new), v1=old is not None and old.version < 2) if old else 0
@@ -712,8 +719,8 @@ def merge(path: Path, journal: Journal, spec: ExtractorSpec, code_dims: dict[str
             keep = rows[alive]
             seg_ids += [i.decode() for i in old.store._ids_at_rows(keep).tolist()]
             seg_sha += old.store._sha_at(keep).tolist()
-            seg_labels += old.labels[keep].tolist()
-            seg_stat += old.stat[keep].tolist()
+            seg_labels += old.store._labels_at(keep).tolist()
+            seg_stat += old.store._stat_at(keep).tolist()
             for v in keep.tolist():
                 sources.old(v)
         else:  # still mapped where it is, split around superseded rows
@@ -966,6 +973,31 @@ class CodeStore:
     def _sha_at(self, rows) -> np.ndarray:
         return self._rows_read("sha256", rows, "_raw_sha256")
 
+    def _labels_at(self, rows) -> np.ndarray:
+        return self._rows_read("labels", rows, "_labels").astype(np.int64)
+
+    def _stat_at(self, rows) -> np.ndarray:
+        if self.format_version < 2:
+            return np.full((len(rows), 3), -1, dtype=np.int64)
+        return self._rows_read("stat", rows, "_stat")
+
+    @cached_property
+    def _sha_keys(self) -> np.ndarray:
+        with h5py.File(self.path, "r") as f:
+            indexed = "sha_key" in f  # written since format 2; computed for version 1 stores
+        return self._read("sha_key") if indexed else sha_keys(self._raw_sha256.tolist())
+
+    def rows_with_sha(self, shas) -> np.ndarray:
+        """The rows (sorted) holding any of these sha256s (hex str or bytes), found through the
+        stored 8-byte content keys and checked against the sha256s themselves."""
+        if not len(self) or not len(shas):
+            return np.zeros(0, dtype=np.int64)
+        rows = np.flatnonzero(np.isin(self._sha_keys, sha_keys(shas)))
+        if len(rows):
+            wanted = {s if isinstance(s, bytes) else s.encode() for s in shas}
+            rows = rows[[s in wanted for s in self._sha_at(rows).tolist()]]
+        return rows
+
     def __repr__(self) -> str:
         return (f"CodeStore({str(self.path)!r}, rows={len(self)}, backbone={self.backbone!r}, "
                 f"layers={self.layers}, pooling={self.spec.pooling!r})")
@@ -1087,15 +1119,15 @@ class CodeStore:
 
         `among`: only the groups of these sha256s (hex str or bytes), e.g. a run's new rows.
         """
-        sha, labels = self._raw_sha256, self._labels
         if among is not None:
-            wanted = np.asarray([s.encode() if isinstance(s, str) else s for s in among], dtype="S64")
-            rows = np.flatnonzero(np.isin(sha, wanted)) if len(wanted) else np.zeros(0, dtype=np.int64)
+            rows = self.rows_with_sha(list(among))
             names = self.class_names
             groups = defaultdict(list)
-            for row in rows:
-                groups[bytes(sha[row])].append((self._ids_at(row), names[labels[row]] if labels[row] >= 0 else None))
+            for sha, rid, lab in zip(self._sha_at(rows).tolist(), self._ids_at_rows(rows).tolist(),
+                                     self._labels_at(rows).tolist()):
+                groups[sha].append((rid.decode(), names[lab] if lab >= 0 else None))
             return [sorted(g) for g in groups.values() if len({lab for _, lab in g}) > 1]
+        sha, labels = self._raw_sha256, self._labels
         if len(sha) < 2:
             return []
         order = np.argsort(sha, kind="stable")

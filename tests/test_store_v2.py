@@ -394,3 +394,27 @@ def test_stray_files_of_a_killed_run_are_removed(aged, tmp_path, fast):
     assert result.n_unchanged == 12 and not any(p.exists() for p in strays)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["codes.h5", "codes.h5.d", "photos"]
     assert [s.name for s in _segments(out)] == ["segment-000000.h5"]
+
+
+def test_rows_are_found_by_id_hash_and_checked_against_the_id(aged, tmp_path, fast, monkeypatch):
+    """Check that the id_hash index finds rows, and that ids sharing a hash are never confused."""
+    out = tmp_path / "codes.h5"
+    extract(aged, out=out, **fast)
+    store = CodeStore(out)
+    ids = list(store.ids)
+    with h5py.File(out, "r") as f:
+        np.testing.assert_array_equal(f["id_hash"][:], cnncodes._store.id_hashes(ids))
+        np.testing.assert_array_equal(f["sha_key"][:], cnncodes._store.sha_keys(f["sha256"][:].tolist()))
+    asked = [ids[5], "daisy/not-there.jpg", ids[0], ids[11]]
+    assert store.rows_of(asked).tolist() == [5, -1, 0, 11]
+    assert store.rows_with_sha([store.sha256[3], "0" * 64]).tolist() == [3]
+    # Every id hashed alike (written and asked so): the index matches each id to the first row,
+    # and the check against the ids themselves sorts it out.
+    monkeypatch.setattr(cnncodes._store, "id_hashes", lambda xs: np.zeros(len(xs), dtype=np.int64))
+    collided = tmp_path / "collided.h5"
+    extract(aged, out=collided, **fast)
+    store = CodeStore(collided)
+    assert (h5py.File(collided, "r")["id_hash"][:] == 0).all()
+    assert store.rows_of(asked).tolist() == [5, -1, 0, 11]
+    result = extract(aged, out=collided, **fast)
+    assert (result.n_unchanged, result.n_extracted, result.n_hashed) == (12, 0, 0)
