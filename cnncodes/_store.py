@@ -909,12 +909,15 @@ class CodeStore:
             if key not in f:
                 raise StoreError(f"{str(self.path)!r} has no dataset {key!r}.")
             data = f[key][rows]
+        self._check_unchanged()
+        return data
+
+    def _check_unchanged(self) -> None:
         if self._stat_key() != self._key:
             raise StoreError(
                 f"{self.path.name} was replaced by another run while it was read. Open it again "
                 f"(CodeStore(path)) to read the new rows."
             )
-        return data
 
     def __len__(self) -> int:
         return self._len
@@ -965,7 +968,9 @@ class CodeStore:
         if cached in self.__dict__:
             return self.__dict__[cached][rows]
         with h5py.File(self.path, "r") as f:
-            return _read_rows(f[key], rows)
+            data = _read_rows(f[key], rows)
+        self._check_unchanged()
+        return data
 
     def _ids_at_rows(self, rows) -> np.ndarray:
         return self._rows_read("ids", rows, "_raw_ids")

@@ -74,6 +74,9 @@ def photos(tmp_path, sample_dir) -> Path:
         (root / cls).mkdir(parents=True)
         for f in sorted((sample_dir / cls).iterdir())[:4]:
             shutil.copy(f, root / cls / f.name)
+            # An mtime long past: a file modified seconds before a run is "racy" (read again
+            # by the next run, as git does), which would make re-runs depend on the clock.
+            os.utime(root / cls / f.name, (1_700_000_000, 1_700_000_000))
     return root
 
 

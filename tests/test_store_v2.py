@@ -117,8 +117,10 @@ def test_an_unchanged_rerun_reads_no_image(aged, tmp_path, fast, reads):
 
 def test_a_fresh_file_is_read_again_until_it_settles(photos, tmp_path, fast, reads):
     """Check that a file modified just before its listing is stored with an unknown stat key."""
+    for p in photos.rglob("*.jpg"):
+        p.touch()  # modified just now
     out = tmp_path / "codes.h5"
-    extract(photos, out=out, **fast)  # the copies are seconds old: racy
+    extract(photos, out=out, **fast)  # the files are less than RACY_NS old: racy
     assert (CodeStore(out).stat == -1).all()
     reads.clear()
     assert extract(photos, out=out, **fast).n_hashed == 12
@@ -418,3 +420,16 @@ def test_rows_are_found_by_id_hash_and_checked_against_the_id(aged, tmp_path, fa
     assert store.rows_of(asked).tolist() == [5, -1, 0, 11]
     result = extract(aged, out=collided, **fast)
     assert (result.n_unchanged, result.n_extracted, result.n_hashed) == (12, 0, 0)
+
+
+def test_a_reader_never_mixes_two_versions_of_the_store(aged, tmp_path, sample_dir, fast):
+    """Check that a reader opened before a run replaced the store refuses to read, and says why."""
+    out = tmp_path / "codes.h5"
+    extract(aged, out=out, **fast)
+    reader = CodeStore(out)
+    _add(sample_dir, aged)
+    extract(aged, out=out, **fast)
+    with pytest.raises(StoreError, match="codes.h5 was replaced by another run while it was read. Open it "
+                                         r"again \(CodeStore\(path\)\) to read the new rows."):
+        reader.codes("block5")
+    assert CodeStore(out).codes("block5").shape == (13, 1280)
