@@ -905,12 +905,23 @@ class CodeStore:
         return st.st_ino, st.st_mtime_ns, st.st_size
 
     def _read(self, key, rows=slice(None)):
-        with h5py.File(self.path, "r") as f:
+        with self._reading(key), h5py.File(self.path, "r") as f:
             if key not in f:
                 raise StoreError(f"{str(self.path)!r} has no dataset {key!r}.")
             data = f[key][rows]
         self._check_unchanged()
         return data
+
+    @contextlib.contextmanager
+    def _reading(self, key: str):
+        """Name the store and what to do when HDF5 cannot read (a damaged segment file)."""
+        try:
+            yield
+        except OSError as exc:
+            raise StoreError(
+                f"{self.path.name}: cannot read {key} ({str(exc).splitlines()[0][:200]}). A file "
+                f"of the store may be damaged: `cnncodes check {self.path}` names it."
+            ) from None
 
     def _check_unchanged(self) -> None:
         if self._stat_key() != self._key:
@@ -967,7 +978,7 @@ class CodeStore:
         rows = np.asarray(rows, dtype=np.int64)
         if cached in self.__dict__:
             return self.__dict__[cached][rows]
-        with h5py.File(self.path, "r") as f:
+        with self._reading(key), h5py.File(self.path, "r") as f:
             data = _read_rows(f[key], rows)
         self._check_unchanged()
         return data

@@ -223,6 +223,13 @@ def test_check_finds_damaged_codes_and_changed_files(aged, tmp_path, fast, capsy
     with h5py.File(_segments(out)[0], "r+") as g:
         g["codes/block5"][3] = np.nan
     assert check(out).problems == ["codes.h5.d/segment-000000.h5: codes/block5: 1 rows hold non-finite codes (NaN/inf)"]
+    segment = _segments(out)[0]
+    segment.write_bytes(segment.read_bytes()[:3000])  # truncated
+    with pytest.raises(StoreError, match=r"codes.h5: cannot read codes/block5 \(.*truncated file.*\). A file of "
+                                         r"the store may be damaged: `cnncodes check .*codes.h5` names it."):
+        CodeStore(out).codes("block5")
+    (problem,) = check(out).problems
+    assert problem.startswith("codes.h5.d/segment-000000.h5: unreadable (") and "truncated file" in problem
 
 
 def test_small_segments_are_merged_tiered(aged, tmp_path, fast):
