@@ -25,6 +25,7 @@ from ._finetune import EpochStats, FinetuneResult, FineTunedModel, finetune
 from ._fit import fit, split_store
 from ._stream import fit_streaming
 from ._knn import FaissKNNClassifier
+from ._outputs import OutputExistsError
 from ._model import Evaluation, Model, ModelFileError, Prediction, evaluate, load, predict, save
 from ._spec import ExtractorSpec, WeightsRef
 from ._store import CodeStore
@@ -49,6 +50,7 @@ __all__ = [
     "Measurements",
     "Model",
     "ModelFileError",
+    "OutputExistsError",
     "Prediction",
     "Recommendation",
     "Scenario",

@@ -20,6 +20,7 @@ from ._accel import autocast, resolve_device, resolve_precision, reuse_freed_mem
 from ._backbones import build_model, finish_model, get_backbone, graph_nodes, weights_enum
 from ._errors import CnnCodesError, SourceError, WeightsError
 from ._images import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocess, decode
+from ._outputs import CHECKPOINT, check_output
 from ._sources import read_source
 from ._spec import ExtractorSpec
 from ._weights import IMAGENET, load_model, resolve
@@ -830,6 +831,7 @@ def finetune(
     w = resolve(spec, weights)
     prep = Preprocess.from_weights(weights_enum(spec)[w.preprocessing_from], image_size)
     out = Path(out)
+    check_output(out, CHECKPOINT)  # before any image is read
     state_path = out.with_name(out.name + STATE_SUFFIX)
     out.parent.mkdir(parents=True, exist_ok=True)
     if not resume:

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from ._errors import CnnCodesError, StoreMismatchError
+from ._outputs import MODEL as MODEL_FILE
+from ._outputs import PNG, check_output
 from ._spec import ExtractorSpec
 from ._store import CodeStore
 
@@ -54,6 +56,7 @@ def save(model, path, *, extractor: ExtractorSpec | dict | None = None) -> Path:
         "store": meta.get("store"),
     }
     path = Path(path)
+    check_output(path, MODEL_FILE)
     path.parent.mkdir(parents=True, exist_ok=True)
     sio.dump(bundle, path)
     return path
@@ -261,6 +264,7 @@ class Evaluation:
             import matplotlib.pyplot as plt
         except ImportError:
             raise CnnCodesError("plotting needs matplotlib: pip install 'cnncodes[plot]'.") from None
+        check_output(path, PNG)
         from sklearn.metrics import ConfusionMatrixDisplay
 
         fig, ax = plt.subplots(figsize=(1.2 * len(self.classes) + 2, 1.2 * len(self.classes) + 1.5))

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ._errors import CnnCodesError, UnknownLayerError
+from ._outputs import PNG, check_output
 
 PROBES = ("logreg", "linear_svm")
 # C grids of the probe (inverse L2 strength on standardised codes). Low-dimensional early
@@ -165,6 +166,7 @@ class SweepResult:
         ax.legend(loc="lower right")
         fig.tight_layout()
         path = Path(path)
+        check_output(path, PNG)
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=120)
         plt.close(fig)
@@ -375,6 +377,8 @@ def sweep(
         raise CnnCodesError(f"cv must be an integer >= 2 (the number of folds), got {cv!r}.")
     if max_images is not None and max_images < 2 * MIN_PER_CLASS:
         raise CnnCodesError(f"max_images must be at least {2 * MIN_PER_CLASS}, got {max_images}.")
+    if plot is not None:
+        check_output(plot, PNG)  # before the extraction and the probes, not after
     if isinstance(layers, str):
         layers = [layers]
     need = max(cv, MIN_PER_CLASS)
