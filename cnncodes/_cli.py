@@ -61,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
                    "of the local engine")
     e.add_argument("--gpus-per-worker", type=float, default=0,
                    help="with --engine ray: GPUs per actor (default 0: CPU actors)")
+    e.add_argument("--replace-root", action="store_true",
+                   help="the store was extracted from another data folder: let images of this one "
+                   "replace the stored rows with the same ids (by default such a run is refused)")
     e.add_argument("--rehash", action="store_true",
                    help="read and hash every file again; by default a file whose size, mtime and "
                    "inode are those stored with its row is not read")
@@ -277,6 +280,7 @@ def _extract(args) -> int:
         max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS, progress=not args.quiet,
         engine=args.engine, ray_address=args.address, ray_workers=args.ray_workers,
         gpus_per_worker=args.gpus_per_worker, rehash=args.rehash,
+        on_other_root="replace" if args.replace_root else "refuse",
     )
     print(result.summary())
     return EXIT_FAILURES if result.failures or result.known_failures else EXIT_OK
@@ -377,8 +381,10 @@ def _fit(args) -> int:
     from ._errors import CnnCodesError
     from ._fit import fit, split_store
     from ._model import evaluate, save
+    from ._outputs import MODEL, check_output
     from ._store import CodeStore
 
+    check_output(args.out, MODEL, option="-o")  # before fitting, not after
     store = CodeStore(args.store)
     try:
         C = args.C if args.C == "auto" else float(args.C)
@@ -411,7 +417,10 @@ def _predict(args) -> int:
     import csv
 
     from ._model import predict
+    from ._outputs import PREDICTIONS, check_output
 
+    if args.csv:
+        check_output(args.csv, PREDICTIONS, option="--csv")
     images = args.images[0] if len(args.images) == 1 else args.images
     preds = predict(args.model, images, top_k=args.top_k, store=args.store, progress=not args.quiet)
     for p in preds:
@@ -428,7 +437,10 @@ def _predict(args) -> int:
 
 def _evaluate(args) -> int:
     from ._model import evaluate
+    from ._outputs import PNG, check_output
 
+    if args.plot:
+        check_output(args.plot, PNG, option="--plot")
     ev = evaluate(args.model, args.data, progress=not args.quiet)
     print(ev.summary())
     if args.plot:
@@ -485,6 +497,13 @@ def _advise(args) -> int:
 
     if args.out and not args.run:
         raise CnnCodesError("-o/--out names the model that --run writes; add --run, or drop -o.")
+    if args.out:
+        from pathlib import Path
+
+        from ._outputs import CHECKPOINT, MODEL, check_output
+
+        check_output(args.out, CHECKPOINT if Path(args.out).suffix.lower() in (".pt", ".pth") else MODEL,
+                     option="-o")
     advice = advise(
         args.data, backbone=args.backbone, store=args.store, cv=args.cv,
         max_images=args.max_images or None, head_images=args.head_images,

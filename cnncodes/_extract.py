@@ -25,7 +25,8 @@ from ._backbones import (
     weights_enum,
 )
 from ._accel import resolve_device, resolve_precision, reuse_freed_memory
-from ._errors import CnnCodesError
+from ._errors import CnnCodesError, StoreMismatchError
+from ._outputs import STORE, check_output
 from ._images import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocess, decode, resize_batch
 from ._sources import Item, read_source
 from ._spec import ExtractorSpec
@@ -35,6 +36,7 @@ from ._weights import load_model, resolve
 DTYPES = ("float32", "float16")
 TTAS = ("none", "flip")
 RESIZES = ("workers", "device")
+ON_OTHER_ROOT = ("refuse", "replace")
 HASH_CHUNK = 64
 SLOW_READ_SECONDS = 200e-6  # a file read and hashed slower than this, on average: threads
 # compile="auto" on a CPU: the first PROBE_BATCHES batches run eagerly, and the model is
@@ -209,6 +211,7 @@ def extract(
     ray_workers: int | None = None,
     gpus_per_worker: float = 0,
     rehash: bool = False,
+    on_other_root: str = "refuse",
 ) -> ExtractResult:
     """Extract CNN codes of images into an HDF5 code store; resume and skip what is there.
 
@@ -304,6 +307,15 @@ def extract(
         index does; a file rewritten with the same size within the same mtime tick and inode
         (rare; the tick is nanoseconds on ext4, xfs and btrfs) is then missed, and
         ``rehash=True`` (``--rehash``) finds it.
+    on_other_root : {"refuse", "replace"}
+        When `out` is a store extracted from another data root (its ``attrs["data_root"]``):
+        ids are paths relative to the root, so ``daisy/1.jpg`` of two folders is one id.
+        ``"refuse"`` (the default) raises `StoreMismatchError`, before any image is decoded,
+        when an image of this run has the id of a stored row but other content (its row
+        would be replaced); moved data (the same content) and images of new ids go on.
+        ``"replace"`` (``--replace-root``): such rows are replaced. Either way the store's
+        ``data_root`` becomes this run's root, the earlier ones listed in
+        ``attrs["earlier_data_roots"]``.
 
     Returns
     -------
@@ -346,9 +358,13 @@ def extract(
     for info in infos:
         by_node.setdefault(info.node, info)
     infos = shallow_to_deep(spec_b, list(by_node.values()))
+    if on_other_root not in ON_OTHER_ROOT:
+        raise CnnCodesError(f"unknown on_other_root {on_other_root!r}. Valid values: "
+                            f"{', '.join(ON_OTHER_ROOT)}.")
+    out = Path(out)
+    check_output(out, STORE, option="out")  # a model, a photo, a folder ... is never overwritten
     w = resolve(spec_b, weights)
     src = read_source(source, labels, root=root)
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
     with StoreLock(out):
@@ -383,6 +399,7 @@ def extract(
         journal.open(spec)
         journal.clean()
         plan = _plan(src.items, store, journal, rehash=rehash)
+        new_root = store is not None and _check_root(store, src, plan, on_other_root, journal)
         result.n_hashed = plan.n_hashed
         result.n_unchanged = plan.n_unchanged
         result.n_resumed = plan.n_resumed
@@ -425,7 +442,8 @@ def extract(
         if journal.batches():
             if store is not None and store.format_version < FORMAT_VERSION:
                 result.converted_from = store.format_version
-            written = merge(out, journal, spec, code_dims, _provenance(src, w), store=store)
+            written = merge(out, journal, spec, code_dims, _provenance(src, w), store=store,
+                            new_root=new_root)
         else:
             journal.remove()
             written = set()
@@ -434,6 +452,34 @@ def extract(
         result.conflicts = final.conflicts(among=written) if written else []
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _check_root(store: CodeStore, src, plan: "_Plan", on_other_root: str, journal: Journal) -> bool:
+    """Whether this run's data root differs from the store's; refuse when rows would be lost.
+
+    Ids are paths relative to the data root, so ``daisy/1.jpg`` of two folders is one id: a
+    run from another root whose images of stored ids hold other content would replace the
+    stored rows. Moved data (the same content at a new root) and images of new ids replace
+    nothing and go on; the store then records the new root.
+    """
+    stored = store.attrs.get("data_root")
+    here = os.path.abspath(src.root)
+    if stored is None or os.path.abspath(stored) == here:
+        return False
+    changed = [*plan.compute, *(item for item, _ in plan.reused)]
+    rows = store.rows_of([item.id for item in changed]) if changed else np.zeros(0, dtype=np.int64)
+    replaced = [item.id for item, row in zip(changed, rows.tolist()) if row >= 0]
+    if replaced and on_other_root != "replace":
+        if not journal.batches():
+            journal.remove()
+        raise StoreMismatchError(
+            f"{store.path.name} holds images of data root {stored!r}, and this run's images are in "
+            f"{here!r}: {len(replaced)} of them have the id of a stored image but other content "
+            f"(e.g. {replaced[0]!r}; ids are paths relative to the data root) and would replace its "
+            f"row. Write a new store (-o other.h5), or pass --replace-root (on_other_root='replace') "
+            f"to replace those rows and record {here!r} as the store's data root."
+        )
+    return True
 
 
 def _provenance(src, w) -> dict:

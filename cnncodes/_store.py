@@ -263,6 +263,7 @@ def _fsync_dir(folder: Path) -> None:
 def _atomic_savez(path: Path, arrays: dict) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npz")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the journal is the store's, as shared
         with os.fdopen(fd, "wb") as fh:
             np.savez(fh, **arrays)
             fh.flush()
@@ -637,18 +638,29 @@ def _write_root(tmp: Path, *, folder_name: str, attrs: dict, spec: ExtractorSpec
         seg["runs"].attrs["columns"] = "segment (index into names), first row, end row"
 
 
-def _store_attrs(old: _Old | None, attrs: dict) -> dict:
-    """The root's provenance: kept from the store's creation, as version 1 files kept it."""
+def _store_attrs(old: _Old | None, attrs: dict, new_root: bool = False) -> dict:
+    """The root's provenance: kept from the store's creation, as version 1 files kept it.
+
+    With `new_root` (a run from another data root, allowed by ``on_other_root="replace"``),
+    ``data_root`` becomes this run's, and the earlier ones go to ``earlier_data_roots``.
+    """
     if old is not None:
         keep = {k: v for k, v in old.attrs.items()
                 if k not in ("format", "format_version", "spec", "next_segment", "segment_folder")}
+        if keep and new_root:
+            earlier = json.loads(keep.get("earlier_data_roots", "[]"))
+            if "data_root" in keep:
+                earlier.append(keep["data_root"])
+            keep["earlier_data_roots"] = json.dumps(earlier)
+            keep["data_root"] = attrs["data_root"]
+            keep["source_kind"] = attrs["source_kind"]
         if keep:
             return keep
     return {k: (v if isinstance(v, (str, int, float)) else json.dumps(v)) for k, v in attrs.items()}
 
 
 def merge(path: Path, journal: Journal, spec: ExtractorSpec, code_dims: dict[str, int], attrs: dict,
-          store: "CodeStore | None" = None) -> set[bytes]:
+          store: "CodeStore | None" = None, new_root: bool = False) -> set[bytes]:
     """Commit the journal: its rows as one new segment, then a new root; return their sha256s.
 
     The caller holds the store's lock. Only this run's rows are written, plus the segments a
@@ -771,7 +783,7 @@ def merge(path: Path, journal: Journal, spec: ExtractorSpec, code_dims: dict[str
         os.close(fd)
         tmp_root, target = Path(tmp_name), path
         os.chmod(tmp_root, 0o666 & ~_umask())
-        _write_root(tmp_root, folder_name=folder.name, attrs=_store_attrs(old, attrs), spec=spec,
+        _write_root(tmp_root, folder_name=folder.name, attrs=_store_attrs(old, attrs, new_root), spec=spec,
                     classes=classes, failures=failures, segments=segments, runs=runs,
                     code_dims=code_dims, next_segment=next_segment)
         os.replace(tmp_root, path)
