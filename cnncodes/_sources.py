@@ -138,10 +138,13 @@ def read_source(source, labels=None, root=None) -> Source:
     `source` is a folder (one subfolder per class gives labels; a flat folder gives none),
     a ``.csv`` file of ``path[,label]`` rows (paths relative to the CSV), or a list of paths
     (with optional `labels`, one per path, and an optional `root`: ids are then paths
-    relative to `root` instead of to the common parent of the list).
+    relative to `root` instead of to the common parent of the list). One image file is a
+    list of one path.
     """
     if isinstance(source, (list, tuple)):
         return _from_paths(source, labels, root)
+    if isinstance(source, (str, os.PathLike)) and _is_image(str(source)) and Path(source).expanduser().is_file():
+        return _from_paths([source], labels, root)  # one photo: a list of one path
     if labels is not None:
         raise SourceError("labels= is only for a list of paths; folders and CSVs carry their labels.")
     if root is not None:
@@ -153,7 +156,8 @@ def read_source(source, labels=None, root=None) -> Source:
         return _from_csv(path)
     if path.is_file():
         raise SourceError(
-            f"{str(path)!r} is a file, not a folder or a .csv. Give a folder of images "
-            f"(one subfolder per class), a CSV of path[,label], or a list of paths."
+            f"{str(path)!r} is a file, not a folder or a .csv, and its extension is not an image's "
+            f"({', '.join(IMAGE_EXTENSIONS)}). Give an image file, a folder of images (one subfolder "
+            f"per class), a CSV of path[,label], or a list of paths."
         )
     raise SourceError(f"{str(path)!r} does not exist. Give a folder of images or a CSV file.")
