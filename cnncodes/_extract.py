@@ -17,7 +17,6 @@ import numpy as np
 import torch
 
 from ._backbones import (
-    CodesModel,
     check_pooling,
     code_sizes,
     get_backbone,
@@ -25,6 +24,7 @@ from ._backbones import (
     weights_enum,
 )
 from ._accel import resolve_device, resolve_precision, reuse_freed_memory
+from ._codesmodel import CodesModel
 from ._errors import CnnCodesError
 from ._images import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocess, decode, resize_batch
 from ._sources import Item, read_source
