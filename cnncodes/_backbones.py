@@ -172,6 +172,17 @@ def weights_enum(spec: BackboneSpec):
     return getattr(tvm, spec.weights_enum)
 
 
+def weights_names(spec: BackboneSpec):
+    """Return the backbone's weights enum for names, files and preprocessing only.
+
+    While torchvision is not imported this is a snapshot of it (see _tvweights): resolving a
+    weights name and building the preprocessing then cost no torchvision import (1-2 s).
+    """
+    from ._tvweights import weights_table
+
+    return weights_table(spec.weights_enum)
+
+
 def build_model(spec: BackboneSpec, *, pretrained: bool) -> nn.Module:
     """Build the torchvision architecture without weights, shaped like the pretrained one.
 

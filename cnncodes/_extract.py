@@ -21,7 +21,7 @@ from ._backbones import (
     code_sizes,
     get_backbone,
     shallow_to_deep,
-    weights_enum,
+    weights_names,
 )
 from ._accel import resolve_device, resolve_precision, reuse_freed_memory
 from ._codesmodel import CodesModel
@@ -368,7 +368,7 @@ def extract(
         precision = resolve_precision(precision, dev)
         if image_size is None and w.image_size is not None:  # a fine-tuned network: its training crop
             image_size = w.image_size
-        prep = Preprocess.from_weights(weights_enum(spec_b)[w.preprocessing_from], image_size,
+        prep = Preprocess.from_weights(weights_names(spec_b)[w.preprocessing_from], image_size,
                                        jpeg_draft, resize)
         code_dims = code_sizes(spec_b, infos, pooling, prep.crop_size)
         spec = ExtractorSpec(

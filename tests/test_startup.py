@@ -91,3 +91,63 @@ def test_unknown_attribute_raises(name):
     with pytest.raises(AttributeError, match=rf"module 'cnncodes' has no attribute '{name}'.*__all__"):
         getattr(cnncodes, name)
     assert not hasattr(cnncodes, name)
+
+
+def test_weights_snapshot_is_torchvision():
+    """Check that the weights snapshot holds the installed torchvision's values, aliases in order."""
+    from importlib.metadata import version
+
+    from cnncodes._backbones import _REGISTRY
+    from cnncodes._tvweights import SNAPSHOT, SNAPSHOT_OF, take_snapshot
+
+    if version("torchvision") != SNAPSHOT_OF:
+        pytest.skip(f"the snapshot is of torchvision {SNAPSHOT_OF} (unused with {version('torchvision')}): "
+                    f"print a new one with `python -m cnncodes._tvweights`")
+    assert take_snapshot(spec.weights_enum for spec in _REGISTRY.values()) == SNAPSHOT
+
+
+@pytest.mark.parametrize("backbone", cnncodes.list_backbones())
+def test_weights_snapshot_gives_the_same_preprocessing_and_names(backbone, monkeypatch):
+    """Check that each weights name resolves and preprocesses the same through the snapshot."""
+    from cnncodes._backbones import get_backbone, weights_enum, weights_names
+    from cnncodes._images import Preprocess
+    from cnncodes._weights import _enum_member
+
+    spec = get_backbone(backbone)
+    real = weights_enum(spec)
+    names = [*real.__members__, "imagenet", "default"]
+
+    def seen() -> list:
+        """What resolving each name gives: member, file, preprocessing; and the error of a bad one."""
+        members = [_enum_member(spec, name) for name in names]
+        preps = [Preprocess.from_weights(m, size, True, resize) for m in members
+                 for size, resize in [(None, "workers"), (160, "device")]]
+        with pytest.raises(cnncodes.WeightsError) as bad:
+            _enum_member(spec, "V9")
+        return [[(m.name, m.url) for m in members], [(p.as_dict(), p.describe()) for p in preps], str(bad.value)]
+
+    expected = seen()
+    monkeypatch.setattr("cnncodes._tvweights._snapshot_usable", lambda: True)
+    assert weights_names(spec) is not real
+    assert list(weights_names(spec).__members__) == list(real.__members__)
+    assert seen() == expected
+
+
+def test_unchanged_rerun_imports_no_torchvision(photos, tmp_path):
+    """Check that re-running an extraction resolves its weights without torchvision, same stored spec."""
+    import h5py
+
+    for f in (f for f in photos.rglob("*") if f.is_file()):  # older than the racy window: the re-run trusts their stat keys
+        os.utime(f, (f.stat().st_atime - 3600, f.stat().st_mtime - 3600))
+    out = tmp_path / "codes.h5"
+    cnncodes.extract(photos, out=out, image_size=64, progress=False)  # torchvision imported here: the real enum
+    with h5py.File(out, "r") as f:
+        before = f.attrs["spec"]
+    done = _python("-X", "importtime", "-m", "cnncodes", "extract", str(photos), "-o", str(out), "--image-size",
+                   "64", "--quiet")
+    assert "12 already in the store" in done.stdout
+    assert "torchvision" not in _imported(done.stderr)
+    fresh = tmp_path / "fresh.h5"  # a new store, its spec built from the snapshot
+    _python("-m", "cnncodes", "extract", str(photos), "-o", str(fresh), "--image-size", "64", "--quiet")
+    with h5py.File(out, "r") as f, h5py.File(fresh, "r") as g:
+        assert f.attrs["spec"] == before == g.attrs["spec"]
