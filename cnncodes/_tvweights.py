@@ -3,7 +3,8 @@
 Resolving a weights name and building the preprocessing need only these values, and
 importing torchvision to read them costs 1-2 s, the most of an unchanged re-run of
 `extract`. The snapshot serves only while torchvision is not imported and is the version it
-was taken from; `python -m cnncodes._tvweights` prints a new one to paste below.
+was taken from; `python -m cnncodes._tvweights` prints a new one (tests/test_startup.py
+compares the two).
 """
 
 from __future__ import annotations
@@ -16,50 +17,32 @@ from functools import lru_cache
 SNAPSHOT_OF = "0.29.1"  # torchvision's distribution version
 _MEAN, _STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 _P = "https://download.pytorch.org/models/"
+
+
+def _w(file, resize=256, crop=224, mean=_MEAN, std=_STD, interpolation="bilinear", antialias=True) -> tuple:
+    return file, resize, crop, mean, std, interpolation, antialias
+
+
 # enum class -> member -> (file under _P, resize, crop, mean, std, interpolation, antialias);
 # "DEFAULT" names the member it is an alias of.
 SNAPSHOT = {
-    "MobileNet_V2_Weights": {
-        "IMAGENET1K_V1": ("mobilenet_v2-b0353104.pth", 256, 224, _MEAN, _STD, "bilinear", True),
-        "IMAGENET1K_V2": ("mobilenet_v2-7ebf99e0.pth", 232, 224, _MEAN, _STD, "bilinear", True),
-        "DEFAULT": "IMAGENET1K_V2",
-    },
-    "ResNet18_Weights": {
-        "IMAGENET1K_V1": ("resnet18-f37072fd.pth", 256, 224, _MEAN, _STD, "bilinear", True),
-        "DEFAULT": "IMAGENET1K_V1",
-    },
-    "ResNet50_Weights": {
-        "IMAGENET1K_V1": ("resnet50-0676ba61.pth", 256, 224, _MEAN, _STD, "bilinear", True),
-        "IMAGENET1K_V2": ("resnet50-11ad3fa6.pth", 232, 224, _MEAN, _STD, "bilinear", True),
-        "DEFAULT": "IMAGENET1K_V2",
-    },
-    "ResNet101_Weights": {
-        "IMAGENET1K_V1": ("resnet101-63fe2227.pth", 256, 224, _MEAN, _STD, "bilinear", True),
-        "IMAGENET1K_V2": ("resnet101-cd907fc2.pth", 232, 224, _MEAN, _STD, "bilinear", True),
-        "DEFAULT": "IMAGENET1K_V2",
-    },
-    "VGG16_Weights": {
-        "IMAGENET1K_V1": ("vgg16-397923af.pth", 256, 224, _MEAN, _STD, "bilinear", True),
-        "IMAGENET1K_FEATURES": ("vgg16_features-amdegroot-88682ab5.pth", 256, 224, (0.48235, 0.45882, 0.40784),
-                                (1 / 255, 1 / 255, 1 / 255), "bilinear", True),
-        "DEFAULT": "IMAGENET1K_V1",
-    },
-    "Inception_V3_Weights": {
-        "IMAGENET1K_V1": ("inception_v3_google-0cc3c7bd.pth", 342, 299, _MEAN, _STD, "bilinear", True),
-        "DEFAULT": "IMAGENET1K_V1",
-    },
-    "EfficientNet_B0_Weights": {
-        "IMAGENET1K_V1": ("efficientnet_b0_rwightman-7f5810bc.pth", 256, 224, _MEAN, _STD, "bicubic", True),
-        "DEFAULT": "IMAGENET1K_V1",
-    },
-    "ConvNeXt_Tiny_Weights": {
-        "IMAGENET1K_V1": ("convnext_tiny-983f1562.pth", 236, 224, _MEAN, _STD, "bilinear", True),
-        "DEFAULT": "IMAGENET1K_V1",
-    },
-    "DenseNet121_Weights": {
-        "IMAGENET1K_V1": ("densenet121-a639ec97.pth", 256, 224, _MEAN, _STD, "bilinear", True),
-        "DEFAULT": "IMAGENET1K_V1",
-    },
+    "MobileNet_V2_Weights": {"IMAGENET1K_V1": _w("mobilenet_v2-b0353104.pth"),
+                             "IMAGENET1K_V2": _w("mobilenet_v2-7ebf99e0.pth", 232), "DEFAULT": "IMAGENET1K_V2"},
+    "ResNet18_Weights": {"IMAGENET1K_V1": _w("resnet18-f37072fd.pth"), "DEFAULT": "IMAGENET1K_V1"},
+    "ResNet50_Weights": {"IMAGENET1K_V1": _w("resnet50-0676ba61.pth"),
+                         "IMAGENET1K_V2": _w("resnet50-11ad3fa6.pth", 232), "DEFAULT": "IMAGENET1K_V2"},
+    "ResNet101_Weights": {"IMAGENET1K_V1": _w("resnet101-63fe2227.pth"),
+                          "IMAGENET1K_V2": _w("resnet101-cd907fc2.pth", 232), "DEFAULT": "IMAGENET1K_V2"},
+    "VGG16_Weights": {"IMAGENET1K_V1": _w("vgg16-397923af.pth"),
+                      "IMAGENET1K_FEATURES": _w("vgg16_features-amdegroot-88682ab5.pth",
+                                                mean=(0.48235, 0.45882, 0.40784), std=(1 / 255, 1 / 255, 1 / 255)),
+                      "DEFAULT": "IMAGENET1K_V1"},
+    "Inception_V3_Weights": {"IMAGENET1K_V1": _w("inception_v3_google-0cc3c7bd.pth", 342, 299),
+                             "DEFAULT": "IMAGENET1K_V1"},
+    "EfficientNet_B0_Weights": {"IMAGENET1K_V1": _w("efficientnet_b0_rwightman-7f5810bc.pth", interpolation="bicubic"),
+                                "DEFAULT": "IMAGENET1K_V1"},
+    "ConvNeXt_Tiny_Weights": {"IMAGENET1K_V1": _w("convnext_tiny-983f1562.pth", 236), "DEFAULT": "IMAGENET1K_V1"},
+    "DenseNet121_Weights": {"IMAGENET1K_V1": _w("densenet121-a639ec97.pth"), "DEFAULT": "IMAGENET1K_V1"},
 }
 
 

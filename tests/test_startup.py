@@ -137,7 +137,7 @@ def test_unchanged_rerun_imports_no_torchvision(photos, tmp_path):
     """Check that re-running an extraction resolves its weights without torchvision, same stored spec."""
     import h5py
 
-    for f in (f for f in photos.rglob("*") if f.is_file()):  # older than the racy window: the re-run trusts their stat keys
+    for f in (f for f in photos.rglob("*") if f.is_file()):  # past the racy window: stat keys trusted
         os.utime(f, (f.stat().st_atime - 3600, f.stat().st_mtime - 3600))
     out = tmp_path / "codes.h5"
     cnncodes.extract(photos, out=out, image_size=64, progress=False)  # torchvision imported here: the real enum
