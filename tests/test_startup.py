@@ -52,9 +52,10 @@ def store(tmp_path_factory) -> Path:
         (["--version"], set()),
         (["check", "--help"], set()),
         (["info", "STORE"], {"h5py", "numpy"}),
+        (["check", "STORE"], {"h5py", "numpy"}),
         (["backbones"], set()),
     ],
-    ids=["help", "version", "check-help", "info", "backbones"],
+    ids=["help", "version", "check-help", "info", "check", "backbones"],
 )
 def test_light_commands_load_no_heavy_package(args, needs, store):
     """Check that the light commands import no heavy package, and that they import what they need."""
