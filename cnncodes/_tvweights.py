@@ -76,8 +76,12 @@ class _Weights(enum.Enum):
 
 
 def _snapshot_usable() -> bool:
-    if "torchvision" in sys.modules:  # the real thing costs nothing more
-        return False
+    # Once torchvision is imported, the real enums cost nothing more.
+    return "torchvision" not in sys.modules and _installed_is_snapshot()
+
+
+@lru_cache(maxsize=1)
+def _installed_is_snapshot() -> bool:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
