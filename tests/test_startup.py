@@ -16,9 +16,9 @@ HEAVY = ("torch", "torchvision", "sklearn", "faiss")
 
 
 def _python(*args: str) -> subprocess.CompletedProcess:
-    """Run this tree's cnncodes in a fresh interpreter (PYTHONPATH first: not another install)."""
+    """Run this tree's cnncodes in a fresh interpreter (from its root: not another install)."""
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    done = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300,
+    done = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": path})
     assert done.returncode == 0, done.stderr
     return done
