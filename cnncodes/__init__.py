@@ -7,9 +7,7 @@
 
 __version__ = "0.1.0"
 
-from ._advise import Advice, AdviceRun, Measurements, Recommendation, Scenario, advise
-from ._backbones import layer_table, list_backbones
-from ._errors import (
+from ._errors import (  # dependency-free, so eager: `except cnncodes.StoreError` costs nothing
     CnnCodesError,
     FailedImagesError,
     SourceError,
@@ -20,17 +18,25 @@ from ._errors import (
     UnknownLayerError,
     WeightsError,
 )
-from ._extract import ExtractResult, extract
-from ._finetune import EpochStats, FinetuneResult, FineTunedModel, finetune
-from ._fit import fit, split_store
-from ._stream import fit_streaming
-from ._knn import FaissKNNClassifier
-from ._outputs import OutputExistsError
-from ._model import Evaluation, Model, ModelFileError, Prediction, evaluate, load, predict, save
-from ._spec import ExtractorSpec, WeightsRef
-from ._store import CodeStore
-from ._sweep import LayerScore, SweepResult, sweep
-from ._transformer import CNNCodes
+
+# The rest of the public API is imported on first use (PEP 562): `import cnncodes` and the
+# command line start without torch, torchvision, faiss or scikit-learn (seconds each).
+_LAZY_MODULES = {
+    "_advise": ("Advice", "AdviceRun", "Measurements", "Recommendation", "Scenario", "advise"),
+    "_backbones": ("layer_table", "list_backbones"),
+    "_extract": ("ExtractResult", "extract"),
+    "_finetune": ("EpochStats", "FinetuneResult", "FineTunedModel", "finetune"),
+    "_fit": ("fit", "split_store"),
+    "_stream": ("fit_streaming",),
+    "_knn": ("FaissKNNClassifier",),
+    "_model": ("Evaluation", "Model", "ModelFileError", "Prediction", "evaluate", "load", "predict", "save"),
+    "_outputs": ("OutputExistsError",),
+    "_spec": ("ExtractorSpec", "WeightsRef"),
+    "_store": ("CodeStore",),
+    "_sweep": ("LayerScore", "SweepResult", "sweep"),
+    "_transformer": ("CNNCodes",),
+}
+_LAZY = {name: module for module, names in _LAZY_MODULES.items() for name in names}
 
 __all__ = [
     "Advice",
@@ -86,3 +92,27 @@ def sample_dir():
     from importlib.resources import files
 
     return files("cnncodes") / "_data" / "flowers_sample"
+
+
+def __getattr__(name: str):
+    """Import a public name, or a private submodule (``cnncodes._store``), on first access."""
+    import importlib
+
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value  # later accesses are plain attribute lookups
+        return value
+    if name.startswith("_") and not name.startswith("__"):
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise  # the submodule exists but one of its own imports is missing
+    raise AttributeError(
+        f"module {__name__!r} has no attribute {name!r}. Its public names are listed in "
+        f"cnncodes.__all__ (dir(cnncodes) shows them too)."
+    )
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -17,14 +17,14 @@ import numpy as np
 import torch
 
 from ._backbones import (
-    CodesModel,
     check_pooling,
     code_sizes,
     get_backbone,
     shallow_to_deep,
-    weights_enum,
+    weights_names,
 )
 from ._accel import resolve_device, resolve_precision, reuse_freed_memory
+from ._codesmodel import CodesModel
 from ._errors import CnnCodesError, StoreMismatchError
 from ._outputs import STORE, check_output
 from ._images import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocess, decode, resize_batch
@@ -384,7 +384,7 @@ def extract(
         precision = resolve_precision(precision, dev)
         if image_size is None and w.image_size is not None:  # a fine-tuned network: its training crop
             image_size = w.image_size
-        prep = Preprocess.from_weights(weights_enum(spec_b)[w.preprocessing_from], image_size,
+        prep = Preprocess.from_weights(weights_names(spec_b)[w.preprocessing_from], image_size,
                                        jpeg_draft, resize)
         code_dims = code_sizes(spec_b, infos, pooling, prep.crop_size)
         spec = ExtractorSpec(

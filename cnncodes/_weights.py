@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ._backbones import BackboneSpec, build_model, finish_model, weights_enum
+from ._backbones import BackboneSpec, build_model, finish_model, weights_names
 from ._errors import WeightsError
 from ._spec import WeightsRef
 
@@ -68,7 +68,7 @@ _IMAGENET_MEMBER = "IMAGENET1K_V1"
 
 
 def _enum_member(spec: BackboneSpec, weights):
-    enum = weights_enum(spec)
+    enum = weights_names(spec)
     if isinstance(weights, enum):
         return weights
     key = str(weights)
@@ -92,7 +92,7 @@ def _looks_like_path(spec: BackboneSpec, weights) -> bool:
     if not isinstance(weights, str):
         return False
     # A weights name wins over a same-named file in the working directory.
-    names = {IMAGENET, "default", *(m.lower() for m in weights_enum(spec).__members__)}
+    names = {IMAGENET, "default", *(m.lower() for m in weights_names(spec).__members__)}
     if weights.lower() in names:
         return False
     return os.sep in weights or "." in weights or os.path.exists(weights)

@@ -78,7 +78,8 @@ def test_codes_match_a_direct_forward_pass(photos, tmp_path, fast):
     """Check that each row holds the codes of its own image (no misalignment)."""
     import torch
 
-    from cnncodes._backbones import CodesModel, get_backbone
+    from cnncodes._backbones import get_backbone
+    from cnncodes._codesmodel import CodesModel
     from cnncodes._images import Preprocess, decode, resize_batch
     from cnncodes._weights import load_model, resolve
     from torchvision.models import MobileNet_V2_Weights
