@@ -479,7 +479,7 @@ def test_too_few_images_or_no_labels_are_refused(sample_dir, tmp_path):
 
 def test_damaged_files_give_clear_errors(trained, data, tmp_path, weights_file):
     """Check the messages for a truncated checkpoint, a plain torchvision state dict given as a
-    model, a damaged training state, and an output path holding something else."""
+    model, a damaged training state, and an output path holding something else (never overwritten)."""
     _, out = trained
     bad = tmp_path / "bad.pt"
     bad.write_bytes(out.read_bytes()[:5000])
@@ -492,9 +492,10 @@ def test_damaged_files_give_clear_errors(trained, data, tmp_path, weights_file):
                        r"run.pt.resume to start over \(or pass resume=False / --restart\)"):
         finetune(data, out=tmp_path / "run.pt", **FT)
     (tmp_path / "other.pt").write_text("my notes")
-    with pytest.raises(CnnCodesError, match="other.pt exists and is not a readable cnncodes fine-tuned checkpoint. "
-                       "Pass resume=False"):
+    with pytest.raises(CnnCodesError, match=r"refusing to overwrite '.*other.pt': it is a text file, and this "
+                       r"would replace it with a fine-tuned checkpoint \(.pt\). Choose another output path"):
         finetune(data, out=tmp_path / "other.pt", **FT)
+    assert (tmp_path / "other.pt").read_text() == "my notes"
 
 
 def test_cli_finetune(data, tmp_path, capsys):
