@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 EXIT_OK, EXIT_FAILURES, EXIT_ERROR = 0, 1, 2
+EXIT_SIGPIPE = 141  # 128 + SIGPIPE, as a shell reports a command whose reader closed the pipe
 
 EXAMPLES = {
     "extract": "cnncodes extract photos/ --backbone mobilenet_v2 --layer block4 --layer block5 -o codes.h5",
@@ -544,3 +545,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"cnncodes {args.command}: interrupted; re-run the same command to resume.", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of our output went away (`cnncodes info s.h5 | head -2`): what was to be
+        # done is done; say nothing more, and keep the interpreter's final flush quiet too.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_SIGPIPE

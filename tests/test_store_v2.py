@@ -440,3 +440,13 @@ def test_a_reader_never_mixes_two_versions_of_the_store(aged, tmp_path, sample_d
                                          r"again \(CodeStore\(path\)\) to read the new rows."):
         reader.codes("block5")
     assert CodeStore(out).codes("block5").shape == (13, 1280)
+
+
+def test_output_into_a_closed_pipe_is_quiet(aged, tmp_path, fast):
+    """Check that `cnncodes info STORE | true` (a reader gone at once) ends without a traceback."""
+    out = tmp_path / "codes.h5"
+    extract(aged, out=out, **fast)
+    done = subprocess.run(f"{sys.executable} -m cnncodes info {out} | true", shell=True,
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(cnncodes.__file__).parents[1])})
+    assert done.stderr == "" and done.returncode == 0  # the pipeline's status is the reader's
