@@ -114,7 +114,8 @@ def _parser() -> argparse.ArgumentParser:
     pred.add_argument("model", help="a .skops file from `cnncodes fit`, or a .pt from `cnncodes finetune`")
     pred.add_argument("images", nargs="+", help="a folder, a .csv, or image files")
     pred.add_argument("--top-k", type=int, default=1)
-    pred.add_argument("--csv", help="also write id,label,probability,... to this CSV")
+    pred.add_argument("--csv", help="also write id,label1,probability1,...,status to this CSV (status: "
+                      "ok, or why the photo failed)")
     pred.add_argument("--store", help="store to extract into and reuse (default: a temporary one)")
     pred.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -416,24 +417,44 @@ def _fit(args) -> int:
 
 def _predict(args) -> int:
     import csv
+    import warnings
+    from pathlib import Path
 
+    from ._errors import CnnCodesError
     from ._model import predict
     from ._outputs import PREDICTIONS, check_output
 
     if args.csv:
         check_output(args.csv, PREDICTIONS, option="--csv")
+        folder = Path(args.csv).parent
+        if not folder.is_dir():  # before extracting, not after
+            raise CnnCodesError(f"cannot write --csv {args.csv}: folder {str(folder)!r} does not exist. "
+                                f"Create it first, or give a path in an existing folder.")
     images = args.images[0] if len(args.images) == 1 else args.images
-    preds = predict(args.model, images, top_k=args.top_k, store=args.store, progress=not args.quiet)
+    with warnings.catch_warnings():
+        # A fine-tuned network also warns about unreadable photos; they are listed below.
+        warnings.filterwarnings("ignore", message=r"\d+ images could not be read and are left out")
+        preds = predict(args.model, images, top_k=args.top_k, store=args.store, progress=not args.quiet)
     for p in preds:
         print(p.id + "\t" + "\t".join(f"{lab} {prob:.3f}" for lab, prob in zip(p.labels, p.probabilities)))
+    if preds.failures:
+        print(f"cnncodes predict: {len(preds.failures)} of {len(preds) + len(preds.failures)} photos failed "
+              f"and have no prediction:", file=sys.stderr)
+        for rid, why in preds.failures:
+            print(f"  {rid}: {why}", file=sys.stderr)
     if args.csv:
+        width = 2 * args.top_k
         with open(args.csv, "w", newline="") as fh:
             w = csv.writer(fh)
-            w.writerow(["id"] + [f"{c}{k + 1}" for k in range(args.top_k) for c in ("label", "probability")])
+            w.writerow(["id"] + [f"{c}{k + 1}" for k in range(args.top_k) for c in ("label", "probability")]
+                       + ["status"])
             for p in preds:
-                w.writerow([p.id] + [v for pair in zip(p.labels, p.probabilities) for v in pair])
+                row = [v for pair in zip(p.labels, p.probabilities) for v in pair]
+                w.writerow([p.id] + row + [""] * (width - len(row)) + ["ok"])
+            for rid, why in preds.failures:
+                w.writerow([rid] + [""] * width + [why])
         print(f"wrote {args.csv}")
-    return EXIT_OK
+    return EXIT_FAILURES if preds.failures else EXIT_OK
 
 
 def _evaluate(args) -> int:
@@ -442,7 +463,13 @@ def _evaluate(args) -> int:
 
     if args.plot:
         check_output(args.plot, PNG, option="--plot")
-    ev = evaluate(args.model, args.data, progress=not args.quiet)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        ev = evaluate(args.model, args.data, progress=not args.quiet)
+    for w in caught:  # e.g. rows of classes the model never saw, left out
+        print(f"cnncodes evaluate: warning: {w.message}", file=sys.stderr)
     print(ev.summary())
     if args.plot:
         print(f"wrote {ev.plot(args.plot)}")

@@ -1280,17 +1280,19 @@ def load_finetuned(path) -> FineTunedModel:
 
 def predict_finetuned(model: FineTunedModel, images, *, top_k: int = 1, progress: bool = False):
     """Top-k labels of photos by a fine-tuned network (see :func:`cnncodes.predict`)."""
-    from ._model import Prediction
+    from ._model import Prediction, Predictions, all_failed_error
 
     items, proba, _, failures = model.predict_images(images, progress=progress)
+    if failures and not items:
+        raise all_failed_error(failures)
     if failures:
         warnings.warn(f"{len(failures)} images could not be read and are left out: "
                       + "; ".join(f"{i} ({why})" for i, why in failures[:5]), stacklevel=3)
     classes = np.asarray(model.classes)
     k = max(1, min(top_k, len(classes)))
     order = np.argsort(-proba, axis=1, kind="stable")[:, :k]
-    return [Prediction(item.id, [str(c) for c in classes[o]], [float(p) for p in proba[i, o]])
-            for i, (item, o) in enumerate(zip(items, order))]
+    return Predictions([Prediction(item.id, [str(c) for c in classes[o]], [float(p) for p in proba[i, o]])
+                        for i, (item, o) in enumerate(zip(items, order))], failures)
 
 
 def _file_sha256(path: str) -> str | None:

@@ -179,6 +179,9 @@ def fit(
         raise CnnCodesError(f"unknown classifier {classifier!r}. Valid classifiers: {', '.join(CLASSIFIERS)}.")
     if not (C == "auto" or isinstance(C, (int, float)) and C > 0):
         raise CnnCodesError(f"C must be 'auto' or a positive number, got {C!r}.")
+    if not (isinstance(cv, (int, np.integer)) and not isinstance(cv, bool) and cv >= 2):
+        raise CnnCodesError(f"cv must be an integer >= 2 (the folds of the cross-validation that picks "
+                            f"C='auto'), got {cv!r}. Pass cv=2 or more (--cv on the command line).")
     if classifier == "sgd":
         from ._stream import fit_streaming
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._errors import CnnCodesError, StoreMismatchError
+from ._errors import CnnCodesError, FailedImagesError, StoreMismatchError
 from ._outputs import MODEL as MODEL_FILE
 from ._outputs import PNG, check_output
 from ._spec import ExtractorSpec
@@ -153,7 +153,9 @@ def _extractor(spec) -> ExtractorSpec | None:
 
 @contextmanager
 def _codes_for(model: Model, source, store=None, progress=False):
-    """Extract `source` with the model's extractor spec into `store`; yield (store, layer).
+    """Extract `source` with the model's extractor spec into `store`; yield (store, layer, failures).
+
+    `failures` lists the (id, reason) of the photos that could not be read or decoded.
 
     Without `store` the codes go to a temporary folder that is removed on leaving the block.
     """
@@ -167,8 +169,8 @@ def _codes_for(model: Model, source, store=None, progress=False):
     out = Path(store) if store else Path(tmp) / "codes.h5"
     (layer,) = spec.layers
     try:
-        extract(source, out=out, **spec.extract_kwargs(), progress=progress)
-        yield CodeStore(out), layer
+        result = extract(source, out=out, **spec.extract_kwargs(), progress=progress)
+        yield CodeStore(out), layer, list(result.failures) + list(result.known_failures)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -195,7 +197,29 @@ class Prediction:
     probabilities: list[float]
 
 
-def predict(model, images, *, top_k: int = 1, store=None, progress: bool = False):
+class Predictions(list):
+    """The `Prediction` of each photo that could be classified, a list as before.
+
+    ``failures`` lists the photos that could not be read or decoded as ``(id, reason)``
+    pairs, so a caller can tell "two predictions" from "two of four photos classified".
+    """
+
+    def __init__(self, predictions=(), failures=()):
+        super().__init__(predictions)
+        self.failures: list[tuple[str, str]] = [(str(i), str(why)) for i, why in failures]
+
+
+def all_failed_error(failures) -> FailedImagesError:
+    """The error for a prediction in which every photo failed, naming each with its reason."""
+    lines = [f"  {rid}: {why}" for rid, why in failures[:20]]
+    if len(failures) > 20:
+        lines.append(f"  ... and {len(failures) - 20} more (FailedImagesError.failures).")
+    return FailedImagesError(
+        f"every photo failed ({len(failures)}), so there is nothing to predict:\n" + "\n".join(lines)
+        + "\nGive readable image files (JPEG, PNG, ...).", list(failures))
+
+
+def predict(model, images, *, top_k: int = 1, store=None, progress: bool = False) -> Predictions:
     """Classify photos with a fitted model: extract them with its spec, return top-k.
 
     Parameters
@@ -211,8 +235,14 @@ def predict(model, images, *, top_k: int = 1, store=None, progress: bool = False
 
     Returns
     -------
-    list of Prediction
-        Images that could not be decoded are left out and listed by the extract summary.
+    Predictions
+        A list with one `Prediction` per photo that could be classified; its ``failures``
+        attribute lists the others as ``(id, reason)`` pairs.
+
+    Raises
+    ------
+    FailedImagesError
+        When every photo failed (its ``failures`` lists them).
     """
     model = _as_model(model)
     from ._finetune import FineTunedModel, predict_finetuned
@@ -222,14 +252,18 @@ def predict(model, images, *, top_k: int = 1, store=None, progress: bool = False
             raise CnnCodesError("store= is for models on codes; a fine-tuned network classifies the photos "
                                 "directly. Leave store out.")
         return predict_finetuned(model, images, top_k=top_k, progress=progress)
-    with _codes_for(model, images, store, progress) as (codes, layer):
+    with _codes_for(model, images, store, progress) as (codes, layer, failures):
         X, ids = codes.codes(layer), codes.ids
+    if len(ids) == 0:
+        if failures:
+            raise all_failed_error(failures)
+        raise CnnCodesError(f"no photos to predict in {images!r}; give a folder, CSV or list of image files.")
     proba = model.predict_proba(X)
-    classes = np.asarray(model.estimator.classes_).astype(str)
+    classes = [str(c) for c in model.estimator.classes_]  # plain str, not np.str_
     k = max(1, min(top_k, len(classes)))
     order = np.argsort(-proba, axis=1, kind="stable")[:, :k]
-    return [Prediction(rid, list(classes[o]), [float(p) for p in proba[i, o]])
-            for i, (rid, o) in enumerate(zip(ids, order))]
+    return Predictions([Prediction(str(rid), [classes[j] for j in o], [float(p) for p in proba[i, o]])
+                        for i, (rid, o) in enumerate(zip(ids, order))], failures)
 
 
 @dataclass
@@ -293,7 +327,7 @@ def evaluate(model, data, *, progress: bool = False) -> Evaluation:
         store = data if isinstance(data, CodeStore) else CodeStore(path)
         return _evaluate_store(model, store, _check_store(model, store), path,
                                f"all labelled rows of {path.name}")
-    with _codes_for(model, data, None, progress) as (store, layer):
+    with _codes_for(model, data, None, progress) as (store, layer, _):
         return _evaluate_store(model, store, layer, path, f"all labelled images of {path}")
 
 
@@ -318,9 +352,31 @@ def _evaluate_store(model: Model, store: CodeStore, layer: str, path: Path, on: 
 
 
 def evaluation(y, pred, model_classes, on: str) -> Evaluation:
-    """The `Evaluation` of predicted against true class names."""
+    """The `Evaluation` of predicted against true class names.
+
+    Rows of classes the model was not trained on cannot be predicted right: they are left
+    out with a warning naming those classes, and the evaluation is refused when no class of
+    the data is one the model knows.
+    """
     from sklearn.metrics import classification_report, confusion_matrix
 
+    y, pred = np.asarray(y).astype(str), np.asarray(pred).astype(str)
+    known = np.isin(y, list(model_classes))
+    if not known.all():
+        unknown = sorted(set(y[~known]))
+        if not known.any():
+            raise CnnCodesError(
+                f"no class of the data is one the model knows: the data has {', '.join(unknown)}; "
+                f"the model was trained on {', '.join(model_classes)}. Evaluate it on labelled "
+                f"images of those classes.")
+        import warnings
+
+        warnings.warn(
+            f"{int((~known).sum())} rows of classes the model was not trained on are left out of "
+            f"the evaluation: {', '.join(unknown)} (the model knows {', '.join(model_classes)}).",
+            UserWarning, stacklevel=3)
+        on += f"; {int((~known).sum())} rows of unknown classes left out ({', '.join(unknown)})"
+        y, pred = y[known], pred[known]
     classes = sorted(set(model_classes) | set(y))
     return Evaluation(
         accuracy=float((pred == y).mean()),

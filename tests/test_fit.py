@@ -260,7 +260,7 @@ def test_cli_fit_predict_evaluate(sample_store, tmp_path, capsys):
     assert main(["predict", str(model), *map(str, photos), "--top-k", "2", "--csv", str(csv), "--quiet"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith(photos[0].name + "\t") and len(lines[0].split("\t")) == 3
-    assert csv.read_text().splitlines()[0] == "id,label1,probability1,label2,probability2"
+    assert csv.read_text().splitlines()[0] == "id,label1,probability1,label2,probability2,status"
     png = tmp_path / "cm.png"
     assert main(["evaluate", str(model), str(out), "--plot", str(png)]) == 0
     text = capsys.readouterr().out
