@@ -205,10 +205,15 @@ def place(m: Measurements) -> Scenario:
                 f"{_pct(last[2] - second[2])} points above the best earlier layer {second[0]} "
                 f"({second[2]:.3f})")
         else:
+            # Name the condition(s) that held, never one that did not.
+            small, noisy = m.gain < DIFFERENT_GAIN, m.gain <= m.gain_std
+            why = " and ".join(
+                ([f"less than {_pct(DIFFERENT_GAIN)} points"] if small else [])
+                + ([f"within the fold-to-fold spread {_pct(m.gain_std)}"] if noisy else []))
             reasons.append(
                 f"layer sweep → similar: no earlier layer is clearly better, {best[0]} ({best[2]:.3f} ± {best[3]:.3f}) is "
-                f"{_pct(m.gain)} points above the last layer {last[0]} ({last[2]:.3f}), less than "
-                f"{_pct(DIFFERENT_GAIN)} points or within the fold-to-fold spread {_pct(m.gain_std)}")
+                f"{_pct(m.gain)} points above the last layer {last[0]} ({last[2]:.3f}), {why}, so not "
+                f"counted as different")
     if not reasons:
         reasons.append("not measured (no ImageNet head, fewer than 2 layers swept): assumed similar")
     elif different and len(reasons) > 1:
@@ -413,6 +418,9 @@ class Advice:
     store: str | None = None
     image_size: int | None = None
     seconds: float = 0.0
+    # The user's options that the printed `cnncodes advise ... --run` must repeat, as
+    # CLI flag -> value (only those that differ from the defaults).
+    options: dict = field(default_factory=dict)
 
     def report(self) -> str:
         """The advice in plain words, with the numbers behind it."""
@@ -452,8 +460,10 @@ class Advice:
         # A store the user named (or gave as data) holds every swept layer already.
         kept = self.store if self.store and not _is_temporary(self.store) else None
         # The same advice again, then carried out: the same data, settings and store.
-        again = f"cnncodes advise {self.data}" if kept == self.data else (
+        flags = "".join(f" {flag} {value}" for flag, value in self.options.items())
+        again = (f"cnncodes advise {self.data}" if kept == self.data else (
             f"cnncodes advise {data} --backbone {self.backbone}{size_cli}" + (f" --store {kept}" if kept else ""))
+        ) + flags
         if r.strategy == "linear":
             if kept:
                 steps = [f"cnncodes fit {kept} --layer {r.layer} --classifier {r.classifier} -o model.skops"]
@@ -676,13 +686,15 @@ def advise(
         else:
             sample = _stratified(by_class, head_images, random_state)
             head = imagenet_head(sample, backbone=backbone, weights=weights_id, device=device)
-    if result.n_images < sum(counts.values()):
+    left_out = sum(counts.get(c, 0) for c in result.left_out)
+    if result.n_images < sum(counts.values()) - left_out:
         notes.append(f"the sweep probed a stratified sample of {result.n_images:,} of the "
                      f"{sum(counts.values()):,} images (max_images={max_images})")
+    notes += [f"sweep: {n}" for n in result.notes]
     m = Measurements(
         n_images=sum(counts.values()), class_counts=counts, head=head,
         layers=[(s.layer, s.dims, s.mean, s.std) for s in result.layers], gain_std=result.gain_std,
-        cv=cv, notes=notes,
+        cv=result.cv, notes=notes,
     )
     scenario = place(m)
     rec = recommend(m, scenario, [i.alias for i in spec_b.layers])
@@ -690,4 +702,19 @@ def advise(
         data=str(getattr(data, "path", data)), backbone=backbone, weights=weights_id, measurements=m,
         scenario=scenario, recommendation=rec, sweep=result, images=images, store=result.store,
         image_size=image_size, seconds=time.perf_counter() - t0,
+        options=_given_options(cv=cv, max_images=max_images, head_images=head_images, weights=weights,
+                               random_state=random_state, data_is_store=is_store_path(data)),
     )
+
+
+def _given_options(*, cv, max_images, head_images, weights, random_state, data_is_store) -> dict:
+    """The advise options that differ from the defaults, as CLI flags, to repeat them."""
+    defaults = {"--cv": 5, "--max-images": 5000, "--head-images": HEAD_IMAGES, "--weights": "imagenet",
+                "--random-state": 0}
+    weights = "random" if weights is None else weights
+    given = {"--cv": cv, "--max-images": 0 if max_images is None else max_images,
+             "--head-images": head_images, "--random-state": random_state}
+    if not data_is_store and isinstance(weights, (str, Path)):  # a store knows its own weights
+        given["--weights"] = str(weights)
+    return {flag: value for flag, value in given.items()
+            if value is not None and value != defaults[flag]}

@@ -24,7 +24,9 @@ SWEEP_CS = {
     "linear_svm": (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0),
 }
 INNER_FOLDS = 3
-MIN_PER_CLASS = 4  # outer test fold + an inner 2-fold split of the rest need this many at least
+MIN_PER_CLASS = 4  # per class kept by a max_images sample: a test fold + an inner 2-fold split
+# C when no class has 2 distinct images in a training part to choose it by (the grid's middle).
+FALLBACK_C = 1.0
 
 
 @dataclass
@@ -71,6 +73,9 @@ class SweepResult:
     extract: object = None  # the ExtractResult of this run's extraction; None for a store input
     rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int), repr=False)  # store rows probed
     fold_of: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int), repr=False)  # test fold per row
+    cv_requested: int | None = None  # the cv asked for; ``cv`` is the folds used (fewer for a tiny class)
+    left_out: list[str] = field(default_factory=list)  # classes of one distinct image, not scored
+    notes: list[str] = field(default_factory=list)  # how the sweep adapted to small classes
 
     @property
     def n_classes(self) -> int:
@@ -137,6 +142,7 @@ class SweepResult:
             line += (f", {100 * self.gain_over_last:+.1f} points over the last layer {self.last.layer} "
                      f"({self.last.mean:.3f}; paired difference ± {100 * self.gain_std:.1f} over the folds)")
         lines.append(line)
+        lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
     def plot(self, path) -> Path:
@@ -210,8 +216,23 @@ def _sample_items(items, max_images, need, random_state):
     return keep
 
 
+def _distinct_per_class(labels, groups) -> dict[int, int]:
+    """Distinct images (content groups) of each class."""
+    return {int(c): len(set(groups[labels == c])) for c in np.unique(labels)}
+
+
+def _names(names, classes, limit=5) -> str:
+    shown = ", ".join(repr(names[c]) for c in classes[:limit])
+    return shown + (f" and {len(classes) - limit} more" if len(classes) > limit else "")
+
+
 def _check_classes(labels, groups, names, cv, where):
-    """Raise a clear error unless a `cv`-fold grouped, nested sweep is possible."""
+    """Plan the folds for the classes at hand, or refuse when nothing can be cross-validated.
+
+    A class of a single distinct image cannot be both trained on and tested, so it is left
+    out of the scoring; the folds are lowered to what the smallest remaining class allows
+    (each fold tests every class). Returns ``(kept classes, left-out classes, folds, notes)``.
+    """
     classes = np.unique(labels)
     if len(classes) < 2:
         found = f"1 class ({names[classes[0]]!r})" if len(classes) else "no labelled images"
@@ -220,18 +241,26 @@ def _check_classes(labels, groups, names, cv, where):
             f"images of at least 2 classes; {where} has {found}. Check that the folder has one "
             f"subfolder per class (or that the CSV has a label column)."
         )
-    need = max(cv, MIN_PER_CLASS)
-    for c in classes:
-        distinct = len(set(groups[labels == c]))
-        if distinct < need:
-            hint = (f", or lower cv (cv={distinct} works with {distinct} images)"
-                    if distinct >= MIN_PER_CLASS else "")
-            raise CnnCodesError(
-                f"a {cv}-fold sweep needs at least {need} distinct images in every class (each "
-                f"fold tests every class, and C is chosen by cross-validation inside each "
-                f"training part); class {names[c]!r} of {where} has {distinct}. Add images to "
-                f"that class{hint}."
-            )
+    distinct = _distinct_per_class(labels, groups)
+    single = [c for c in classes if distinct[c] < 2]
+    kept = [c for c in classes if distinct[c] >= 2]
+    if len(kept) < 2:
+        raise CnnCodesError(
+            f"a layer sweep needs at least 2 classes of 2 or more distinct images (one to train on, "
+            f"one to test); {where} has {len(kept)} such class(es), and {len(single)} class(es) of a "
+            f"single image ({_names(names, single)}). Add images to those classes.")
+    notes = []
+    if single:
+        notes.append(
+            f"{len(single)} class(es) with a single distinct image cannot be cross-validated and were "
+            f"left out of the scoring: {_names(names, single, limit=20)}")
+    smallest = min(kept, key=lambda c: (distinct[c], names[c]))
+    folds = min(cv, distinct[smallest])
+    if folds < cv:
+        notes.append(
+            f"{folds} folds instead of the {cv} asked for: class {names[smallest]!r} has "
+            f"{distinct[smallest]} distinct images, and every fold tests every class")
+    return kept, single, folds, notes
 
 
 # ---------------------------------------------------------------------------- the probe
@@ -250,15 +279,28 @@ def _make(classifier, C):
     return make_pipeline(StandardScaler(), head)
 
 
+def _inner_classes(y, groups) -> np.ndarray:
+    """The classes of a training part that an inner CV can use: 2 or more distinct images."""
+    return np.array([c for c in np.unique(y) if len(set(groups[y == c])) >= 2], dtype=int)
+
+
 def _choose_c(X, y, groups, classifier, Cs, random_state):
     """C by grouped, stratified inner CV; the path goes up the grid, warm-started, and stops
-    once the mean inner accuracy has fallen twice in a row (it is unimodal in practice)."""
+    once the mean inner accuracy has fallen twice in a row (it is unimodal in practice).
+
+    Classes with a single distinct image in this training part cannot be split, so they are
+    left out of the choice of C (not of the model); with fewer than 2 classes left, C is
+    ``FALLBACK_C``.
+    """
     from sklearn.model_selection import StratifiedGroupKFold
 
-    per_class = min(len(set(groups[y == c])) for c in np.unique(y))
+    inner = _inner_classes(y, groups)
+    if len(inner) < 2:
+        return FALLBACK_C
+    keep = np.isin(y, inner)
+    X, y, groups = X[keep], y[keep], groups[keep]
+    per_class = min(len(set(groups[y == c])) for c in inner)
     k = min(INNER_FOLDS, per_class)
-    if k < 2:
-        raise CnnCodesError("internal: too few images per class for the inner CV; raise the images per class.")
     splits = list(StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=random_state)
                   .split(X, y, groups))
     models = [_make(classifier, Cs[0]) for _ in splits]
@@ -338,7 +380,12 @@ def sweep(
         Where to extract the images. An existing store is extended with the images it lacks.
         By default a temporary store, deleted when the process exits (``result.store``).
     cv : int
-        Outer folds. Every class needs at least ``max(cv, 4)`` distinct images.
+        Outer folds asked for. Fewer are used when the smallest class has fewer than `cv`
+        distinct images (every fold tests every class); ``result.cv`` is the number used.
+        A class of a single distinct image is left out of the scoring (``result.left_out``),
+        and classes with one image in a training part are left out of that part's choice of
+        C; ``result.notes`` says what was done. At least 2 classes of 2 or more distinct
+        images are needed.
     classifier : {"logreg", "linear_svm"}
         The probe: logistic regression or a linear SVM, after a StandardScaler.
     random_state : int or None
@@ -401,10 +448,14 @@ def sweep(
             extract_kwargs=dict(pooling=pooling, weights=weights, image_size=image_size,
                                 batch_size=batch_size, device=device, num_workers=num_workers,
                                 progress=progress))
+    kept, single, folds_used, notes = _check_classes(codes.labels[rows], codes.sha256[rows],
+                                                     codes.class_names, cv, where)
+    rows = rows[np.isin(codes.labels[rows], kept)]
     y = codes.labels[rows]
     groups = codes.sha256[rows]
-    _check_classes(y, groups, codes.class_names, cv, where)
-    folds = _folds(y, groups, codes.class_names, cv, random_state)
+    folds = _folds(y, groups, folds_used, random_state)
+    inner = _inner_note(y, groups, folds, codes.class_names)
+    notes += [inner] if inner else []
     fold_of = np.empty(len(rows), dtype=int)
     for k, (_, test) in enumerate(folds):
         fold_of[test] = k
@@ -414,9 +465,10 @@ def sweep(
     result = SweepResult(
         layers=scores, backbone=codes.backbone, weights=codes.spec.weights.id, store=str(codes.path),
         data=where if isinstance(data, (list, tuple)) else str(getattr(data, "path", data)),
-        n_images=int(len(rows)), class_names=[codes.class_names[c] for c in sorted(set(y))], cv=cv,
-        classifier=classifier, random_state=random_state, probe_seconds=time.perf_counter() - t1,
-        extract=extracted, rows=rows, fold_of=fold_of,
+        n_images=int(len(rows)), class_names=[codes.class_names[c] for c in sorted(set(y))],
+        cv=folds_used, classifier=classifier, random_state=random_state,
+        probe_seconds=time.perf_counter() - t1, extract=extracted, rows=rows, fold_of=fold_of,
+        cv_requested=cv, left_out=[codes.class_names[c] for c in single], notes=notes,
     )
     result.seconds = time.perf_counter() - t0
     if plot is not None:
@@ -466,19 +518,28 @@ def _extract_for_sweep(data, where, *, backbone, layers, store, cv, need, max_im
     return codes, rows, _stored_layers(codes, [i.node for i in infos]), extracted
 
 
-def _folds(y, groups, names, cv, random_state):
-    """Stratified outer folds grouped by content; every training part can be split again."""
+def _folds(y, groups, cv, random_state):
+    """Stratified outer folds grouped by content."""
     from sklearn.model_selection import StratifiedGroupKFold
 
-    folds = list(StratifiedGroupKFold(n_splits=cv, shuffle=True, random_state=random_state)
-                 .split(y, y, groups))
+    return list(StratifiedGroupKFold(n_splits=cv, shuffle=True, random_state=random_state)
+                .split(y, y, groups))
+
+
+def _inner_note(y, groups, folds, names) -> str | None:
+    """Which classes the choice of C had to do without, in how many of the folds."""
+    missing: dict[int, int] = {}
     for train, _ in folds:
-        for c in np.unique(y):
-            if len(set(groups[train][y[train] == c])) < 2:
-                raise CnnCodesError(
-                    f"class {names[c]!r} has too few distinct images for a {cv}-fold sweep with C "
-                    f"chosen inside each fold; add images to it, or lower cv.")
-    return folds
+        usable = set(_inner_classes(y[train], groups[train]).tolist())
+        for c in np.unique(y[train]):
+            if int(c) not in usable:
+                missing[int(c)] = missing.get(int(c), 0) + 1
+    if not missing:
+        return None
+    classes = sorted(missing, key=lambda c: names[c])
+    return (f"C was chosen without the class(es) {_names(names, classes, limit=20)} in "
+            f"{max(missing.values())} of {len(folds)} folds (a single distinct image in the training "
+            f"part cannot be split for the inner CV); they are still in every model and every score")
 
 
 def _probe_layers(codes, rows, chosen, y, groups, folds, classifier, random_state, n_jobs, progress):

@@ -252,7 +252,7 @@ def test_advise_digits(digits_advice, digits):
     assert f"Recommendation: fit a linear classifier (logistic regression, C by cross-validation) on {r.layer}" in report
     assert f"cnncodes fit {a.store} --layer {r.layer} --classifier logreg -o model.skops" in report
     assert (f"or all in one: cnncodes advise {digits} --backbone mobilenet_v2 --image-size 32 --store {a.store} "
-            f"--run -o model.skops") in report
+            f"--cv 4 --head-images 20 --run -o model.skops") in report
 
 
 def test_advise_run_linear(digits_advice, digits, tmp_path):

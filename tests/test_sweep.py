@@ -204,21 +204,21 @@ def test_store_missing_layer(tmp_path, sample_dir):
         ("one_class", {}, r"needs labelled images of at least 2 classes; .* has 1 class \('daisy'\). "
                           r"Check that the folder has one subfolder per class"),
         ("flat", {}, r"at least 2 classes; .* has no labelled images"),
-        ("sample", {"cv": 10}, r"a 10-fold sweep needs at least 10 distinct images in every class .*"
-                               r"class 'daisy' of .* has 8. Add images to that class, or lower cv \(cv=8"),
-        ("three_each", {"cv": 3}, r"a 3-fold sweep needs at least 4 distinct images in every class .*has 3. "
-                                  r"Add images to that class\.$"),
+        ("singles", {}, r"needs at least 2 classes of 2 or more distinct images \(one to train on, one to "
+                        r"test\); .* has 1 such class\(es\), and 2 class\(es\) of a single image \('daisy', "
+                        r"'rose'\). Add images to those classes\.$"),
         ("sample", {"cv": 1}, r"cv must be an integer >= 2"),
         ("sample", {"classifier": "knn"}, r"unknown probe classifier 'knn'. Valid: logreg, linear_svm"),
     ],
-    ids=["one-class", "unlabelled", "cv-too-large", "three-per-class", "cv-1", "classifier"],
+    ids=["one-class", "unlabelled", "single-image-classes", "cv-1", "classifier"],
 )
 def test_bad_inputs_fail_before_extracting(make, kwargs, words, tmp_path, sample_dir):
     """Check that impossible sweeps are refused with what to do, before any image is extracted."""
     if make == "one_class":
         data = _class_folder(tmp_path / "d", sample_dir, ["daisy"], 8)
-    elif make == "three_each":
-        data = _class_folder(tmp_path / "d", sample_dir, ["daisy", "rose"], 3)
+    elif make == "singles":
+        data = _class_folder(tmp_path / "d", sample_dir, ["daisy", "rose"], 1)
+        _class_folder(tmp_path / "d", sample_dir, ["tulip"], 8)
     elif make == "flat":
         data = tmp_path / "d"
         data.mkdir()
@@ -232,13 +232,15 @@ def test_bad_inputs_fail_before_extracting(make, kwargs, words, tmp_path, sample
 
 
 def test_duplicates_count_once_per_class(tmp_path, sample_dir):
-    """Check that a class whose 4 files hold 3 distinct images is too small for the sweep."""
+    """Check that a class whose 4 files hold 3 distinct images lowers a 4-fold sweep to 3 folds."""
     folder = _class_folder(tmp_path / "d", sample_dir, ["daisy", "rose"], 4)
     first = sorted((folder / "rose").iterdir())[0]
     last = sorted((folder / "rose").iterdir())[-1]
     shutil.copy(first, last)  # 4 files, 3 distinct contents
-    with pytest.raises(CnnCodesError, match=r"needs at least 4 distinct images .*class 'rose' .* has 3"):
-        sweep(folder, cv=4, layers=["block5"], **FAST)
+    r = sweep(folder, cv=4, layers=["block5"], **FAST)
+    assert (r.cv, r.cv_requested) == (3, 4) and r.layers[0].scores.shape == (3,)
+    assert ("3 folds instead of the 4 asked for: class 'rose' has 3 distinct images, and every fold "
+            "tests every class") in r.notes
 
 
 def test_store_given_twice(swept, tmp_path):
@@ -260,7 +262,7 @@ def test_cli_sweep(swept, tmp_path, capsys):
 
 def test_cli_sweep_error(sample_dir, tmp_path, capsys):
     """Check that a sweep error is one line on stderr with exit code 2."""
-    code = main(["sweep", str(sample_dir), "--cv", "12", "--store", str(tmp_path / "x.h5"), "--quiet"])
+    code = main(["sweep", str(sample_dir), "--cv", "1", "--store", str(tmp_path / "x.h5"), "--quiet"])
     assert code == 2
     err = capsys.readouterr().err
-    assert err.startswith("cnncodes sweep: error: a 12-fold sweep needs at least 12 distinct images")
+    assert err.startswith("cnncodes sweep: error: cv must be an integer >= 2 (the number of folds), got 1.")
