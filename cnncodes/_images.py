@@ -12,7 +12,8 @@ import torch
 from PIL import ExifTags, Image, ImageOps
 
 IMAGE_EXTENSIONS = (
-    ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm",
+    # .jfif and .jpe are JPEG files under other names; PIL reads them as JPEG.
+    ".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm",
 )
 DEFAULT_MAX_PIXELS = 100_000_000
 

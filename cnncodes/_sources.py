@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,12 +77,50 @@ def _from_folder(root: Path) -> Source:
     return Source(str(root), items, "class-folders" if labelled else "flat-folder", skipped)
 
 
+_DELIMITERS = ",;\t"
+_URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
+
+
+def _delimiter(path: Path, text: str) -> str:
+    """The CSV's delimiter among ``, ; tab``: the one every line of a sample has, else csv.Sniffer's.
+
+    A file of bare paths has none of them and reads with ",". A delimiter outside these, or
+    several that the sniffer cannot tell apart, is refused rather than guessed: a wrong guess
+    reads whole lines as paths.
+    """
+    lines = [ln for ln in text.splitlines()[:20] if ln.strip()]
+    everywhere = [d for d in _DELIMITERS if lines and all(d in ln for ln in lines)]
+    if len(everywhere) == 1:
+        return everywhere[0]
+    if not everywhere:
+        try:  # not ":", which Windows paths and URLs hold
+            found = csv.Sniffer().sniff("\n".join(lines), delimiters="|").delimiter
+        except csv.Error:
+            return ","
+        raise SourceError(
+            f"CSV {str(path)!r} seems to be separated by {found!r}; cnncodes reads CSVs separated by "
+            f"',', ';' or a tab. Save it with one of those (path[,label] on each line)."
+        )
+    try:
+        return csv.Sniffer().sniff("\n".join(lines), delimiters="".join(everywhere)).delimiter
+    except csv.Error:
+        shown = " and ".join(repr(d) for d in everywhere)
+        raise SourceError(
+            f"CSV {str(path)!r} has both {shown} on every line, so its delimiter is unclear. "
+            f"Save it with one delimiter (path[,label] on each line), or quote paths that hold it."
+        ) from None
+
+
 def _from_csv(path: Path) -> Source:
     root = path.parent
     with open(path, newline="", encoding="utf-8-sig") as fh:
-        rows = [r for r in csv.reader(fh) if r and any(c.strip() for c in r)]
-    if rows and rows[0][0].strip().lower() in ("path", "file", "filename", "image"):
-        rows = rows[1:]
+        text = fh.read()
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=_delimiter(path, text))
+    numbered = [(reader.line_num, r) for r in reader]
+    numbered = [(n, r) for n, r in numbered if r and any(c.strip() for c in r)]
+    if numbered and numbered[0][1][0].strip().lower() in ("path", "file", "filename", "image"):
+        numbered = numbered[1:]
+    rows = [r for _, r in numbered]
     if not rows:
         raise SourceError(f"CSV {str(path)!r} has no rows. Expected lines of path[,label].")
     items, seen = [], set()
@@ -88,6 +128,12 @@ def _from_csv(path: Path) -> Source:
         if len(row) > 2:
             raise SourceError(
                 f"CSV {str(path)!r} row {lineno} has {len(row)} columns; expected path[,label]."
+            )
+        if _URL.match(row[0].strip()):
+            raise SourceError(
+                f"CSV {str(path)!r} row {lineno} (line {numbered[lineno - 1][0]}) is a URL, "
+                f"{row[0].strip()[:80]!r}: URLs are not read yet, only local image files. Download the "
+                f"images and list their local paths in the CSV, or wait for the data-source support."
             )
         file = Path(row[0].strip())
         full = file if file.is_absolute() else root / file
