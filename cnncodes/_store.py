@@ -881,6 +881,8 @@ class CodeStore:
 
     def __init__(self, path):
         self.path = Path(path)
+        if self.path.is_dir():
+            raise StoreError(_folder_not_store(self.path))
         if not self.path.is_file():
             raise StoreError(f"code store {str(self.path)!r} does not exist. Create it with `cnncodes extract`.")
         self._key = self._stat_key()
@@ -1221,6 +1223,8 @@ def check(path, *, rehash: bool = False, root=None, progress: bool = False) -> C
     """
     path = Path(path)
     result = CheckResult(str(path))
+    if path.is_dir():
+        raise StoreError(_folder_not_store(path))
     if not path.is_file():
         raise StoreError(f"code store {str(path)!r} does not exist. Create it with `cnncodes extract`.")
     try:
@@ -1300,3 +1304,10 @@ def _check_segment(seg: Path, rows: int, aliases) -> list[str]:
             return problems
     except (OSError, RuntimeError, KeyError) as exc:
         return [f"{name}: unreadable ({str(exc).splitlines()[0][:200]})"]
+
+
+def _folder_not_store(path: Path) -> str:
+    """The message for a folder given where a code store (one .h5 file) is expected."""
+    return (f"{str(path)!r} is a folder, not a code store. A code store is one .h5 file written by "
+            f"`cnncodes extract`: give the path of that file, or make one from the photos in this "
+            f"folder with `cnncodes extract {path} -o codes.h5`.")
