@@ -168,12 +168,22 @@ def _codes_for(model: Model, source, store=None, progress=False):
     tmp = None if store else tempfile.mkdtemp(prefix="cnncodes-predict-")
     out = Path(store) if store else Path(tmp) / "codes.h5"
     (layer,) = spec.layers
+    if store and Path(store).is_file():
+        # Checked here, not only by extract, for advice that fits predict: it has no -o.
+        CodeStore(store).spec.check(spec, Path(store).name, advice=PREDICT_STORE_ADVICE)
     try:
         result = extract(source, out=out, **spec.extract_kwargs(), progress=progress)
         yield CodeStore(out), layer, list(result.failures) + list(result.known_failures)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+# What to do when a store's settings differ from a model's: evaluate and predict have no -o.
+EVALUATE_ADVICE = ("evaluate on a store extracted with the model's settings, or give a folder (or CSV) "
+                   "of labelled photos, which are then extracted with the model's settings.")
+PREDICT_STORE_ADVICE = ("give another store file (--store other.h5; store= in Python), which is then made "
+                        "with the model's settings, or leave --store out to use a temporary one.")
 
 
 def _check_store(model: Model, store: CodeStore) -> str:
@@ -184,7 +194,7 @@ def _check_store(model: Model, store: CodeStore) -> str:
             f"{store.path.name} holds layers {', '.join(store.layers)}; the model needs "
             f"{layer} ({spec.layers[layer]}). Extract that layer, or pass a folder of photos."
         )
-    store.spec.narrow(layer).check(spec, store.path.name)
+    store.spec.narrow(layer).check(spec, store.path.name, advice=EVALUATE_ADVICE)
     return layer
 
 

@@ -338,20 +338,23 @@ class ExtractorSpec:
 
     # ----------------------------------------------------------------- checks
 
-    def check(self, wanted, where: str) -> None:
+    def check(self, wanted, where: str, *, advice: str | None = None) -> None:
         """Raise StoreMismatchError naming both values of the first setting that differs.
 
         `self` is what `where` was made with; `wanted` (a spec or a spec dict) what this run
         asks for. Only `SPEC_KEYS` are compared: a model file's extra keys are not settings.
+        `advice` ends the message: what the command at hand can do about it (by default,
+        extract's: write to another file or use the store's settings).
         """
+        if advice is None:
+            advice = "write to another file (-o other.h5), or re-run with the store's settings."
         stored, asked = self.to_json(), ExtractorSpec.from_json(wanted).to_json()
         for key in SPEC_KEYS:
             if stored[key] != asked[key]:
                 raise StoreMismatchError(
                     f"{where} was made with {key} {_describe(key, stored[key])!r}, but this run "
                     f"asks for {key} {_describe(key, asked[key])!r}. Codes made with different "
-                    f"settings are never mixed: write to another file (-o other.h5), or re-run "
-                    f"with the store's settings."
+                    f"settings are never mixed: {advice}"
                 )
 
     # ----------------------------------------------------------------- layers
