@@ -37,17 +37,18 @@ def split_store(store, *, test_size: float = 0.25, random_state: int | None = 0)
     """
     store = _as_store(store)
     return split_groups(store.labels, store.sha256, test_size=test_size, random_state=random_state,
-                        where=store.path.name)
+                        where=store.path.name, class_names=store.class_names)
 
 
 def split_groups(labels, sha256, *, test_size: float = 0.25, random_state: int | None = 0,
-                 where: str = "the images"):
+                 where: str = "the images", class_names=None):
     """The split of :func:`split_store` for any rows given as (label index, content sha256).
 
     `labels` holds a class index per row (-1 for unlabelled rows, which are left out);
     `sha256` the content hash per row. Rows sharing a hash form one group, labelled by its
     first row, and go to the same side. The same rows in the same order give the same split
     whether they come from a store or straight from a folder (fine-tuning uses this).
+    `class_names` (one per label index) name the classes in errors.
 
     Returns
     -------
@@ -62,6 +63,15 @@ def split_groups(labels, sha256, *, test_size: float = 0.25, random_state: int |
     for r in rows:  # one representative per content, labelled with its first label
         first.setdefault(shas[r], r)
     reps = np.array(list(first.values()))
+    name = (lambda i: repr(str(class_names[i]))) if class_names is not None else (lambda i: f"class {i}")
+    counts = np.bincount(labels[reps]) if len(reps) else np.zeros(0, dtype=int)
+    few = [i for i in np.flatnonzero(counts) if counts[i] < 2]
+    if few:
+        listed = ", ".join(f"{name(i)} ({counts[i]})" for i in few)
+        raise CnnCodesError(
+            f"cannot make a stratified split of {where}: each class needs at least 2 distinct images, "
+            f"one for each side, and {len(few)} class(es) have fewer: {listed}. Add images to "
+            f"{'it' if len(few) == 1 else 'them'}, or fit without a test split (no --test-size).")
     try:
         rep_train, rep_test = train_test_split(reps, test_size=test_size, stratify=labels[reps],
                                                random_state=random_state)
