@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 import textwrap
 
@@ -25,6 +26,18 @@ EXAMPLES = {
 }
 
 
+class _Layers(argparse.Action):
+    """`--layer`, repeatable, each value a name or comma-separated names: kept in order, once each."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        names = list(getattr(namespace, self.dest, None) or [])
+        given = [v.strip() for v in values.split(",") if v.strip()]
+        if not given:
+            raise argparse.ArgumentError(self, f"expected a layer name, got {values!r}")
+        names += [v for v in dict.fromkeys(given) if v not in names]
+        setattr(namespace, self.dest, names)
+
+
 def _parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -38,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"cnncodes {__version__}")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    p.commands = sub.choices  # for the usage of the command an unknown option was given to
 
     def command(name, help_, description):
         return sub.add_parser(
@@ -96,7 +110,7 @@ def _parser() -> argparse.ArgumentParser:
                   "it with its extractor spec as a .skops file (loads without running code).")
     fit.add_argument("store", help="a .h5 store from `cnncodes extract`")
     fit.add_argument("-o", "--out", required=True, help="model file to write (.skops)")
-    fit.add_argument("--layer", help="stored layer to use (default: the deepest)")
+    fit.add_argument("--layer", action=_Layers, help="stored layer to use (default: the deepest)")
     fit.add_argument("--classifier", default="logreg", choices=["logreg", "linear_svm", "knn", "sgd"],
                      help="sgd: logistic regression by SGD over chunks, for stores larger than memory")
     fit.add_argument("--C", default="auto", help="regularisation: 'auto' (cross-validated) or a number")
@@ -113,10 +127,12 @@ def _parser() -> argparse.ArgumentParser:
                    "with probabilities.")
     pred.add_argument("model", help="a .skops file from `cnncodes fit`, or a .pt from `cnncodes finetune`")
     pred.add_argument("images", nargs="+", help="a folder, a .csv, or image files")
-    pred.add_argument("--top-k", type=int, default=1)
+    pred.add_argument("--top-k", type=int, default=1, metavar="K",
+                      help="print the K most probable labels of each photo (default %(default)s)")
     pred.add_argument("--csv", help="also write id,label1,probability1,...,status to this CSV (status: "
                       "ok, or why the photo failed)")
     pred.add_argument("--store", help="store to extract into and reuse (default: a temporary one)")
+    _run_options(pred)
     pred.add_argument("--quiet", action="store_true", help="no progress bar")
 
     ev = command("evaluate", "accuracy, per-class report and confusion matrix of a model",
@@ -126,6 +142,7 @@ def _parser() -> argparse.ArgumentParser:
                     "(evaluated on a folder)")
     ev.add_argument("data", help="a .h5 store or a folder with one subfolder per class")
     ev.add_argument("--plot", help="write the confusion matrix as a PNG (needs matplotlib)")
+    _run_options(ev, " (of a folder)")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
 
     ft = command("finetune", "fine-tune the top blocks of a pretrained backbone on labelled photos",
@@ -189,8 +206,9 @@ def _parser() -> argparse.ArgumentParser:
                  "the best layer.")
     sw.add_argument("data", help="a folder with one subfolder per class, a .csv of path,label, or a .h5 store")
     sw.add_argument("--store", help="store to extract into and reuse (default: a temporary one)")
-    sw.add_argument("--layer", action="append", dest="layers", metavar="LAYER",
-                    help="sweep only these layers; repeat (default: every alias, or the store's layers)")
+    sw.add_argument("--layer", action=_Layers, dest="layers", metavar="LAYER",
+                    help="sweep only these layers; repeat, or separate with commas (default: every alias, "
+                    "or the store's layers)")
     sw.add_argument("--cv", type=int, default=5, help="folds (default %(default)s)")
     sw.add_argument("--classifier", default="logreg", choices=["logreg", "linear_svm"], help="the probe")
     sw.add_argument("--plot", help="write accuracy per layer as a PNG (needs matplotlib)")
@@ -215,7 +233,19 @@ def _parser() -> argparse.ArgumentParser:
     adv.add_argument("-o", "--out", help="with --run: the model file (default model.skops, or "
                      "finetuned.pt when fine-tuning)")
     _probe_options(adv)
+    for name, command_parser in sub.choices.items():
+        if "--quiet" not in command_parser._option_string_actions:
+            # Every command takes --quiet, so a script can pass it throughout.
+            command_parser.add_argument("--quiet", action="store_true",
+                                        help="accepted by every command; this one shows no progress")
     return p
+
+
+def _run_options(e, what="") -> None:
+    e.add_argument("--batch-size", type=int, help=f"images per batch of the extraction{what} (default: "
+                   "extract's, or the fine-tuned network's)")
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    e.add_argument("--workers", default="auto", help="decoding processes (default auto)")
 
 
 def _probe_options(e) -> None:
@@ -232,8 +262,9 @@ def _probe_options(e) -> None:
 
 def _extract_options(e) -> None:
     e.add_argument("--backbone", default="mobilenet_v2", help="registered backbone (default %(default)s)")
-    e.add_argument("--layer", action="append", dest="layers", metavar="LAYER",
-                   help="alias (block4) or FX node name; repeat for several (default: pre-logits)")
+    e.add_argument("--layer", action=_Layers, dest="layers", metavar="LAYER",
+                   help="alias (block4) or FX node name; repeat, or separate with commas, for several "
+                   "(default: pre-logits)")
     e.add_argument("--pooling", default="avg", choices=["avg", "max", "gem", "flatten"])
     e.add_argument("--weights", default="imagenet",
                    help="imagenet (IMAGENET1K_V1, default), DEFAULT (torchvision's), a weights "
@@ -386,6 +417,10 @@ def _fit(args) -> int:
     from ._outputs import MODEL, check_output
     from ._store import CodeStore
 
+    if args.layer and len(args.layer) > 1:
+        raise CnnCodesError(f"--layer: fit uses one layer, got {len(args.layer)} ({', '.join(args.layer)}). "
+                            f"Fit one model per layer, or compare them with `cnncodes sweep`.")
+    layer = args.layer[0] if args.layer else None
     check_output(args.out, MODEL, option="-o")  # before fitting, not after
     store = CodeStore(args.store)
     try:
@@ -395,7 +430,7 @@ def _fit(args) -> int:
     rows = None
     if args.test_size is not None:
         rows, test = split_store(store, test_size=args.test_size, random_state=args.random_state)
-    model = fit(store, classifier=args.classifier, layer=args.layer, C=C, n_neighbors=args.n_neighbors,
+    model = fit(store, classifier=args.classifier, layer=layer, C=C, n_neighbors=args.n_neighbors,
                 metric=args.metric, cv=args.cv, rows=rows, n_jobs=args.jobs, random_state=args.random_state)
     info, layer = model.cnncodes_["fit"], model.cnncodes_["layer"]
     dims = store.codes_shape(layer)[1]
@@ -415,6 +450,17 @@ def _fit(args) -> int:
     return EXIT_OK
 
 
+def _run_kwargs(args) -> dict:
+    """The --batch-size, --device and --workers of predict and evaluate, as library keywords."""
+    from ._errors import CnnCodesError
+
+    try:
+        workers = args.workers if args.workers == "auto" else int(args.workers)
+    except ValueError:
+        raise CnnCodesError(f"--workers must be 'auto' or a number, got {args.workers!r}.") from None
+    return dict(batch_size=args.batch_size, device=args.device, num_workers=workers)
+
+
 def _predict(args) -> int:
     import csv
     import warnings
@@ -424,6 +470,8 @@ def _predict(args) -> int:
     from ._model import predict
     from ._outputs import PREDICTIONS, check_output
 
+    if args.top_k < 1:
+        raise CnnCodesError(f"--top-k must be 1 or more, got {args.top_k}.")
     if args.csv:
         check_output(args.csv, PREDICTIONS, option="--csv")
         folder = Path(args.csv).parent
@@ -434,7 +482,8 @@ def _predict(args) -> int:
     with warnings.catch_warnings():
         # A fine-tuned network also warns about unreadable photos; they are listed below.
         warnings.filterwarnings("ignore", message=r"\d+ images could not be read and are left out")
-        preds = predict(args.model, images, top_k=args.top_k, store=args.store, progress=not args.quiet)
+        preds = predict(args.model, images, top_k=args.top_k, store=args.store, progress=not args.quiet,
+                        **_run_kwargs(args))
     for p in preds:
         print(p.id + "\t" + "\t".join(f"{lab} {prob:.3f}" for lab, prob in zip(p.labels, p.probabilities)))
     if preds.failures:
@@ -467,7 +516,7 @@ def _evaluate(args) -> int:
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
-        ev = evaluate(args.model, args.data, progress=not args.quiet)
+        ev = evaluate(args.model, args.data, progress=not args.quiet, **_run_kwargs(args))
     for w in caught:  # e.g. rows of classes the model never saw, left out
         print(f"cnncodes evaluate: warning: {w.message}", file=sys.stderr)
     print(ev.summary())
@@ -548,6 +597,18 @@ def _advise(args) -> int:
     return EXIT_OK
 
 
+def _unrecognized(parser, args, extras) -> None:
+    """Refuse arguments a command does not know, with its usage and a near option (exits 2)."""
+    command_parser = parser.commands.get(args.command, parser)
+    known = list(command_parser._option_string_actions)
+    hints = []
+    for arg in extras:
+        if arg.startswith("-"):
+            close = difflib.get_close_matches(arg.split("=", 1)[0], known, n=1)
+            hints += [f"did you mean {close[0]}?"] if close else []
+    command_parser.error(f"unrecognized arguments: {' '.join(extras)}" + (f" ({'; '.join(hints)})" if hints else ""))
+
+
 HANDLERS = {"extract": _extract, "backbones": _backbones, "layers": _layers, "info": _info, "check": _check,
             "demo": _demo, "fit": _fit, "predict": _predict, "evaluate": _evaluate,
             "sweep": _sweep, "advise": _advise, "finetune": _finetune}
@@ -557,7 +618,9 @@ def main(argv=None) -> int:
     from ._errors import CnnCodesError
 
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        _unrecognized(parser, args, extras)
     if args.command is None:
         parser.print_help()
         return EXIT_ERROR

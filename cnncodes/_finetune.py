@@ -1278,11 +1278,11 @@ def load_finetuned(path) -> FineTunedModel:
     return FineTunedModel(path, read_checkpoint(path))
 
 
-def predict_finetuned(model: FineTunedModel, images, *, top_k: int = 1, progress: bool = False):
+def predict_finetuned(model: FineTunedModel, images, *, top_k: int = 1, progress: bool = False, **run):
     """Top-k labels of photos by a fine-tuned network (see :func:`cnncodes.predict`)."""
     from ._model import Prediction, Predictions, all_failed_error
 
-    items, proba, _, failures = model.predict_images(images, progress=progress)
+    items, proba, _, failures = model.predict_images(images, progress=progress, **run)
     if failures and not items:
         raise all_failed_error(failures)
     if failures:
@@ -1303,8 +1303,11 @@ def _file_sha256(path: str) -> str | None:
         return None
 
 
-def evaluate_finetuned(model: FineTunedModel, data, *, progress: bool = False):
-    """Accuracy of a fine-tuned network on a labelled folder, leaving out its training content."""
+def evaluate_finetuned(model: FineTunedModel, data, *, progress: bool = False, **run):
+    """Accuracy of a fine-tuned network on a labelled folder, leaving out its training content.
+
+    `run`: batch_size, device, num_workers of :meth:`FineTunedModel.predict_images`.
+    """
     from ._model import evaluation
 
     path = Path(data)
@@ -1329,7 +1332,7 @@ def evaluate_finetuned(model: FineTunedModel, data, *, progress: bool = False):
     if not labelled:
         raise CnnCodesError(f"nothing to evaluate in {path}: no labelled images outside the training set.")
     items, proba, _, failures = model.predict_images([it.path for it in labelled], labels=[it.label for it in labelled],
-                                                     root=src.root, progress=progress)
+                                                     root=src.root, progress=progress, **run)
     if failures:
         warnings.warn(f"{len(failures)} images could not be read and are left out: "
                       + "; ".join(f"{i} ({why})" for i, why in failures[:5]), stacklevel=3)

@@ -152,12 +152,14 @@ def _extractor(spec) -> ExtractorSpec | None:
 
 
 @contextmanager
-def _codes_for(model: Model, source, store=None, progress=False):
+def _codes_for(model: Model, source, store=None, progress=False, run=None):
     """Extract `source` with the model's extractor spec into `store`; yield (store, layer, failures).
 
     `failures` lists the (id, reason) of the photos that could not be read or decoded.
 
     Without `store` the codes go to a temporary folder that is removed on leaving the block.
+    `run` holds settings of the extraction run (batch_size, device, num_workers) that do not
+    change the codes.
     """
     from ._extract import extract
 
@@ -172,7 +174,7 @@ def _codes_for(model: Model, source, store=None, progress=False):
         # Checked here, not only by extract, for advice that fits predict: it has no -o.
         CodeStore(store).spec.check(spec, Path(store).name, advice=PREDICT_STORE_ADVICE)
     try:
-        result = extract(source, out=out, **spec.extract_kwargs(), progress=progress)
+        result = extract(source, out=out, **spec.extract_kwargs(), **(run or {}), progress=progress)
         yield CodeStore(out), layer, list(result.failures) + list(result.known_failures)
     finally:
         if tmp is not None:
@@ -229,7 +231,14 @@ def all_failed_error(failures) -> FailedImagesError:
         + "\nGive readable image files (JPEG, PNG, ...).", list(failures))
 
 
-def predict(model, images, *, top_k: int = 1, store=None, progress: bool = False) -> Predictions:
+def _run_options(batch_size, device, num_workers) -> dict:
+    """The extraction settings a caller gave: run settings that leave the codes unchanged."""
+    given = dict(batch_size=batch_size, device=device, num_workers=num_workers)
+    return {k: v for k, v in given.items() if v is not None and v != "auto"}
+
+
+def predict(model, images, *, top_k: int = 1, store=None, progress: bool = False, batch_size: int | None = None,
+            device="auto", num_workers="auto") -> Predictions:
     """Classify photos with a fitted model: extract them with its spec, return top-k.
 
     Parameters
@@ -242,6 +251,11 @@ def predict(model, images, *, top_k: int = 1, store=None, progress: bool = False
     store : path, optional
         A store to extract into (and reuse on the next call); a temporary one by default.
         Not for a fine-tuned network, which needs no codes.
+    top_k : int
+        Labels per photo, at least 1 (fewer when the model knows fewer classes).
+    batch_size, device, num_workers
+        As in :func:`cnncodes.extract` (for a fine-tuned network, as in its
+        ``predict_images``); the default batch size is that function's own.
 
     Returns
     -------
@@ -254,6 +268,9 @@ def predict(model, images, *, top_k: int = 1, store=None, progress: bool = False
     FailedImagesError
         When every photo failed (its ``failures`` lists them).
     """
+    if not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or top_k < 1:
+        raise CnnCodesError(f"top_k must be an integer >= 1, got {top_k!r}.")
+    run = _run_options(batch_size, device, num_workers)
     model = _as_model(model)
     from ._finetune import FineTunedModel, predict_finetuned
 
@@ -261,8 +278,8 @@ def predict(model, images, *, top_k: int = 1, store=None, progress: bool = False
         if store is not None:
             raise CnnCodesError("store= is for models on codes; a fine-tuned network classifies the photos "
                                 "directly. Leave store out.")
-        return predict_finetuned(model, images, top_k=top_k, progress=progress)
-    with _codes_for(model, images, store, progress) as (codes, layer, failures):
+        return predict_finetuned(model, images, top_k=top_k, progress=progress, **run)
+    with _codes_for(model, images, store, progress, run) as (codes, layer, failures):
         X, ids = codes.codes(layer), codes.ids
     if len(ids) == 0:
         if failures:
@@ -320,24 +337,29 @@ class Evaluation:
         return Path(path)
 
 
-def evaluate(model, data, *, progress: bool = False) -> Evaluation:
+def evaluate(model, data, *, progress: bool = False, batch_size: int | None = None, device="auto",
+             num_workers="auto") -> Evaluation:
     """Evaluate a model on a code store or a labelled folder, on content it was not trained on.
 
     Rows whose image content (sha256) the model saw in training are left out, so on the
     store it was fitted from (with ``rows=`` or ``--test-size``) the figure is a held-out
     one, and a copy of a training photo elsewhere cannot inflate it.
+
+    `batch_size`, `device` and `num_workers` set the extraction of a folder, as in
+    :func:`predict`; a store is read as it is.
     """
+    run = _run_options(batch_size, device, num_workers)
     model = _as_model(model)
     from ._finetune import FineTunedModel, evaluate_finetuned
 
     if isinstance(model, FineTunedModel):  # a network from `cnncodes finetune`: on photos only
-        return evaluate_finetuned(model, data, progress=progress)
+        return evaluate_finetuned(model, data, progress=progress, **run)
     path = Path(data.path if isinstance(data, CodeStore) else data)
     if isinstance(data, CodeStore) or path.is_file() and path.suffix in (".h5", ".hdf5"):
         store = data if isinstance(data, CodeStore) else CodeStore(path)
         return _evaluate_store(model, store, _check_store(model, store), path,
                                f"all labelled rows of {path.name}")
-    with _codes_for(model, data, None, progress) as (store, layer, _):
+    with _codes_for(model, data, None, progress, run) as (store, layer, _):
         return _evaluate_store(model, store, layer, path, f"all labelled images of {path}")
 
 
