@@ -466,9 +466,7 @@ def _check_root(store: CodeStore, src, plan: "_Plan", on_other_root: str, journa
     here = os.path.abspath(src.root)
     if stored is None or os.path.abspath(stored) == here:
         return False
-    changed = [*plan.compute, *(item for item, _ in plan.reused)]
-    rows = store.rows_of([item.id for item in changed]) if changed else np.zeros(0, dtype=np.int64)
-    replaced = [item.id for item, row in zip(changed, rows.tolist()) if row >= 0]
+    replaced = plan.replaced
     if replaced and on_other_root != "replace":
         if not journal.batches():
             journal.remove()
@@ -502,6 +500,7 @@ class _Plan:
     failures_with_sha: list[tuple[str, str, str]] = field(default_factory=list)
     known_failures: list[tuple[str, str]] = field(default_factory=list)
     stat_of: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # id -> stat key to store
+    replaced: list[str] = field(default_factory=list)  # stored ids whose file holds other content now
     n_unchanged: int = 0
     n_resumed: int = 0
     n_hashed: int = 0
@@ -607,11 +606,14 @@ def _plan(items: list[Item], store: CodeStore | None, journal: Journal, rehash: 
             plan.known_failures.append((item.id, known_fail[item.id][1]))
             if known_fail[item.id][2] != plan.stat_of[item.id] != UNKNOWN_STAT:  # recorded again, with it
                 plan.refresh_failures.append((item.id, sha, known_fail[item.id][1]))
-        elif sha in seen_before or sha in j_shas or sha in scheduled:
-            plan.reused.append((item, sha))
         else:
-            scheduled.add(sha)
-            plan.compute.append(item)
+            if sha in seen_before or sha in j_shas or sha in scheduled:
+                plan.reused.append((item, sha))
+            else:
+                scheduled.add(sha)
+                plan.compute.append(item)
+            if row >= 0:
+                plan.replaced.append(item.id)
     return plan
 
 

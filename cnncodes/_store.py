@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import hashlib
 import io
 import json
@@ -231,7 +232,8 @@ def _h5_create(path: Path):
 def _check_room(folder: Path, nbytes: int) -> None:
     """Refuse to start a file of `nbytes` where it cannot fit: free space, the size limit."""
     try:
-        free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
+        vfs = os.statvfs(folder)
+        free = vfs.f_bavail * vfs.f_frsize
     except OSError:
         return
     if nbytes > free:
@@ -442,10 +444,6 @@ def _tier(rows: int) -> int:
     while rows >= TIER_FANOUT ** (t + 1):
         t += 1
     return t
-
-
-def _dtype_of(array) -> str:
-    return str(np.dtype(array.dtype))
 
 
 def _code_chunks(dim: int, dtype: str, rows: int) -> tuple[int, int]:
@@ -811,7 +809,7 @@ def _umask() -> int:
 def remove_unmapped(path: Path) -> list[Path]:
     """Delete segment files the root does not map and temporaries of killed runs (lock held)."""
     path = Path(path)
-    removed = [Path(p) for p in path.parent.glob(f".{glob_escape(path.name)}.*.tmp")]
+    removed = [Path(p) for p in path.parent.glob(f".{glob.escape(path.name)}.*.tmp")]
     folder = segment_folder(path)
     if folder.is_dir():
         mapped = set()
@@ -828,19 +826,12 @@ def remove_unmapped(path: Path) -> list[Path]:
     return removed
 
 
-def glob_escape(name: str) -> str:
-    import glob
-
-    return glob.escape(name)
-
-
 def append_rows(path, *, ids, sha256, labels, codes: dict, stat=None) -> None:
     """Append rows to an existing store as one segment (benchmarks; synthetic growth)."""
     path = Path(path)
     store = CodeStore(path)
     with StoreLock(path):
-        journal = Journal(Path(f"{path}.append"))
-        journal.folder = Path(f"{path}.append.partial")
+        journal = Journal(Path(f"{path}.append"))  # its own journal: codes.h5.append.partial/
         journal.folder.mkdir(exist_ok=True)
         try:
             journal.write(0, ids=ids, sha256=sha256, labels=labels, codes=codes, stat=stat)
