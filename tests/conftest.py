@@ -87,3 +87,29 @@ FAST = dict(backbone="mobilenet_v2", image_size=64, batch_size=4, num_workers=0,
 @pytest.fixture
 def fast():
     return dict(FAST)
+
+
+CHROMIUM = os.environ.get("CNNCODES_CHROMIUM", "/usr/bin/chromium")
+# Flags for a closed network: without the background-networking ones Chromium keeps trying to
+# reach Google's hosts at start-up.
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Debian Chromium driven by Playwright (scripts/install-browser.sh installs it).
+
+    Use as ``page = browser.new_page(); page.goto(url)``; closed at the end of the session.
+    """
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"needs Chromium at {CHROMIUM}: run scripts/install-browser.sh")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright (the dev extra)")
+    with sync_api.sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
