@@ -223,6 +223,7 @@ def change_key(item: Item, storage_options: dict | None = None) -> tuple[int, in
     if is_url(item.path):
         fs, path = filesystem(item.path, storage_options)
         try:
+            fs.invalidate_cache(path)
             return remote_key(fs.info(path))
         except FileNotFoundError:
             raise ReadError(f"no such object ({item.path})") from None
@@ -289,6 +290,7 @@ def _from_url_folder(url: str, storage_options: dict | None) -> Source:
     """A folder in object storage (or any fsspec file system), listed with its objects' keys."""
     fs, base = filesystem(url, storage_options)
     try:
+        fs.invalidate_cache(base)  # a listing is of now, not of an earlier call in this process
         found = fs.find(base, detail=True)
     except Exception as exc:  # botocore / aiohttp errors: one line
         raise SourceError(f"cannot list {url!r}: {type(exc).__name__}: {str(exc)[:200]}. Check the URL "
@@ -392,11 +394,23 @@ def _from_csv(path, storage_options=None) -> Source:
 
 
 def _from_paths(paths, labels, root=None) -> Source:
-    paths = [Path(p) for p in paths]
     if not paths:
         raise SourceError("the list of image paths is empty.")
     if labels is not None and len(labels) != len(paths):
         raise SourceError(f"got {len(paths)} paths but {len(labels)} labels; give one label per path.")
+    urls = [is_url(str(p)) for p in paths]
+    if any(urls):  # objects (s3://..., https://...): each URL is its own id
+        if not all(urls):
+            raise SourceError("the list mixes URLs and local paths; give one kind (a URL per image, or "
+                              "local paths), or copy the files to one place.")
+        items, seen = [], set()
+        for i, url in enumerate(map(str, paths)):
+            if url not in seen:
+                seen.add(url)
+                items.append(Item(url, url, None if labels is None else str(labels[i])))
+        prefix = os.path.commonprefix([u.rsplit("/", 1)[0] + "/" for u in seen])
+        return Source(prefix, items, "paths", remote=True)
+    paths = [Path(p) for p in paths]
     # abspath, not resolve: a symlinked image keeps its own name, as in a folder source.
     absolute = [Path(os.path.abspath(p.expanduser())) for p in paths]
     if root is None:

@@ -32,8 +32,12 @@ LABEL_EXTENSIONS = ("cls", "txt", "json")
 
 
 def expand_braces(pattern: str) -> list[str]:
-    """``a-{000..002}.tar`` → three names (zero-padded as written); ``{x,y}`` → two."""
-    m = _BRACE_RANGE.search(pattern)
+    """``a-{000..002}.tar`` → three names (zero-padded as written); ``{x,y}`` → two.
+
+    Braces expand left to right, as a shell does.
+    """
+    ranged, listed = _BRACE_RANGE.search(pattern), _BRACE_LIST.search(pattern)
+    m = ranged if ranged and (not listed or ranged.start() < listed.start()) else None
     if m:
         lo, hi = m.group(1), m.group(2)
         width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
@@ -150,6 +154,7 @@ def _shard_listing(url: str, storage_options, label_column) -> tuple[list, list,
     if is_url(url):
         fs, inner = filesystem(url, storage_options)
         try:
+            fs.invalidate_cache(inner)
             key = remote_key(fs.info(inner))
         except FileNotFoundError:
             raise SourceError(f"shard {url!r} does not exist. Check the URL or pattern.") from None
@@ -295,6 +300,7 @@ def _table_files(path: str, storage_options) -> tuple[list[str], str, str | None
 def _file_key(path: str, storage_options) -> tuple[int, int, int]:
     if is_url(path):
         fs, inner = filesystem(path, storage_options)
+        fs.invalidate_cache(inner)
         return remote_key(fs.info(inner))
     st = os.stat(path)
     return st.st_size, st.st_mtime_ns, st.st_ino
@@ -330,7 +336,7 @@ def from_table(path: str, *, image_column=None, label_column=None, id_column=Non
     Only the id and label columns are read to list; a row's image is read when it is
     extracted. Ids are the id column's values, else ``<file>#<row>``.
     """
-    pa = _pyarrow()
+    _pyarrow()
     import pyarrow.parquet as pq
 
     files, fmt, folder = _table_files(path, storage_options)
