@@ -42,12 +42,12 @@ def actor_pids() -> list[int]:
 def killer(out: Path, after: int, log: list) -> None:
     """Wait until `after` shards are written, then SIGKILL one actor process."""
     journal = Journal(out)
-    while len(journal.batches()) < after:
+    while len(journal.files()) < after:
         time.sleep(0.5)
     pids = actor_pids()
     if pids:
         os.kill(pids[0], signal.SIGKILL)
-    log.append((time.perf_counter(), len(journal.batches()), pids))
+    log.append((time.perf_counter(), len(journal.files()), pids))
 
 
 def compare(store: CodeStore, ref: CodeStore) -> dict:

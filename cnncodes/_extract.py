@@ -432,7 +432,7 @@ def extract(
             failed_shas, index = run_ray(
                 plan.compute, backbone=backbone, weights=w, infos=infos, pooling=pooling, prep=prep,
                 precision=precision, tta=tta, dtype=dtype, journal=journal, index=index, stat_of=plan.stat_of,
-                storage_options=src.storage_options,
+                storage_options=src.storage_options, classes=_class_table(store, plan.compute),
                 batch_size=batch_size, max_pixels=max_pixels, progress=progress, result=result,
                 address=ray_address, workers=ray_workers, gpus_per_worker=gpus_per_worker)
             result.compute_seconds = time.perf_counter() - t1
@@ -460,7 +460,7 @@ def extract(
                           labels=[i.label for i, _ in kept],
                           stat=[plan.stat_of[i.id] for i, _ in kept], failures=failures,
                           fail_stat=[plan.stat_of.get(rid, UNKNOWN_STAT) for rid, _, _ in failures])
-        if journal.batches():
+        if journal.files():
             if store is not None and store.format_version < FORMAT_VERSION:
                 result.converted_from = store.format_version
             written = merge(out, journal, spec, code_dims, _provenance(src, w), store=store,
@@ -473,6 +473,12 @@ def extract(
         result.conflicts = final.conflicts(among=written) if written else []
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _class_table(store: CodeStore | None, items: list[Item]) -> list[str]:
+    """The classes the store will have: its own, then the new labels (what Ray actors index)."""
+    classes = list(store.class_names) if store is not None else []
+    return classes + sorted({i.label for i in items if i.label is not None} - set(classes))
 
 
 def _check_root(store: CodeStore, src, plan: "_Plan", on_other_root: str, journal: Journal) -> bool:
@@ -489,7 +495,7 @@ def _check_root(store: CodeStore, src, plan: "_Plan", on_other_root: str, journa
         return False
     replaced = plan.replaced
     if replaced and on_other_root != "replace":
-        if not journal.batches():
+        if not journal.files():
             journal.remove()
         raise StoreMismatchError(
             f"{store.path.name} holds images of data root {stored!r}, and this run's images are in "

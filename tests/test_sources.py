@@ -8,11 +8,9 @@ unchanged re-run reads no image byte; bad members are recorded failures with the
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import tarfile
-import time
 
 import numpy as np
 import pytest
@@ -99,42 +97,6 @@ def parquet(tmp_path_factory, files):
     path = tmp_path_factory.mktemp("parquet") / "photos.parquet"
     pq.write_table(table_of(files), path, row_group_size=4)
     return str(path)
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """A real S3-compatible server (moto in server mode), in its own process, on a free port."""
-    pytest.importorskip("s3fs", reason="the sources extra: pip install 'cnncodes[sources]'")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    log = open(tmp_path_factory.mktemp("moto") / "server.log", "wb")
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=log, stderr=subprocess.STDOUT)
-    endpoint = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import s3fs
-
-    fs = s3fs.S3FileSystem(endpoint_url=endpoint, key="testing", secret="testing")
-    fs.mkdir("photos")
-    yield fs, endpoint
-    server.terminate()
-    server.wait(10)
-    log.close()
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
