@@ -9,18 +9,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._errors import CnnCodesError
+from ._errors import CnnCodesError, ExportError, MissingExtraError
 
 FORMATS = ("onnx", "torchscript")
 EXPORT_FORMAT = "cnncodes.exported"
 EXPORT_VERSION = 1
 METADATA_KEY = "cnncodes"  # the ONNX metadata_props key / TorchScript extra file holding the JSON
 INPUT_NAME, OUTPUT_NAME = "pixels", "probabilities"
-EXTRA_HINT = "pip install 'cnncodes[export]'"
-
-
-class ExportError(CnnCodesError):
-    """A model cannot be exported as one network (a kNN index, an unknown head ...)."""
 
 
 # --------------------------------------------------------------------------- the head
@@ -181,11 +176,12 @@ def _prep_dict(prep) -> dict:
     return {k: (list(d[k]) if k in ("mean", "std") else d[k]) for k in keys if k in d}
 
 
-def build(model) -> tuple[nn.Module, dict]:
+def build(model, *, codes_only: bool = False) -> tuple[nn.Module, dict]:
     """The exportable torch network of a fitted model (eval, CPU, float32) and its metadata dict.
 
     `model`: a model file path (``.skops`` or ``.pt``), a loaded `Model` / `FineTunedModel`,
-    or a pipeline from :func:`cnncodes.fit`.
+    or a pipeline from :func:`cnncodes.fit`. With `codes_only` a model on codes gives the
+    network up to its codes (the head left to its estimator: any classifier, kNN too).
     """
     from . import __version__
     from ._finetune import FineTunedModel
@@ -200,7 +196,7 @@ def build(model) -> tuple[nn.Module, dict]:
         info = {"backbone": model.backbone, "weights": "fine-tuned", "weights_sha256": _sha256(model.path),
                 "layer": "logits", "classifier": "fine-tuned network", "tta": model.tta, "pooling": None}
     else:
-        net, info, prep = _codes_network(model)
+        net, info, prep = _codes_network(model, codes_only)
     meta = {
         "format": EXPORT_FORMAT,
         "format_version": EXPORT_VERSION,
@@ -225,7 +221,7 @@ def _sha256(path) -> str:
     return file_sha256(path) if path else ""
 
 
-def _codes_network(model) -> tuple[nn.Module, dict, dict]:
+def _codes_network(model, codes_only: bool = False) -> tuple[nn.Module, dict, dict]:
     from ._backbones import get_backbone
     from ._codesmodel import CodesModel
     from ._weights import load_model, resolve
@@ -234,7 +230,7 @@ def _codes_network(model) -> tuple[nn.Module, dict, dict]:
     if spec is None:
         raise ExportError("this model was fitted on arrays, not on a code store, so it has no backbone to "
                           "export; fit it from a store made by `cnncodes extract`.")
-    head = head_of(model.estimator)  # refuse a kNN before loading a backbone
+    head = nn.Identity() if codes_only else head_of(model.estimator)  # refuse a kNN before loading a backbone
     (alias, node), = spec.layers.items()
     spec_b = get_backbone(spec.backbone)
     w = resolve(spec_b, spec.weights.extract_arg())
@@ -262,7 +258,7 @@ def _need(module: str):
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise CnnCodesError(f"exporting to ONNX needs the {module} package: {EXTRA_HINT}.") from None
+        raise MissingExtraError(f"exporting to ONNX needs the {module} package: pip install 'cnncodes[export]'.") from None
 
 
 def export(model, path, *, format: str | None = None, opset: int = 17) -> Path:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._errors import CnnCodesError
+from ._errors import CnnCodesError, MissingExtraError
 
 METADATA_KEY = "cnncodes"
 
@@ -72,7 +72,7 @@ class OnnxModel:
         try:
             import onnxruntime as ort
         except ImportError:
-            raise CnnCodesError("running an exported model needs onnxruntime: pip install 'cnncodes[export]'.") from None
+            raise MissingExtraError("running an exported model needs onnxruntime: pip install 'cnncodes[export]'.") from None
         self.path = str(path)
         if not Path(path).is_file():
             raise CnnCodesError(f"model file {self.path!r} does not exist. Make one with `cnncodes export`.")
