@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -307,7 +308,10 @@ def export(model, path, *, format: str | None = None, opset: int = 17) -> Path:
     example = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(meta, sort_keys=True)
-    with torch.inference_mode(False), torch.no_grad():
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        # torch.jit says it is deprecated in favour of torch.export, whose files no runtime
+        # without torch loads: TorchScript stays the format a C++ or mobile runtime reads.
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
         if format == "torchscript":
             traced = torch.jit.trace(net, example, check_trace=False)
             torch.jit.save(traced, str(path), _extra_files={METADATA_KEY + ".json": text})
