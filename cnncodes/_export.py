@@ -312,6 +312,9 @@ def export(model, path, *, format: str | None = None, opset: int = 17) -> Path:
         # torch.jit says it is deprecated in favour of torch.export, whose files no runtime
         # without torch loads: TorchScript stays the format a C++ or mobile runtime reads.
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
+        # The TorchScript-based ONNX exporter, chosen (dynamo=False): it needs no onnxscript and
+        # exports this plain feed-forward graph exactly; torch warns that it is the legacy one.
+        warnings.filterwarnings("ignore", message="You are using the legacy TorchScript-based ONNX export")
         if format == "torchscript":
             traced = torch.jit.trace(net, example, check_trace=False)
             torch.jit.save(traced, str(path), _extra_files={METADATA_KEY + ".json": text})
