@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ._errors import CnnCodesError, ExportError, MissingExtraError
+from ._outputs import EXPORT, check_output
 
 FORMATS = ("onnx", "torchscript")
 EXPORT_FORMAT = "cnncodes.exported"
@@ -301,6 +302,7 @@ def export(model, path, *, format: str | None = None, opset: int = 17) -> Path:
     format = format or ("onnx" if path.suffix.lower() == ".onnx" else "torchscript")
     if format not in FORMATS:
         raise CnnCodesError(f"unknown export format {format!r}. Valid formats: {', '.join(FORMATS)}.")
+    check_output(path, EXPORT)
     if format == "onnx":
         onnx = _need("onnx")
     net, meta = build(model)

@@ -131,3 +131,17 @@ def deployable(tmp_path_factory, sample_dir):
     skops = cnncodes.save(cnncodes.fit(store, layer="block5", C=1.0), root / "logreg.skops")
     onnx = cnncodes.export(skops, root / "logreg.onnx")
     return SimpleNamespace(root=root, store=store, skops=skops, onnx=onnx)
+
+
+@pytest.fixture
+def cli_without():
+    """Run ``cnncodes ARGS`` in a new process where `module` cannot be imported (as if not installed)."""
+    import subprocess
+    import sys
+
+    def run(module, *args):
+        code = (f"import sys; sys.modules[{module!r}] = None\n"
+                f"from cnncodes._cli import main\nsys.exit(main({list(map(str, args))!r}))")
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+    return run

@@ -148,12 +148,23 @@ def test_cli_export_writes_the_file(deployable, capsys, tmp_path):
     assert np.abs(OnnxModel(out).predict_proba(x) - OnnxModel(deployable.onnx).predict_proba(x)).max() < 1e-6
 
 
-def test_without_the_export_extra_the_cli_names_the_install(deployable, tmp_path):
+def test_without_the_export_extra_the_cli_names_the_install(deployable, tmp_path, cli_without):
     """Check that, onnx not installed, `cnncodes export` says `pip install 'cnncodes[export]'`, exit 2."""
-    code = ("import sys; sys.modules['onnx'] = None  # as if not installed\n"
-            "from cnncodes._cli import main\n"
-            f"sys.exit(main(['export', {str(deployable.skops)!r}, '-o', {str(tmp_path / 'm.onnx')!r}]))")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    run = cli_without("onnx", "export", deployable.skops, "-o", tmp_path / "m.onnx")
     assert run.returncode == 2
     assert run.stderr.strip() == ("cnncodes export: error: exporting to ONNX needs the onnx package: "
                                   "pip install 'cnncodes[export]'.")
+
+
+def test_export_overwrites_an_export_and_nothing_else(deployable, tmp_path):
+    """Check that an earlier export (ONNX or TorchScript) is replaced, while a model file, a store or
+    a photo at the output path is refused with what it is."""
+    from cnncodes import OutputExistsError
+
+    assert export(deployable.skops, deployable.onnx) == deployable.onnx  # the fixture's own export, again
+    ts = export(deployable.skops, tmp_path / "net.ts", format="torchscript")
+    assert export(deployable.skops, ts, format="torchscript") == ts
+    for victim, what in [(deployable.skops, "a skops model file"), (deployable.store, "a cnncodes code store")]:
+        with pytest.raises(OutputExistsError, match=f"refusing to overwrite .*: it is {what}.*, and this would "
+                                                    "replace it with an exported network"):
+            export(deployable.skops, victim, format="onnx")

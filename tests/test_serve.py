@@ -145,12 +145,9 @@ def test_a_skops_model_serves_predicts_probabilities(deployable, photos):
             assert np.abs(np.array([p["probability"] for p in got["predictions"]]) - want.probabilities).max() <= 1e-4
 
 
-def test_without_the_serve_extra_the_cli_names_the_install(deployable):
+def test_without_the_serve_extra_the_cli_names_the_install(deployable, cli_without):
     """Check that, uvicorn not installed, `cnncodes serve` says `pip install 'cnncodes[serve]'`, exit 2."""
-    code = ("import sys; sys.modules['uvicorn'] = None  # as if not installed\n"
-            "from cnncodes._cli import main\n"
-            f"sys.exit(main(['serve', {str(deployable.onnx)!r}]))")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    run = cli_without("uvicorn", "serve", deployable.onnx)
     assert run.returncode == 2
     assert run.stderr.strip() == ("cnncodes serve: error: serving needs the uvicorn package: "
                                   "pip install 'cnncodes[serve]'.")
