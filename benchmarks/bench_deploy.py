@@ -143,6 +143,7 @@ def main(argv=None):
     p.add_argument("--requests", type=int, default=200, help="serve requests per concurrency level")
     p.add_argument("--work", default=None, help="folder for the model files (default: a temporary one)")
     p.add_argument("--screenshot", help="write a PNG of the page after a prediction")
+    p.add_argument("--no-serve", dest="serve", action="store_false", help="skip the serve measurements")
     args = p.parse_args(argv)
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-deploy-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -219,7 +220,7 @@ def main(argv=None):
     # --- serve
     good = [Path(x).read_bytes() for x in paths[:50]]
     bodies = [BROKEN if i % 10 == 9 else good[i % len(good)] for i in range(100)]
-    for model_file in (onnx_path, skops):
+    for model_file in (onnx_path, skops) if args.serve else ():
         proc, url = _serve(model_file, None)
         try:
             print(f"\ncnncodes serve {model_file.name}: {args.requests} requests per level, 10 % broken uploads")

@@ -168,3 +168,21 @@ def test_export_overwrites_an_export_and_nothing_else(deployable, tmp_path):
         with pytest.raises(OutputExistsError, match=f"refusing to overwrite .*: it is {what}.*, and this would "
                                                     "replace it with an exported network"):
             export(deployable.skops, victim, format="onnx")
+
+
+@pytest.mark.parametrize("classifier", ["logreg", "linear_svm", "sgd"])
+def test_two_class_and_sgd_heads_equal_predict(deployable, sample_dir, classifier):
+    """Check the one-column decision of a two-class model (sigmoid, not softmax) and SGD's
+    one-vs-rest log loss: the export gives predict's probabilities."""
+    from cnncodes import CodeStore
+
+    store = CodeStore(deployable.store)
+    two = classifier != "sgd"
+    rows = np.flatnonzero(np.isin(np.array(store.class_names)[store.labels], ["daisy", "rose"])) if two else None
+    skops = save(fit(store, layer="block5", classifier=classifier, C=1.0, rows=rows),
+                 deployable.root / f"{classifier}-{two}.skops")
+    model = OnnxModel(export(skops, deployable.root / f"{classifier}-{two}.onnx"))
+    assert len(model.classes) == (2 if two else 5)
+    expected, ids = _predicted(skops, sample_dir, model.classes)
+    got = model.predict_proba(np.stack([model.preprocess(sample_dir / i) for i in ids]))
+    assert np.abs(got - expected).max() <= 1e-4
