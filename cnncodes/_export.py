@@ -240,7 +240,11 @@ def _codes_network(model, codes_only: bool = False) -> tuple[nn.Module, dict, di
         raise ExportError(f"the weights found for {spec.backbone} ({w.path}, sha256 {w.sha256[:12]}) are not "
                           f"those the model was fitted with (sha256 {spec.weights.sha256[:12]}). Put the "
                           f"model's checkpoint where cnncodes finds it (CNNCODES_WEIGHTS_PATH).")
-    codes = CodesModel(load_model(spec_b, w), {node: alias}, spec.pooling)
+    # The export computes in float32; the codes network alone (for serve) in the arithmetic the
+    # model's codes were extracted with, as predict extracts them.
+    precision = spec.precision if codes_only and spec.precision in ("bfloat16", "float16") else "float32"
+    codes = CodesModel(load_model(spec_b, w), {node: alias}, spec.pooling, precision=precision,
+                       float32_until=spec_b.layers[0].node)
     prep = spec.preprocessing
     net = CodesNet(Normalize(prep.mean, prep.std), codes, alias, head, tta=spec.tta, dtype=spec.dtype)
     fit = getattr(model, "fit", None) or {}
