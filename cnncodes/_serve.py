@@ -343,7 +343,7 @@ _PAGE = """<!doctype html>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <style>
  body{font:16px/1.4 system-ui,sans-serif;max-width:40rem;margin:2rem auto;padding:0 1rem;color:#222}
- #drop{border:2px dashed #888;border-radius:8px;padding:2rem;text-align:center;cursor:pointer}
+ #drop{display:block;margin:1rem 0;border:2px dashed #888;border-radius:8px;padding:2rem;text-align:center;cursor:pointer}
  #drop.over{background:#eef}
  #preview{max-width:100%;max-height:16rem;display:block;margin:1rem auto}
  li{margin:.3rem 0} .bar{display:inline-block;height:.7rem;background:#4a7;margin-left:.5rem;vertical-align:middle}
