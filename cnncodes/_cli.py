@@ -630,9 +630,17 @@ def _advise(args) -> int:
 
 
 def _export(args) -> int:
+    import warnings
+
     from ._export import export
 
-    print(f"wrote {export(args.model, args.out, format=args.format, opset=args.opset)}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        path = export(args.model, args.out, format=args.format, opset=args.opset)
+    for w in (w for w in caught if issubclass(w.category, UserWarning)):
+        # e.g. codes extracted in bfloat16: the float32 export differs by their rounding
+        print(f"cnncodes export: warning: {w.message}", file=sys.stderr)
+    print(f"wrote {path}")
     return EXIT_OK
 
 

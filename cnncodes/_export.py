@@ -310,6 +310,12 @@ def export(model, path, *, format: str | None = None, opset: int = 17) -> Path:
     if format == "onnx":
         onnx = _need("onnx")
     net, meta = build(model)
+    precision = meta["provenance"].get("codes_precision")
+    if precision in ("bfloat16", "float16"):
+        warnings.warn(
+            f"the model's codes were extracted in {precision}; the export computes in float32, so its "
+            f"probabilities differ from predict's by that rounding (up to ~4e-2 on flowers5). For an exact "
+            f"export, fit on a store extracted with --precision float32.", UserWarning, stacklevel=2)
     size = meta["input"]["shape"][2]
     example = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -321,6 +327,7 @@ def export(model, path, *, format: str | None = None, opset: int = 17) -> Path:
         # The TorchScript-based ONNX exporter, chosen (dynamo=False): it needs no onnxscript and
         # exports this plain feed-forward graph exactly; torch warns that it is the legacy one.
         warnings.filterwarnings("ignore", message="You are using the legacy TorchScript-based ONNX export")
+        warnings.filterwarnings("ignore", message="The feature will be removed")  # inside that exporter
         if format == "torchscript":
             traced = torch.jit.trace(net, example, check_trace=False)
             torch.jit.save(traced, str(path), _extra_files={METADATA_KEY + ".json": text})

@@ -186,3 +186,21 @@ def test_two_class_and_sgd_heads_equal_predict(deployable, sample_dir, classifie
     expected, ids = _predicted(skops, sample_dir, model.classes)
     got = model.predict_proba(np.stack([model.preprocess(sample_dir / i) for i in ids]))
     assert np.abs(got - expected).max() <= 1e-4
+
+
+def test_codes_extracted_in_bfloat16_give_a_warning_naming_the_exact_way(sample_dir, tmp_path, capsys):
+    """Check that exporting a model on bfloat16 codes warns, in one CLI line, that the float32 network
+    differs by their rounding and how to export exactly."""
+    from cnncodes import extract
+
+    store = tmp_path / "bf16.h5"
+    extract(sample_dir, out=store, layers=["block5"], image_size=64, precision="bfloat16", num_workers=0,
+            progress=False)
+    skops = save(fit(store, layer="block5", C=1.0), tmp_path / "bf16.skops")
+    with pytest.warns(UserWarning, match="extracted in bfloat16; the export computes in float32"):
+        export(skops, tmp_path / "lib.onnx")
+    assert main(["export", str(skops), "-o", str(tmp_path / "cli.onnx")]) == 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cnncodes export: warning: the model's codes were extracted in bfloat16")
+    assert err.endswith("fit on a store extracted with --precision float32.") and len(err.splitlines()) == 1
+    assert (tmp_path / "cli.onnx").is_file()
