@@ -14,7 +14,10 @@ from ._errors import CnnCodesError, MissingExtraError
 METADATA_KEY = "cnncodes"
 
 
-def preprocess(image, preprocessing: dict) -> np.ndarray:
+MAX_PIXELS = 100_000_000  # as cnncodes' own decoding: larger images are refused, not decoded
+
+
+def preprocess(image, preprocessing: dict, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode and resize a photo as cnncodes does, to the uint8 ``(3, crop, crop)`` an export takes.
 
     The reference for feeding an exported network without cnncodes: PIL and numpy only.
@@ -26,6 +29,8 @@ def preprocess(image, preprocessing: dict) -> np.ndarray:
     image : path, bytes, file object or PIL image
     preprocessing : dict
         The ``"preprocessing"`` of the export's metadata.
+    max_pixels : int
+        Larger images raise ValueError ("decompression bomb: ...") before they are decoded.
 
     Returns
     -------
@@ -38,6 +43,8 @@ def preprocess(image, preprocessing: dict) -> np.ndarray:
         image = io.BytesIO(image)
     img = image if isinstance(image, Image.Image) else Image.open(image)
     w, h = img.size
+    if w * h > max_pixels:
+        raise ValueError(f"decompression bomb: {w}x{h} = {w * h:,} pixels exceeds max_pixels={max_pixels:,}")
     if p.get("jpeg_draft") and img.format == "JPEG" and min(w, h) >= 4 * p["resize_size"]:
         floor = 2 * p["resize_size"] / min(w, h)  # decode at 1/2, 1/4 or 1/8 scale, as cnncodes does
         img.draft("RGB", (math.ceil(w * floor), math.ceil(h * floor)))

@@ -61,6 +61,10 @@ class Classifier:
                 raise BadUpload(422, "not an image (PIL cannot identify the file format)") from None
             except Image.DecompressionBombError as exc:
                 raise BadUpload(422, f"decompression bomb: {exc}") from None
+            except ValueError as exc:
+                if str(exc).startswith("decompression bomb"):
+                    raise BadUpload(422, str(exc)) from None
+                raise BadUpload(422, f"cannot decode: {exc}") from None
             except Exception as exc:  # noqa: BLE001 - truncated or malformed files raise many types
                 raise BadUpload(422, f"cannot decode: {type(exc).__name__}: {exc}") from None
 

@@ -28,6 +28,14 @@ def _jpeg() -> bytes:
 TRUNCATED = _jpeg()[:1500]  # a real JPEG cut short
 
 
+def _bomb() -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("1", (12_000, 9_000)).save(out, "PNG")  # 108 M pixels in a few kB
+    return out.getvalue()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -93,11 +101,12 @@ def test_predict_takes_a_multipart_upload_or_raw_bytes(onnx_server, deployable, 
     (dict(content=b"not a photo at all"), 422, "not an image (PIL cannot identify the file format)"),
     (dict(content=b""), 422, "empty upload (0 bytes)"),
     (dict(content=TRUNCATED), 422, "cannot decode"),
+    (dict(content=_bomb()), 422, "decompression bomb: 12000x9000 = 108,000,000 pixels exceeds max_pixels"),
     (dict(files={"note": (None, "a field, not a file")}), 422, "form holds no file"),
     (dict(content=b"\x00" * 600_000), 413, "larger than the limit of 524,288 bytes"),
     (dict(files={"file": ("big.jpg", b"\x00" * 600_000)}), 413, "larger than the limit"),
     (dict(content=b"x", params={"top_k": "0"}), 422, "top_k must be an integer >= 1, got 0"),
-], ids=["garbage", "empty", "truncated-jpeg", "no-file", "too-large", "too-large-multipart", "top-k-0"])
+], ids=["garbage", "empty", "truncated-jpeg", "bomb", "no-file", "too-large", "too-large-multipart", "top-k-0"])
 def test_a_bad_request_gets_its_status_and_reason_and_the_server_goes_on(onnx_server, photos, send, status, words):
     """Check that each bad request gets 413 / 422 with the reason, and a good one after it still works."""
     answer = httpx.post(onnx_server + "/predict", **send)
