@@ -183,3 +183,48 @@ def test_the_page_classifies_a_chosen_photo(browser, onnx_server, deployable, ph
         assert "not an image" in page.locator("#status").inner_text()
     finally:
         page.close()
+
+
+def test_a_knn_model_serves_through_its_estimator(deployable, photos):
+    """Check that a kNN .skops (no export possible) is served: the codes network, then the faiss
+    index's predict_proba, equal to predict's."""
+    from cnncodes import fit, save
+    from cnncodes._serve import Classifier
+
+    knn = save(fit(deployable.store, layer="block5", classifier="knn", n_neighbors=3), deployable.root / "knn-serve.skops")
+    clf = Classifier(knn)
+    chosen = photos[::5]
+    got = clf.predict_proba(np.stack([clf.pixels(p.read_bytes()) for p in chosen]))
+    for row, want in zip(got, predict(knn, [str(p) for p in chosen], top_k=5, num_workers=0)):
+        assert np.abs(np.array([row[clf.classes.index(label)] for label in want.labels]) - want.probabilities).max() <= 1e-4
+
+
+def test_the_model_thread_outlives_a_failing_batch():
+    """Check that when the model raises, that batch's requests get the error and later ones are served."""
+    from cnncodes._serve import Batcher
+
+    def model(batch):
+        if (batch < 0).any():
+            raise ValueError("negative pixels")
+        return batch.sum(axis=1, keepdims=True)
+
+    batcher = Batcher(model, window_s=0.0)
+    try:
+        with pytest.raises(ValueError, match="negative pixels"):
+            batcher.submit(np.array([-1, 2])).result(timeout=10)
+        assert batcher.submit(np.array([1, 2])).result(timeout=10).tolist() == [3]
+        assert (batcher.batches, batcher.images) == (1, 1)
+    finally:
+        batcher.close()
+
+
+def test_cli_serve_binds_localhost_by_default_and_refuses_a_missing_model(tmp_path, capsys):
+    """Check that serve's default host is 127.0.0.1, and a missing model file is one line, exit 2."""
+    from cnncodes._cli import _parser, main
+
+    assert _parser().parse_args(["serve", "m.onnx"]).host == "127.0.0.1"
+    for name, words in [("gone.onnx", "does not exist. Make one with `cnncodes export`"),
+                        ("gone.skops", "does not exist. Make one with `cnncodes fit`")]:
+        assert main(["serve", str(tmp_path / name), "--port", "0"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("cnncodes serve: error: ") and words in err and len(err.strip().splitlines()) == 1
