@@ -105,19 +105,19 @@ def test_torchscript_export_equals_predict(deployable, sample_dir):
         assert np.abs(net(pixels).numpy() - expected).max() <= 1e-4
 
 
-def test_a_finetuned_network_exports_with_its_flip_tta(tmp_path, sample_dir):
+def test_a_finetuned_network_exports_with_its_flip_tta(tmp_path, photos):
     """Check that a fine-tuned .pt (flip TTA) exports to ONNX with predict's probabilities."""
     from cnncodes import finetune
 
     ckpt = tmp_path / "ft.pt"
-    finetune(sample_dir, out=ckpt, image_size=64, batch_size=8, num_workers=0, precision="float32",
+    finetune(photos, out=ckpt, image_size=64, batch_size=8, num_workers=0, precision="float32",
              progress=False, unfreeze="block5", epochs=1, tta="flip", test_size=None, val_fraction=0,
              early_stopping=None)
     model = OnnxModel(export(ckpt, tmp_path / "ft.onnx"))
     assert model.metadata["provenance"]["tta"] == "flip"
-    expected, ids = _predicted(ckpt, sample_dir, model.classes)
-    got = model.predict_proba(np.stack([model.preprocess(sample_dir / i) for i in ids]))
-    assert np.abs(got - expected).max() <= 1e-4
+    expected, ids = _predicted(ckpt, photos, model.classes)
+    got = model.predict_proba(np.stack([model.preprocess(photos / i) for i in ids]))
+    assert got.shape == (12, 3) and np.abs(got - expected).max() <= 1e-4
 
 
 def test_knn_is_refused_with_the_reason(deployable, capsys):
