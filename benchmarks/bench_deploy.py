@@ -6,7 +6,8 @@ A logistic regression (C='auto') on a flowers5 block5 store, fitted on the strat
 - agreement: ONNX Runtime's probabilities against `cnncodes.predict`'s (max abs diff), fed
   by the torch-free reference preprocessing (PIL) and by cnncodes' own decoded pixels;
 - speed, model only: ONNX Runtime against the same network in torch (cnncodes' codes network,
-  BatchNorm folded, then the estimator), on the same uint8 batches;
+  BatchNorm folded, in the store's arithmetic as predict runs it, then the estimator), on the
+  same uint8 batches;
 - speed, end to end (files to probabilities): PIL + ONNX Runtime against `cnncodes.predict`;
 - `cnncodes serve model.onnx`: throughput and p50 / p99 latency at 1, 4 and 8 concurrent
   clients, 10 % of the uploads deliberately broken, counting failed requests (5xx or
@@ -187,7 +188,7 @@ def main(argv=None):
     print(f"  ONNX Runtime, cnncodes' decoded pixels    : {np.abs(p_own - expected).max():.2e}")
 
     # --- speed, model only: the same uint8 batches
-    net, _ = build(skops, codes_only=True)
+    net, _ = build(skops, codes_only=True)  # in the store's arithmetic, as predict extracts
     net = net.to(memory_format=torch.channels_last)  # as extract runs it
 
     def torch_model():
@@ -203,7 +204,7 @@ def main(argv=None):
     t_torch, t_ort = _race(torch_model, ort_model)
     n = len(paths)
     print(f"\nmodel only ({n} photos, batches of 64, uint8 pixels in, probabilities out):")
-    print(f"  cnncodes network (torch, float32) : {n / t_torch:7.1f} img/s")
+    print(f"  cnncodes network (torch, {store.spec.precision:<8}): {n / t_torch:7.1f} img/s")
     print(f"  ONNX Runtime                      : {n / t_ort:7.1f} img/s  ({t_torch / t_ort:.2f}x)")
 
     # --- speed, end to end: files to probabilities
