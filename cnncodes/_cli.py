@@ -23,6 +23,8 @@ EXAMPLES = {
     "finetune": "cnncodes finetune photos/ -o ft.pt --unfreeze block3 --epochs 8 --init-head codes.h5",
     "sweep": "cnncodes sweep photos/ --backbone mobilenet_v2 --store codes.h5 --cv 5 --plot sweep.png",
     "advise": "cnncodes advise photos/ --store codes.h5 --run -o model.skops",
+    "export": "cnncodes export model.skops -o model.onnx",
+    "serve": "cnncodes serve model.onnx --port 8000",
 }
 
 
@@ -241,6 +243,36 @@ def _parser() -> argparse.ArgumentParser:
     adv.add_argument("-o", "--out", help="with --run: the model file (default model.skops, or "
                      "finetuned.pt when fine-tuning)")
     _probe_options(adv)
+
+    exp = command("export", "write a fitted model as one network (ONNX or TorchScript)",
+                  "Write a fitted model as one network from uint8 RGB pixels (already resized and "
+                  "centre-cropped; the network normalises them) to class probabilities: the backbone "
+                  "cut at the model's layer, its pooling, the scaler folded into the linear layer, "
+                  "softmax or calibration. Class names, preprocessing and provenance go in its metadata. "
+                  "Logistic regression, SGD, the calibrated linear SVM and fine-tuned .pt networks "
+                  "export; kNN does not.")
+    exp.add_argument("model", help="a .skops file from `cnncodes fit`, or a .pt from `cnncodes finetune`")
+    exp.add_argument("-o", "--out", required=True, help="the file to write (.onnx, or .pt for TorchScript)")
+    exp.add_argument("--format", choices=["onnx", "torchscript"],
+                     help="default: onnx for an .onnx file, else torchscript")
+    exp.add_argument("--opset", type=int, default=17, help="ONNX opset (default %(default)s)")
+
+    srv = command("serve", "serve a model over HTTP: POST /predict, GET /health, GET / (a page)",
+                  "Serve a model over HTTP until Ctrl-C: POST /predict takes a photo (multipart field "
+                  "'file', or the raw body; ?top_k=K) and answers the top classes with probabilities "
+                  "as JSON; GET / is a page to drop a photo on; GET /health. Requests that arrive "
+                  "together are classified as one batch. Binds to localhost unless --host says otherwise.")
+    srv.add_argument("model", help="an .onnx file from `cnncodes export` (runs on ONNX Runtime), a .skops "
+                     "from `cnncodes fit` or a .pt from `cnncodes finetune`")
+    srv.add_argument("--host", default="127.0.0.1", help="interface to bind (default %(default)s: this "
+                     "machine only; 0.0.0.0 exposes it)")
+    srv.add_argument("--port", type=int, default=8000, help="(default %(default)s)")
+    srv.add_argument("--max-batch", type=int, default=32, help="most images per model call (default %(default)s)")
+    srv.add_argument("--window-ms", type=float, default=2.0,
+                     help="how long a request waits for others to share its batch (default %(default)s)")
+    srv.add_argument("--max-upload-mb", type=float, default=20.0,
+                     help="larger uploads are refused with 413 (default %(default)s)")
+    srv.add_argument("--threads", type=int, help="threads of the model (default: the runtime's own)")
     for name, command_parser in sub.choices.items():
         if "--quiet" not in command_parser._option_string_actions:
             # Every command takes --quiet, so a script can pass it throughout.
@@ -626,6 +658,36 @@ def _advise(args) -> int:
     return EXIT_OK
 
 
+def _export(args) -> int:
+    import warnings
+
+    from ._export import export
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        path = export(args.model, args.out, format=args.format, opset=args.opset)
+    for w in (w for w in caught if issubclass(w.category, UserWarning)):
+        # e.g. codes extracted in bfloat16: the float32 export differs by their rounding
+        print(f"cnncodes export: warning: {w.message}", file=sys.stderr)
+    print(f"wrote {path}")
+    return EXIT_OK
+
+
+def _serve(args) -> int:
+    from ._errors import CnnCodesError
+    from ._serve import serve
+
+    if args.max_batch < 1 or args.window_ms < 0 or args.max_upload_mb <= 0:
+        raise CnnCodesError("--max-batch must be >= 1, --window-ms >= 0 and --max-upload-mb > 0.")
+
+    def ready(url):
+        print(f"cnncodes serve: {args.model} on {url} (POST /predict, GET /health); Ctrl-C to stop.", flush=True)
+
+    serve(args.model, host=args.host, port=args.port, max_batch=args.max_batch, window_ms=args.window_ms,
+          max_upload_mb=args.max_upload_mb, threads=args.threads, log_level="warning", ready=ready)
+    return EXIT_OK
+
+
 def _unrecognized(parser, args, extras) -> None:
     """Refuse arguments a command does not know, with its usage and a near option (exits 2)."""
     command_parser = parser.commands.get(args.command, parser)
@@ -640,7 +702,8 @@ def _unrecognized(parser, args, extras) -> None:
 
 HANDLERS = {"extract": _extract, "backbones": _backbones, "layers": _layers, "info": _info, "check": _check,
             "demo": _demo, "fit": _fit, "predict": _predict, "evaluate": _evaluate,
-            "sweep": _sweep, "advise": _advise, "finetune": _finetune}
+            "sweep": _sweep, "advise": _advise, "finetune": _finetune,
+            "export": _export, "serve": _serve}
 
 
 def main(argv=None) -> int:

@@ -154,3 +154,34 @@ def s3(tmp_path_factory):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+def deployable(tmp_path_factory, sample_dir):
+    """A logistic regression on the bundled photos' block5 codes, its ``.skops`` and ``.onnx`` files.
+
+    96 px, float32 arithmetic, resized by PIL (``resize="workers"``): the pixels the torch-free
+    reference preprocessing makes, so an export must give predict's probabilities exactly.
+    """
+    from types import SimpleNamespace
+
+    root = tmp_path_factory.mktemp("deploy")
+    store = root / "codes.h5"
+    cnncodes.extract(sample_dir, out=store, layers=["block5"], image_size=96, precision="float32",
+                     resize="workers", num_workers=0, progress=False)
+    skops = cnncodes.save(cnncodes.fit(store, layer="block5", C=1.0), root / "logreg.skops")
+    onnx = cnncodes.export(skops, root / "logreg.onnx")
+    return SimpleNamespace(root=root, store=store, skops=skops, onnx=onnx)
+
+
+@pytest.fixture
+def cli_without():
+    """Run ``cnncodes ARGS`` in a new process where `module` cannot be imported (as if not installed)."""
+    import subprocess
+    import sys
+
+    def run(module, *args):
+        code = (f"import sys; sys.modules[{module!r}] = None\n"
+                f"from cnncodes._cli import main\nsys.exit(main({list(map(str, args))!r}))")
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+    return run
