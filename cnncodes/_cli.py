@@ -71,8 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("-o", "--out", required=True, help="the .h5 store to create or extend")
     _extract_options(e)
     e.add_argument("--engine", default="local", choices=["local", "ray"],
-                   help="ray: decode in Ray tasks and run the backbone in a pool of Ray actors, "
-                   "each writing shards that join into the store (pip install 'cnncodes[ray]')")
+                   help="ray: read and decode in Ray tasks and run the backbone in a pool of Ray actors, "
+                   "each writing segments of the store (pip install 'cnncodes[ray]')")
     e.add_argument("--address", help="with --engine ray: the Ray cluster (auto, ray://head:10001; "
                    "default: a local cluster)")
     e.add_argument("--ray-workers", type=int, help="with --engine ray: backbone actors (default: one "

@@ -294,12 +294,13 @@ def extract(
         the list, which changes with the list; ``root="/"`` gives ids that do not, so that
         appending other subsets of the same images never stores one file under two ids.
     engine : {"local", "ray"}
-        ``"ray"`` runs decoding and the backbone on a Ray cluster (``pip install
-        'cnncodes[ray]'``): decoding in Ray Data tasks, the backbone in a pool of
-        `ray_workers` actors (one model each, `gpus_per_worker` GPUs each), every batch
-        written by its actor as a shard of the run's journal, joined into the store as on
-        one machine. Planning, skipping and resuming are the same. Every worker needs the
-        images and the weights file at the same paths (or ``CNNCODES_WEIGHTS_PATH``).
+        ``"ray"`` runs reading, decoding and the backbone on a Ray cluster (``pip install
+        'cnncodes[ray]'``): this process lists and plans without reading an image; Ray Data
+        tasks read and decode each image from where it is; a pool of `ray_workers` actors
+        (one model each, `gpus_per_worker` GPUs each) writes the codes as segment files of
+        the store, which the commit maps in place. Skipping and resuming are the same. Every
+        worker needs the images (the same path or URL), the weights file (the same path, or
+        ``CNNCODES_WEIGHTS_PATH``) and the store's folder. See docs/sources.md.
     ray_address : str, optional
         The cluster (``"auto"``, ``"ray://head:10001"``); by default the one this process
         joined, else a local one started for the run.

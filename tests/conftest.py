@@ -185,3 +185,19 @@ def cli_without():
         return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
 
     return run
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """The images (paths or URLs) this process reads to hash or decode them, through read_bytes."""
+    import cnncodes._extract
+
+    seen = []
+    real = cnncodes._extract.read_bytes
+
+    def spy(item, storage_options=None):
+        seen.append(item.path)
+        return real(item, storage_options)
+
+    monkeypatch.setattr(cnncodes._extract, "read_bytes", spy)
+    return seen

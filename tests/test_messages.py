@@ -5,7 +5,7 @@ import shutil
 import pytest
 from PIL import Image
 
-from cnncodes import CodeStore, StoreMismatchError, evaluate, extract, fit, predict, split_store
+from cnncodes import CodeStore, StoreMismatchError, evaluate, extract, predict, split_store
 from cnncodes._cli import main
 from cnncodes._errors import CnnCodesError, SourceError, StoreError
 from cnncodes._sources import read_source

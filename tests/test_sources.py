@@ -15,8 +15,6 @@ import tarfile
 import numpy as np
 import pytest
 
-import cnncodes
-import cnncodes._extract
 from cnncodes import CodeStore, extract
 from cnncodes._errors import CnnCodesError, SourceError
 from cnncodes._sources import read_source
@@ -105,20 +103,6 @@ def s3_folder(s3, files):
     for cls, name, data in files:
         fs.pipe(f"photos/flowers/{cls}/{name}", data)
     return "s3://photos/flowers/"
-
-
-@pytest.fixture
-def reads(monkeypatch):
-    """The images this process reads (to hash or to decode), by id."""
-    seen = []
-    real = cnncodes._extract.read_bytes
-
-    def spy(item, storage_options=None):
-        seen.append(item.id)
-        return real(item, storage_options)
-
-    monkeypatch.setattr(cnncodes._extract, "read_bytes", spy)
-    return seen
 
 
 def by_content(path):

@@ -5,7 +5,6 @@ import errno
 import hashlib
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -50,20 +49,6 @@ def _segments(out):
 def aged(photos):
     _age(photos)
     return photos
-
-
-@pytest.fixture
-def reads(monkeypatch):
-    """The image files this process opens to hash or decode them."""
-    seen = []
-    real = cnncodes._extract.read_bytes
-
-    def spy(item, storage_options=None):
-        seen.append(item.path)
-        return real(item, storage_options)
-
-    monkeypatch.setattr(cnncodes._extract, "read_bytes", spy)
-    return seen
 
 
 def _add(sample_dir, photos, cls="daisy", name="late.jpg", index=-1):
