@@ -305,3 +305,23 @@ def test_predict_and_the_transformer_read_objects(tmp_path, s3_folder, folder, p
     here = CNNCodes(cache=tmp_path / "t2", **kw)
     assert np.abs(remote.fit_transform(urls) - here.fit_transform(paths)).max() <= 1e-6
     assert sorted(CodeStore(remote.cache_path_).ids) == sorted(urls)
+
+
+def test_sweep_and_finetune_read_tables_and_shards(tmp_path, sample_dir, shards):
+    """Check that a sweep of a subset of a Parquet table and a fine-tuning on tar shards read
+    their images through the source layer (ids of the table, labels of the shards)."""
+    from cnncodes import finetune, sweep
+
+    every = [(c, f.name, f.read_bytes()) for c in CLASSES for f in sorted((sample_dir / c).iterdir())]
+    pq.write_table(table_of(every), tmp_path / "all.parquet", row_group_size=5)
+    result = sweep(str(tmp_path / "all.parquet"), layers=["block4", "block5"], cv=2, max_images=12,
+                   store=tmp_path / "sw.h5", image_size=64, batch_size=4, num_workers=0, n_jobs=1,
+                   progress=False)
+    assert len(result.layers) == 2 and result.n_images == 12 and result.class_names == list(CLASSES)
+    ids = set(CodeStore(tmp_path / "sw.h5").ids)
+    assert len(ids) == 12 and all(i.startswith("all.parquet#") for i in ids)
+
+    run = finetune(shards, out=tmp_path / "ft.pt", image_size=64, batch_size=4, num_workers=0,
+                   precision="float32", progress=False, unfreeze="block5", epochs=1, test_size=None,
+                   val_fraction=0.0, early_stopping=None)
+    assert run.classes == ["0", "1", "2"] and run.n_train == 9  # the shards' .cls labels
