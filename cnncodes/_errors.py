@@ -47,3 +47,7 @@ class StoreLockedError(StoreError):
 
 class StoreWriteError(StoreError, OSError):
     """Writing the store failed (no space left, file too large, I/O error); nothing stored is lost."""
+
+
+class MissingDependencyError(CnnCodesError, ImportError):
+    """An optional dependency needed for what was asked is not installed; the message names the extra."""

@@ -318,13 +318,9 @@ class Evaluation:
 
     def plot(self, path) -> Path:
         """Write the confusion matrix as a PNG (needs matplotlib: pip install 'cnncodes[plot]')."""
-        try:
-            import matplotlib
+        from ._optional import require_pyplot
 
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            raise CnnCodesError("plotting needs matplotlib: pip install 'cnncodes[plot]'.") from None
+        plt = require_pyplot("plotting the confusion matrix")
         check_output(path, PNG)
         from sklearn.metrics import ConfusionMatrixDisplay
 

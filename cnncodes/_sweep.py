@@ -147,14 +147,9 @@ class SweepResult:
 
     def plot(self, path) -> Path:
         """Write accuracy per layer (mean ± std over the folds) as a PNG; needs matplotlib."""
-        try:
-            import matplotlib
+        from ._optional import require_pyplot
 
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            raise CnnCodesError("plotting needs matplotlib: pip install 'cnncodes[plot]' "
-                                "(or pip install matplotlib).") from None
+        plt = require_pyplot("plotting the layer sweep")
         x = np.arange(len(self.layers))
         means = [s.mean for s in self.layers]
         stds = [s.std for s in self.layers]
@@ -424,8 +419,11 @@ def sweep(
         raise CnnCodesError(f"cv must be an integer >= 2 (the number of folds), got {cv!r}.")
     if max_images is not None and max_images < 2 * MIN_PER_CLASS:
         raise CnnCodesError(f"max_images must be at least {2 * MIN_PER_CLASS}, got {max_images}.")
-    if plot is not None:
-        check_output(plot, PNG)  # before the extraction and the probes, not after
+    if plot is not None:  # before the extraction and the probes, not after
+        from ._optional import require_pyplot
+
+        check_output(plot, PNG)
+        require_pyplot("sweep(plot=...)")
     if isinstance(layers, str):
         layers = [layers]
     need = max(cv, MIN_PER_CLASS)
