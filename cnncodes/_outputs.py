@@ -8,8 +8,8 @@ from pathlib import Path
 from ._errors import CnnCodesError
 
 # The kinds of file cnncodes writes, as `file_kind` names them.
-STORE, SEGMENT, MODEL, CHECKPOINT, PNG, PREDICTIONS = (
-    "store", "segment", "model", "checkpoint", "png", "predictions")
+STORE, SEGMENT, MODEL, CHECKPOINT, PNG, PREDICTIONS, REPORT = (
+    "store", "segment", "model", "checkpoint", "png", "predictions", "report")
 
 _WRITES = {  # writer kind -> what it writes, for the message
     STORE: "a code store",
@@ -17,11 +17,14 @@ _WRITES = {  # writer kind -> what it writes, for the message
     CHECKPOINT: "a fine-tuned checkpoint (.pt)",
     PNG: "a PNG plot",
     PREDICTIONS: "a CSV of predictions",
+    REPORT: "an HTML report",
 }
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _IMAGE_MAGICS = (b"\xff\xd8\xff", b"GIF8", b"BM", b"II*\x00", b"MM\x00*", b"RIFF")
 PREDICTIONS_HEADER = "id,label1,probability1"
+# In the head of every report cnncodes writes (cnncodes/_data/report.html.j2).
+REPORT_MARK = '<meta name="generator" content="cnncodes report">'
 
 
 class OutputExistsError(CnnCodesError):
@@ -32,7 +35,7 @@ def file_kind(path) -> tuple[str | None, str]:
     """``(kind, description)`` of what is at `path`; kind is None when nothing is there.
 
     Kinds are those cnncodes writes (``"store"``, ``"segment"``, ``"model"``,
-    ``"checkpoint"``, ``"png"``, ``"predictions"``), ``"empty"`` for a 0-byte file, or
+    ``"checkpoint"``, ``"png"``, ``"predictions"``, ``"report"``), ``"empty"`` for a 0-byte file, or
     ``"other"`` for anything else (folders, photos, foreign HDF5 or zip files ...); the
     description says which, for a message.
     """
@@ -62,6 +65,8 @@ def file_kind(path) -> tuple[str | None, str]:
         text = head.decode("utf-8", errors="replace").lstrip("\ufeff")
         if text.startswith(PREDICTIONS_HEADER):
             return PREDICTIONS, "a CSV of predictions"
+        if REPORT_MARK in text:
+            return REPORT, "a cnncodes HTML report"
         return "other", "a text file" + (" (a CSV)" if path.suffix.lower() == ".csv" else "")
     return "other", "a file cnncodes did not write"
 
