@@ -130,6 +130,18 @@ class LearningCurve:
         return path
 
 
+def parse_sizes(text: str) -> list:
+    """``"1,2,5,all"`` -> ``[1, 2, 5, "all"]`` (the --sizes of ``cnncodes curve``)."""
+    out = []
+    for part in (p.strip() for p in str(text).split(",") if p.strip()):
+        try:
+            out.append("all" if part.lower() == "all" else int(part))
+        except ValueError:
+            raise CnnCodesError(f"--sizes: {part!r} is not a number of images per class; give integers "
+                                f"and 'all' separated by commas, e.g. 1,2,5,10,20,50,all.") from None
+    return out
+
+
 def _check_sizes(sizes) -> list:
     out = []
     for s in sizes:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._errors import CnnCodesError
 from ._outputs import REPORT, check_output
 from ._stats import CONFIDENCE, N_RESAMPLES
 
@@ -146,7 +147,7 @@ def write_html(html: str, path) -> Path:
 
 
 def report(model, data, out, *, curve=None, sweep=None, thumbnails: int = 12, n_resamples: int = N_RESAMPLES,
-           confidence: float = CONFIDENCE, random_state: int | None = 0, progress: bool = False):
+           confidence: float = CONFIDENCE, random_state: int | None = 0, progress: bool = False, **run):
     """Evaluate a model and write one self-contained HTML report of it.
 
     The file opens from disk with no network: headline accuracy with its interval, mean
@@ -161,14 +162,17 @@ def report(model, data, out, *, curve=None, sweep=None, thumbnails: int = 12, n_
         As for :func:`cnncodes.evaluate`; thumbnails are read from the store's data root.
     out : path
         The ``.html`` file to write; a file of another kind there is refused before any work.
-    curve : LearningCurve, optional
-        From :func:`cnncodes.learning_curve`.
-    sweep : SweepResult, optional
-        From :func:`cnncodes.sweep`.
+    curve : LearningCurve or bool, optional
+        From :func:`cnncodes.learning_curve`; True measures it on `data` (a store), on the
+        model's layer.
+    sweep : SweepResult or bool, optional
+        From :func:`cnncodes.sweep`; True sweeps the layers of `data` (a store), 5-fold.
     thumbnails : int
         Photos in each part of the gallery.
     n_resamples, confidence, random_state
         As in :func:`cnncodes.evaluate`.
+    **run
+        batch_size, device, num_workers of the extraction of a folder, as in :func:`cnncodes.evaluate`.
 
     Returns
     -------
@@ -179,10 +183,25 @@ def report(model, data, out, *, curve=None, sweep=None, thumbnails: int = 12, n_
     --------
     >>> report("model.skops", "codes.h5", "report.html")             # doctest: +SKIP
     """
-    from ._model import evaluate
+    from ._model import _as_model, evaluate
+    from ._sweep import is_store_path
 
     check_output(out, REPORT)  # before evaluating, not after
+    if (curve is True or sweep is True) and not is_store_path(data):
+        raise CnnCodesError(f"the learning curve and the sweep of a report are measured on a code store, "
+                            f"and {data} is not one (.h5); extract it first, or leave them out.")
+    model = _as_model(model)
     ev = evaluate(model, data, n_resamples=n_resamples, confidence=confidence, random_state=random_state,
-                  progress=progress)
-    ev.to_html(out, curve=curve, sweep=sweep, thumbnails=thumbnails)
+                  progress=progress, **run)
+    if curve is True:
+        from ._curve import learning_curve
+
+        layer = next(iter(model.extractor.layers)) if getattr(model, "extractor", None) else None
+        curve = learning_curve(data, layer=layer, n_resamples=n_resamples, confidence=confidence,
+                               random_state=random_state)
+    if sweep is True:
+        from ._sweep import sweep as run_sweep
+
+        sweep = run_sweep(data, random_state=random_state, progress=progress)
+    ev.to_html(out, curve=curve or None, sweep=sweep or None, thumbnails=thumbnails)
     return ev
