@@ -13,6 +13,8 @@ CONFIDENCE = 0.95
 # Index draws per block: resamples are drawn in blocks of at most this many cells, so a test
 # set of 100,000 rows needs 32 MiB at a time, not n_resamples x n.
 _BLOCK_CELLS = 1 << 22
+# Distinct values per stratum up to which a resample is one multinomial draw over the values.
+_MAX_LEVELS = 256
 
 
 @dataclass(frozen=True)
@@ -62,16 +64,22 @@ def stratum_means(values, strata, *, n_resamples: int = N_RESAMPLES, random_stat
     Each resample draws, within every stratum, as many rows as it has, with replacement,
     so the stratum sizes (the class counts of a test set) stay those observed.
 
+    A resample's mean depends only on how many draws land on each distinct value, and those
+    counts are multinomial with the values' frequencies as probabilities. Per-row values
+    with few distinct levels (1/0 for right/wrong; -1/0/1 for a paired difference; a mean
+    over a few repeats) are therefore resampled exactly by one multinomial draw of shape
+    (n_resamples, levels) per stratum, whatever the number of rows; other values by
+    drawing row indices (in blocks of at most ``_BLOCK_CELLS``).
+
     Parameters
     ----------
     values : array of shape (n,) or (n, k)
-        Per-row values (1/0 for right/wrong; a difference of two such columns for a paired
-        comparison). Columns of a 2-D array are resampled with the same rows: paired.
+        Per-row values. Columns of a 2-D array are resampled with the same rows: paired.
     strata : array of shape (n,)
         The stratum of each row (its true class).
     n_resamples : int
     random_state : int, Generator or None
-        Seed: the same seed and strata give the same resamples, whatever `values`.
+        Seed: the same seed, strata and values give the same resamples.
 
     Returns
     -------
@@ -81,10 +89,17 @@ def stratum_means(values, strata, *, n_resamples: int = N_RESAMPLES, random_stat
     """
     values = np.asarray(values, dtype=np.float64)
     _, inverse, counts = np.unique(np.asarray(strata), return_inverse=True, return_counts=True)
+    inverse = inverse.reshape(-1)
     rng = np.random.default_rng(random_state)
     means = np.empty((n_resamples, len(counts)) + values.shape[1:])
     for s, m in enumerate(counts):  # a loop over classes; the resamples are one array operation
-        vals = values[inverse.reshape(-1) == s]
+        vals = values[inverse == s]
+        levels, which = np.unique(vals, axis=0, return_inverse=True)
+        if len(levels) <= _MAX_LEVELS:
+            hits = rng.multinomial(m, np.bincount(which.reshape(-1), minlength=len(levels)) / m,
+                                   size=n_resamples)
+            means[:, s] = hits @ levels / m
+            continue
         block = max(1, _BLOCK_CELLS // int(m))
         for start in range(0, n_resamples, block):
             stop = min(n_resamples, start + block)

@@ -55,6 +55,21 @@ def test_interval_is_seeded_and_brackets_the_estimate():
     assert a.high - a.low == pytest.approx(2 * 1.96 * se, rel=0.2)
 
 
+def test_multinomial_and_index_resampling_agree(monkeypatch):
+    """Check that resampling the counts of distinct values gives the interval that drawing rows gives."""
+    import cnncodes._stats as stats
+
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 3, 3000)
+    diff = rng.choice([-1.0, 0.0, 1.0], 3000, p=[0.1, 0.8, 0.1])  # a paired difference column
+    by_counts, _ = accuracy_intervals(diff, y, n_resamples=2000, random_state=0)
+    monkeypatch.setattr(stats, "_MAX_LEVELS", 0)  # force the row-index draws
+    by_rows, _ = accuracy_intervals(diff, y, n_resamples=2000, random_state=0)
+    assert by_counts.estimate == by_rows.estimate
+    assert by_counts.low == pytest.approx(by_rows.low, abs=0.003)
+    assert by_counts.high == pytest.approx(by_rows.high, abs=0.003)
+
+
 def test_resamples_keep_the_class_counts():
     """Check that stratified resampling draws within each class: a class of constant value stays constant."""
     values = np.r_[np.ones(5), np.zeros(50)]
