@@ -23,6 +23,7 @@ from ._images import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocess, decode
 from ._outputs import CHECKPOINT, check_output
 from ._sources import read_source
 from ._spec import ExtractorSpec
+from ._stats import CONFIDENCE, N_RESAMPLES
 from ._weights import IMAGENET, load_model, resolve
 
 CHECKPOINT_FORMAT = "cnncodes.finetuned"
@@ -1303,8 +1304,8 @@ def _file_sha256(path: str) -> str | None:
         return None
 
 
-def evaluate_finetuned(model: FineTunedModel, data, *, progress: bool = False, n_resamples: int = 1000,
-                       confidence: float = 0.95, random_state=0, **run):
+def evaluate_finetuned(model: FineTunedModel, data, *, progress: bool = False, n_resamples: int = N_RESAMPLES,
+                       confidence: float = CONFIDENCE, random_state=0, **run):
     """Accuracy of a fine-tuned network on a labelled folder, leaving out its training content.
 
     `run`: batch_size, device, num_workers of :meth:`FineTunedModel.predict_images`;
