@@ -525,7 +525,7 @@ def _fit(args) -> int:
     save(model, args.out)
     if args.test_size is not None:
         ev = evaluate(model, args.store)
-        print(f"held-out accuracy {ev.accuracy:.4f} on {ev.n} rows (test size {args.test_size}, "
+        print(f"held-out accuracy {ev.interval.format()} on {ev.n} rows (test size {args.test_size}, "
               f"random_state {args.random_state}).")
     print(f"wrote {args.out}")
     return EXIT_OK

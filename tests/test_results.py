@@ -251,6 +251,15 @@ def test_report_refuses_to_overwrite_another_kind_of_file(fitted, tmp_path, caps
     assert "wrote" in capsys.readouterr().out
 
 
+def test_report_measures_curve_and_sweep_on_a_store_only(fitted, sample_dir, tmp_path, capsys):
+    """Check that `report --curve` on a folder is refused in one line before any work."""
+    out = tmp_path / "r.html"
+    assert main(["report", str(fitted["block5"]), str(sample_dir), "-o", str(out), "--curve", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "the learning curve and the sweep of a report are measured on a code store" in err
+    assert not out.exists()
+
+
 @pytest.mark.browser
 def test_report_in_chromium(fitted, tmp_path, browser):
     """Check in headless Chromium that every image decodes and the tables hold evaluate's numbers."""
