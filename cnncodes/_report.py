@@ -184,9 +184,11 @@ def report(model, data, out, *, curve=None, sweep=None, thumbnails: int = 12, n_
     >>> report("model.skops", "codes.h5", "report.html")             # doctest: +SKIP
     """
     from ._model import _as_model, evaluate
+    from ._optional import require
     from ._sweep import is_store_path
 
     check_output(out, REPORT)  # before evaluating, not after
+    require("jinja2", "the HTML report")
     if (curve is True or sweep is True) and not is_store_path(data):
         raise CnnCodesError(f"the learning curve and the sweep of a report are measured on a code store, "
                             f"and {data} is not one (.h5); extract it first, or leave them out.")

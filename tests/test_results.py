@@ -169,10 +169,12 @@ def test_learning_curve_refuses_bad_arguments(fitted, kwargs, words):
 
 def test_curve_on_the_cli(fitted, capsys):
     """Check that `cnncodes curve` prints the table and refuses a bad --sizes."""
+    png = fitted["root"] / "curve-cli.png"
     assert main(["curve", str(fitted["store"]), "--sizes", "1,2,all", "--repeats", "2", "--jobs", "1",
-                 "--n-resamples", "200"]) == 0
+                 "--n-resamples", "200", "--plot", str(png)]) == 0
     out = capsys.readouterr().out
-    assert "learning curve of s.h5 (block5" in out and "more labels" in out
+    assert "learning curve of s.h5 (block5" in out and "more labels" in out and f"wrote {png}" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["curve", str(fitted["store"]), "--sizes", "1,two"]) == 2
     assert "--sizes: 'two' is not a number of images per class" in capsys.readouterr().err
 
@@ -191,7 +193,9 @@ def test_curve_on_the_cli(fitted, capsys):
      "needs ray, which is not installed: pip install 'cnncodes[ray]'."),
     ("skops", ["fit", "{store}", "-o", "{root}/m.skops"],
      "writing the model file (-o) needs skops, which is not installed: it is a dependency of cnncodes"),
-], ids=["evaluate-plot", "curve-plot", "sweep-plot", "ray", "fit-skops"])
+    ("jinja2", ["report", "{block5}", "{store}", "-o", "{root}/r.html"],
+     "the HTML report needs jinja2, which is not installed: it is a dependency of cnncodes"),
+], ids=["evaluate-plot", "curve-plot", "sweep-plot", "ray", "fit-skops", "report-jinja2"])
 def test_a_missing_optional_dependency_is_one_line(blocked, argv, words, fitted, sample_dir, monkeypatch, capsys):
     """Check that a missing package gives one line naming the extra, exit 2, before any work or file."""
     for name in list(sys.modules):
@@ -205,7 +209,7 @@ def test_a_missing_optional_dependency_is_one_line(blocked, argv, words, fitted,
     err = captured.err.strip()
     assert len(err.splitlines()) == 1 and words in err and "Traceback" not in err
     assert captured.out == ""  # nothing computed first
-    assert not any(p.name in ("cm.png", "curve.png", "sweep.png", "ray.h5", "m.skops")
+    assert not any(p.name in ("cm.png", "curve.png", "sweep.png", "ray.h5", "m.skops", "r.html")
                    for p in fitted["root"].iterdir())
 
 
