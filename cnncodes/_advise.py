@@ -314,7 +314,7 @@ def imagenet_head(paths, *, backbone: str = "mobilenet_v2", weights="imagenet", 
 
     Parameters
     ----------
-    paths : list of paths
+    paths : list of paths, URLs or source items
     backbone : str
     weights : str
         ImageNet weights of torchvision (``"imagenet"``, ``"DEFAULT"``, a weights name).
@@ -328,6 +328,7 @@ def imagenet_head(paths, *, backbone: str = "mobilenet_v2", weights="imagenet", 
     from ._accel import resolve_device
     from ._backbones import get_backbone, weights_enum
     from ._images import ImageDecodeError, decode
+    from ._sources import read_bytes
     from ._weights import load_model, resolve
 
     spec_b = get_backbone(backbone)
@@ -352,8 +353,7 @@ def imagenet_head(paths, *, backbone: str = "mobilenet_v2", weights="imagenet", 
 
     for path in paths:
         try:
-            with open(path, "rb") as fh:
-                batch.append(decode(fh.read(), prep))
+            batch.append(decode(read_bytes(path), prep))
         except (OSError, ImageDecodeError):
             continue
         if len(batch) == batch_size:
@@ -669,7 +669,7 @@ def advise(
         labelled = [it for it in src.items if it.label is not None]
         by_class = {}
         for it in labelled:
-            by_class.setdefault(it.label, []).append(it.path)
+            by_class.setdefault(it.label, []).append(it)
         counts = {c: len(ps) for c, ps in sorted(by_class.items())}
         images = data
         weights_id = None

@@ -64,9 +64,11 @@ def _parser() -> argparse.ArgumentParser:
 
     e = command("extract", "extract CNN codes of images into an HDF5 store",
                 "Extract CNN codes of a folder (one subfolder per class, or flat), a CSV of "
-                "path[,label] or image paths into an HDF5 store. Re-running skips what the "
-                "store holds; an interrupted run resumes.")
-    e.add_argument("data", nargs="+", help="a folder, a .csv file, or image files")
+                "path[,label], image paths, an fsspec URL (s3://bucket/photos/), WebDataset tar "
+                "shards ('train-{000000..000009}.tar') or a Parquet / datasets table into an HDF5 "
+                "store. Re-running skips what the store holds; an interrupted run resumes.")
+    e.add_argument("data", nargs="+", help="a folder, a .csv file, image files, a URL, .tar shards, "
+                   "a .parquet file or a datasets folder")
     e.add_argument("-o", "--out", required=True, help="the .h5 store to create or extend")
     _extract_options(e)
     e.add_argument("--engine", default="local", choices=["local", "ray"],
@@ -79,6 +81,12 @@ def _parser() -> argparse.ArgumentParser:
                    "of the local engine")
     e.add_argument("--gpus-per-worker", type=float, default=0,
                    help="with --engine ray: GPUs per actor (default 0: CPU actors)")
+    e.add_argument("--image-column", help="a table's image column (default: image)")
+    e.add_argument("--label-column", help="a table's label column (default: label); for tar shards the "
+                   "member extension with the label (default: cls, then txt, then json's label)")
+    e.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an fsspec option for URLs, e.g. endpoint_url=http://localhost:9000 (repeat for "
+                   "several; default: the usual AWS / fsspec environment variables)")
     e.add_argument("--replace-root", action="store_true",
                    help="the store was extracted from another data folder: let images of this one "
                    "replace the stored rows with the same ids (by default such a run is refused)")
@@ -369,9 +377,30 @@ def _extract(args) -> int:
         engine=args.engine, ray_address=args.address, ray_workers=args.ray_workers,
         gpus_per_worker=args.gpus_per_worker, rehash=args.rehash,
         on_other_root="replace" if args.replace_root else "refuse",
+        image_column=args.image_column, label_column=args.label_column,
+        storage_options=_storage_options(args.storage_option),
     )
     print(result.summary())
     return EXIT_FAILURES if result.failures or result.known_failures else EXIT_OK
+
+
+def _storage_options(pairs: list[str]) -> dict:
+    """--storage-option KEY=VALUE pairs as fsspec options (values as JSON when they parse)."""
+    import json
+
+    from ._errors import CnnCodesError
+
+    out = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key.strip():
+            raise CnnCodesError(f"--storage-option {pair!r} is not KEY=VALUE; e.g. --storage-option "
+                                f"endpoint_url=http://localhost:9000.")
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value
+    return out
 
 
 def _backbones(args) -> int:

@@ -10,6 +10,9 @@ from ._errors import MissingDependencyError
 EXTRAS = {
     "matplotlib": "plot",
     "ray": "ray",
+    "fsspec": "sources",
+    "s3fs": "sources",
+    "pyarrow": "sources",
 }
 
 

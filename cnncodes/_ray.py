@@ -29,7 +29,7 @@ import numpy as np
 
 from ._accel import reuse_freed_memory
 from ._errors import CnnCodesError
-from ._sources import Item
+from ._sources import Item, is_url
 
 # Fault injection for the tests: {"actor_exit_after": n} makes every actor process exit
 # (os._exit, as a crash would) right after writing its n-th shard, before returning it;
@@ -46,8 +46,11 @@ def import_ray():
     return ray
 
 
-def _decode_batch(batch: dict, *, prep, max_pixels: int) -> dict:
+def _decode_batch(batch: dict, *, prep, max_pixels: int, storage_options=None) -> dict:
     """Read, hash and decode a batch of images (a Ray task); unreadable ones get an error.
+
+    The task reads each image from where it is (a file, an object, a shard member, a table
+    cell): the driver only listed them.
 
     The images leave the task at the crop size, whatever ``prep.resize``: with ``"device"``
     the task runs torch's resize on its CPU, as one machine does on its CPU.
@@ -57,9 +60,9 @@ def _decode_batch(batch: dict, *, prep, max_pixels: int) -> dict:
     from ._extract import _Images
     from ._images import resize_batch
 
-    items = [Item(str(i), str(p), str(lab) or None)
-             for i, p, lab in zip(batch["id"], batch["path"], batch["label"])]
-    images = _Images(items, prep, max_pixels)
+    items = [Item(str(i), str(p), str(lab) or None, part=str(part))
+             for i, p, lab, part in zip(batch["id"], batch["path"], batch["label"], batch["part"])]
+    images = _Images(items, prep, max_pixels, storage_options=storage_options)
     pixels = np.zeros((len(items), 3, prep.crop_size, prep.crop_size), dtype=np.uint8)
     shas, errors, decoded = [], [], {}
     for k in range(len(items)):
@@ -172,7 +175,7 @@ def _resources(ray, workers, gpus_per_worker):
 
 def run_ray(items: list[Item], *, backbone, weights, infos, pooling, prep, precision, tta, dtype,
             journal, index, batch_size, max_pixels, progress, result, stat_of, address=None,
-            workers=None, gpus_per_worker=0):
+            workers=None, gpus_per_worker=0, storage_options=None):
     """Extract `items` on Ray into shards of `journal`; return (failed sha -> reason, next index).
 
     Connects to the Ray cluster at `address` (``"auto"``, ``"ray://host:10001"``...), or to
@@ -200,24 +203,27 @@ def run_ray(items: list[Item], *, backbone, weights, infos, pooling, prep, preci
                          prep=prep, precision=precision, tta=tta, dtype=dtype, journal=journal,
                          index=index, stat_of=stat_of, batch_size=batch_size, max_pixels=max_pixels,
                          progress=progress, result=result, workers=workers,
-                         gpus_per_worker=gpus_per_worker, tqdm=tqdm)
+                         gpus_per_worker=gpus_per_worker, tqdm=tqdm, storage_options=storage_options)
     finally:
         if started:
             ray.shutdown()
 
 
 def _pipeline(ray, items, *, backbone, weights, infos, pooling, prep, precision, tta, dtype, journal,
-              index, stat_of, batch_size, max_pixels, progress, result, workers, gpus_per_worker, tqdm):
+              index, stat_of, batch_size, max_pixels, progress, result, workers, gpus_per_worker, tqdm,
+              storage_options=None):
     workers, actor_cpus, decode_cpus = _resources(ray, workers, gpus_per_worker)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the driver shows one bar of its own
     ctx.print_on_execution_start = False
     # Each row carries the stat key the driver listed, stored with its codes (see _plan).
-    rows = [{"pos": k, "id": it.id, "path": os.path.abspath(it.path), "label": it.label or "",
+    rows = [{"pos": k, "id": it.id, "path": it.path if is_url(it.path) else os.path.abspath(it.path),
+             "part": it.part, "label": it.label or "",
              "stat": np.asarray(stat_of[it.id], dtype=np.int64)} for k, it in enumerate(items)]
     n_blocks = max(1, min(len(rows), -(-len(rows) // batch_size)))
     ds = ray.data.from_items(rows, override_num_blocks=n_blocks)
-    ds = ds.map_batches(_decode_batch, fn_kwargs={"prep": prep, "max_pixels": max_pixels},
+    ds = ds.map_batches(_decode_batch, fn_kwargs={"prep": prep, "max_pixels": max_pixels,
+                                                  "storage_options": dict(storage_options or {})},
                         batch_size=batch_size, batch_format="numpy", num_cpus=decode_cpus)
     ds = ds.map_batches(
         _CodesWorker, batch_size=batch_size, batch_format="numpy",

@@ -512,7 +512,7 @@ def _extract_for_sweep(data, where, *, backbone, layers, store, cv, need, max_im
     """Extract the labelled images of `data` for the sweep; return (store, rows, layers, result)."""
     from ._backbones import get_backbone
     from ._extract import extract
-    from ._sources import read_source
+    from ._sources import Source, read_source
     from ._store import CodeStore
 
     spec_b = get_backbone(backbone)
@@ -538,9 +538,9 @@ def _extract_for_sweep(data, where, *, backbone, layers, store, cv, need, max_im
         extract_kwargs["image_size"], [i.node for i in infos])
     if len(items) == len(src.items):
         target, subset = data, {}
-    else:  # a subset, with the ids it has in the whole folder, so the store can grow into it
-        target = [it.path for it in items]
-        subset = {"labels": [it.label for it in items], "root": src.root}
+    else:  # a subset, with the ids it has in the whole source, so the store can grow into it
+        target = Source(src.root, items, src.kind, remote=src.remote, storage_options=src.storage_options)
+        subset = {}
     extracted = extract(target, out=out, backbone=backbone, layers=into, **extract_kwargs, **subset)
     codes = CodeStore(out)
     wanted = {it.id for it in items}

@@ -193,15 +193,21 @@ def test_curve_on_the_cli(fitted, capsys):
      "needs ray, which is not installed: pip install 'cnncodes[ray]'."),
     ("skops", ["fit", "{store}", "-o", "{root}/m.skops"],
      "writing the model file (-o) needs skops, which is not installed: it is a dependency of cnncodes"),
+    ("fsspec", ["extract", "memory://bucket/photos/", "-o", "{root}/url.h5"],
+     "needs fsspec, which is not installed: pip install 'cnncodes[sources]'."),
+    ("pyarrow", ["extract", "{root}/table.parquet", "-o", "{root}/table.h5"],
+     "reading Parquet / Arrow tables needs pyarrow, which is not installed: pip install 'cnncodes[sources]'."),
     ("jinja2", ["report", "{block5}", "{store}", "-o", "{root}/r.html"],
      "the HTML report needs jinja2, which is not installed: it is a dependency of cnncodes"),
-], ids=["evaluate-plot", "curve-plot", "sweep-plot", "ray", "fit-skops", "report-jinja2"])
+], ids=["evaluate-plot", "curve-plot", "sweep-plot", "ray", "fit-skops", "fsspec", "pyarrow",
+                                "report-jinja2"])
 def test_a_missing_optional_dependency_is_one_line(blocked, argv, words, fitted, sample_dir, monkeypatch, capsys):
     """Check that a missing package gives one line naming the extra, exit 2, before any work or file."""
     for name in list(sys.modules):
         if name == blocked or name.startswith(blocked + "."):
             monkeypatch.setitem(sys.modules, name, None)
     monkeypatch.setitem(sys.modules, blocked, None)
+    (fitted["root"] / "table.parquet").write_bytes(b"PAR1 not read: pyarrow is missing PAR1")
     argv = [a.format(root=fitted["root"], store=fitted["store"], block5=fitted["block5"], photos=sample_dir)
             for a in argv]
     assert main(argv) == 2
@@ -209,7 +215,8 @@ def test_a_missing_optional_dependency_is_one_line(blocked, argv, words, fitted,
     err = captured.err.strip()
     assert len(err.splitlines()) == 1 and words in err and "Traceback" not in err
     assert captured.out == ""  # nothing computed first
-    assert not any(p.name in ("cm.png", "curve.png", "sweep.png", "ray.h5", "m.skops", "r.html")
+    assert not any(p.name in ("cm.png", "curve.png", "sweep.png", "ray.h5", "m.skops", "r.html",
+                                                 "url.h5", "table.h5")
                    for p in fitted["root"].iterdir())
 
 

@@ -56,18 +56,13 @@ def aged(photos):
 def reads(monkeypatch):
     """The image files this process opens to hash or decode them."""
     seen = []
-    real_hash, real_get = cnncodes._extract._sha256_file, cnncodes._extract._Images.__getitem__
+    real = cnncodes._extract.read_bytes
 
-    def spy_hash(path):
-        seen.append(path)
-        return real_hash(path)
+    def spy(item, storage_options=None):
+        seen.append(item.path)
+        return real(item, storage_options)
 
-    def spy_get(self, k):
-        seen.append(self.items[self.start + k].path)
-        return real_get(self, k)
-
-    monkeypatch.setattr(cnncodes._extract, "_sha256_file", spy_hash)
-    monkeypatch.setattr(cnncodes._extract._Images, "__getitem__", spy_get)
+    monkeypatch.setattr(cnncodes._extract, "read_bytes", spy)
     return seen
 
 
