@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._errors import CnnCodesError, ExportError, MissingExtraError
+from ._errors import CnnCodesError, ExportError
 from ._outputs import EXPORT, check_output
 
 FORMATS = ("onnx", "torchscript")
@@ -259,12 +259,9 @@ def _codes_network(model, codes_only: bool = False) -> tuple[nn.Module, dict, di
 
 
 def _need(module: str):
-    import importlib
+    from ._optional import require
 
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise MissingExtraError(f"exporting to ONNX needs the {module} package: pip install 'cnncodes[export]'.") from None
+    return require(module, "exporting to ONNX")
 
 
 def export(model, path, *, format: str | None = None, opset: int = 17) -> Path:

@@ -23,6 +23,7 @@ from ._images import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocess, decode
 from ._outputs import CHECKPOINT, check_output
 from ._sources import Item, Source, read_bytes, read_source
 from ._spec import ExtractorSpec
+from ._stats import CONFIDENCE, N_RESAMPLES
 from ._weights import IMAGENET, load_model, resolve
 
 CHECKPOINT_FORMAT = "cnncodes.finetuned"
@@ -1307,10 +1308,12 @@ def _file_sha256(item) -> str | None:
         return None
 
 
-def evaluate_finetuned(model: FineTunedModel, data, *, progress: bool = False, **run):
+def evaluate_finetuned(model: FineTunedModel, data, *, progress: bool = False, n_resamples: int = N_RESAMPLES,
+                       confidence: float = CONFIDENCE, random_state=0, **run):
     """Accuracy of a fine-tuned network on a labelled folder, leaving out its training content.
 
-    `run`: batch_size, device, num_workers of :meth:`FineTunedModel.predict_images`.
+    `run`: batch_size, device, num_workers of :meth:`FineTunedModel.predict_images`;
+    `n_resamples`, `confidence`, `random_state`: the intervals, as in :func:`cnncodes.evaluate`.
     """
     from ._model import evaluation
 
@@ -1344,5 +1347,8 @@ def evaluate_finetuned(model: FineTunedModel, data, *, progress: bool = False, *
         raise CnnCodesError(f"nothing to evaluate in {path}: none of its held-out images could be read.")
     y = np.array([it.label for it in items], dtype=str)
     pred = np.asarray(model.classes)[proba.argmax(1)]
-    return evaluation(y, pred, model.classes, on)
+    return evaluation(y, pred, model.classes, on, ids=[it.id for it in items], proba=proba,
+                      proba_classes=list(model.classes), root=src.root,
+                      provenance={"model": Path(model.path).name, "model file": str(model.path)},
+                      n_resamples=n_resamples, confidence=confidence, random_state=random_state)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._errors import CnnCodesError, MissingExtraError
+from ._errors import CnnCodesError
 
 METADATA_KEY = "cnncodes"
 
@@ -76,10 +76,9 @@ class OnnxModel:
     """
 
     def __init__(self, path, *, threads: int | None = None):
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise MissingExtraError("running an exported model needs onnxruntime: pip install 'cnncodes[export]'.") from None
+        from ._optional import require
+
+        ort = require("onnxruntime", "running an exported model")
         self.path = str(path)
         if not Path(path).is_file():
             raise CnnCodesError(f"model file {self.path!r} does not exist. Make one with `cnncodes export`.")

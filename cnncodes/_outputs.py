@@ -8,8 +8,8 @@ from pathlib import Path
 from ._errors import CnnCodesError
 
 # The kinds of file cnncodes writes, as `file_kind` names them.
-STORE, SEGMENT, MODEL, CHECKPOINT, PNG, PREDICTIONS, EXPORT = (
-    "store", "segment", "model", "checkpoint", "png", "predictions", "export")
+STORE, SEGMENT, MODEL, CHECKPOINT, PNG, PREDICTIONS, EXPORT, REPORT = (
+    "store", "segment", "model", "checkpoint", "png", "predictions", "export", "report")
 
 _WRITES = {  # writer kind -> what it writes, for the message
     STORE: "a code store",
@@ -18,6 +18,7 @@ _WRITES = {  # writer kind -> what it writes, for the message
     PNG: "a PNG plot",
     PREDICTIONS: "a CSV of predictions",
     EXPORT: "an exported network (ONNX or TorchScript)",
+    REPORT: "an HTML report",
 }
 # An ONNX file is a protobuf whose field 2 (producer_name) follows the varint ir_version: one
 # `cnncodes export` wrote starts with it.
@@ -26,6 +27,8 @@ _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _IMAGE_MAGICS = (b"\xff\xd8\xff", b"GIF8", b"BM", b"II*\x00", b"MM\x00*", b"RIFF")
 PREDICTIONS_HEADER = "id,label1,probability1"
+# In the head of every report cnncodes writes (cnncodes/_data/report.html.j2).
+REPORT_MARK = '<meta name="generator" content="cnncodes report">'
 
 
 class OutputExistsError(CnnCodesError):
@@ -36,7 +39,7 @@ def file_kind(path) -> tuple[str | None, str]:
     """``(kind, description)`` of what is at `path`; kind is None when nothing is there.
 
     Kinds are those cnncodes writes (``"store"``, ``"segment"``, ``"model"``,
-    ``"checkpoint"``, ``"png"``, ``"predictions"``, ``"export"``), ``"empty"`` for a 0-byte file, or
+    ``"checkpoint"``, ``"png"``, ``"predictions"``, ``"export"``, ``"report"``), ``"empty"`` for a 0-byte file, or
     ``"other"`` for anything else (folders, photos, foreign HDF5 or zip files ...); the
     description says which, for a message.
     """
@@ -68,6 +71,8 @@ def file_kind(path) -> tuple[str | None, str]:
         text = head.decode("utf-8", errors="replace").lstrip("\ufeff")
         if text.startswith(PREDICTIONS_HEADER):
             return PREDICTIONS, "a CSV of predictions"
+        if REPORT_MARK in text:
+            return REPORT, "a cnncodes HTML report"
         return "other", "a text file" + (" (a CSV)" if path.suffix.lower() == ".csv" else "")
     return "other", "a file cnncodes did not write"
 

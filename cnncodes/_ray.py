@@ -46,14 +46,10 @@ SEGMENT_ROWS = 1024
 
 def import_ray():
     """Return the ``ray`` module with Ray Data, or raise CnnCodesError saying how to get it."""
-    try:
-        import ray
-        import ray.data  # noqa: F401
-    except ImportError as exc:
-        raise CnnCodesError(
-            f"engine='ray' needs Ray Data, which is not installed ({exc}). Install it with "
-            f"pip install 'cnncodes[ray]' (or pip install 'ray[data]'), or use engine='local'."
-        ) from None
+    from ._optional import require
+
+    ray = require("ray", "engine='ray' (--engine ray)")
+    require("ray.data", "engine='ray' (--engine ray)")
     return ray
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._errors import CnnCodesError, MissingExtraError
+from ._errors import CnnCodesError
 
 DEFAULT_MAX_UPLOAD_MB = 20.0
 MULTIPART_SLACK = 64 * 1024  # form boundaries and headers around the photo itself
@@ -174,11 +174,10 @@ class Batcher:
 
 
 def _need_serve():
-    try:
-        import starlette  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError as exc:
-        raise MissingExtraError(f"serving needs the {exc.name} package: pip install 'cnncodes[serve]'.") from None
+    from ._optional import require
+
+    require("starlette", "serving")
+    require("uvicorn", "serving")
 
 
 async def _read_upload(request, limit: int) -> bytes:

@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ._errors import CnnCodesError, SourceError
+from ._errors import SourceError
 from ._images import IMAGE_EXTENSIONS
 
 UNKNOWN_KEY = (-1, -1, -1)
@@ -68,19 +68,6 @@ class Source:
     @property
     def class_names(self) -> list[str]:
         return sorted({i.label for i in self.items if i.label is not None})
-
-
-def optional_import(module: str, extra: str, purpose: str):
-    """Import an optional dependency, or raise one line naming the extra that installs it."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise CnnCodesError(
-            f"{purpose} needs {module.split('.')[0]}, which is not installed ({exc}). "
-            f"Install it with pip install 'cnncodes[{extra}]'."
-        ) from None
 
 
 # --------------------------------------------------------------------------- URLs and keys
@@ -145,7 +132,9 @@ _FS_CACHE: dict = {}
 
 def filesystem(url: str, storage_options: dict | None = None):
     """(fsspec filesystem, path inside it) of a URL, the filesystem cached per process."""
-    fsspec = optional_import("fsspec", "sources", f"reading {url[:60]!r}")
+    from ._optional import require
+
+    fsspec = require("fsspec", f"reading {url[:60]!r}")
     protocol = url.split("://", 1)[0].lower()
     key = (protocol, repr(sorted((storage_options or {}).items())))
     fs = _FS_CACHE.get(key)

@@ -20,8 +20,7 @@ from pathlib import Path
 
 from ._errors import SourceError
 from ._images import IMAGE_EXTENSIONS
-from ._sources import (Item, ReadError, Source, filesystem, is_url, optional_import, remote_key,
-                       token)
+from ._sources import Item, ReadError, Source, filesystem, is_url, remote_key, token
 
 # --------------------------------------------------------------------------- tar shards
 
@@ -229,7 +228,9 @@ _TABLE_CACHE: dict = {}  # (path, group, column) -> list of cells: the last row 
 
 
 def _pyarrow():
-    return optional_import("pyarrow", "sources", "reading Parquet / Arrow tables")
+    from ._optional import require
+
+    return require("pyarrow", "reading Parquet / Arrow tables")
 
 
 def _features_of(schema_metadata: dict | None, folder: str | None) -> dict:

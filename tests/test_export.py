@@ -152,7 +152,7 @@ def test_without_the_export_extra_the_cli_names_the_install(deployable, tmp_path
     """Check that, onnx not installed, `cnncodes export` says `pip install 'cnncodes[export]'`, exit 2."""
     run = cli_without("onnx", "export", deployable.skops, "-o", tmp_path / "m.onnx")
     assert run.returncode == 2
-    assert run.stderr.strip() == ("cnncodes export: error: exporting to ONNX needs the onnx package: "
+    assert run.stderr.strip() == ("cnncodes export: error: exporting to ONNX needs onnx, which is not installed: "
                                   "pip install 'cnncodes[export]'.")
 
 

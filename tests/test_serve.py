@@ -158,7 +158,7 @@ def test_without_the_serve_extra_the_cli_names_the_install(deployable, cli_witho
     """Check that, uvicorn not installed, `cnncodes serve` says `pip install 'cnncodes[serve]'`, exit 2."""
     run = cli_without("uvicorn", "serve", deployable.onnx)
     assert run.returncode == 2
-    assert run.stderr.strip() == ("cnncodes serve: error: serving needs the uvicorn package: "
+    assert run.stderr.strip() == ("cnncodes serve: error: serving needs uvicorn, which is not installed: "
                                   "pip install 'cnncodes[serve]'.")
 
 
