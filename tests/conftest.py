@@ -156,6 +156,7 @@ def s3(tmp_path_factory):
             os.environ[k] = v
 
 
+@pytest.fixture(scope="session")
 def deployable(tmp_path_factory, sample_dir):
     """A logistic regression on the bundled photos' block5 codes, its ``.skops`` and ``.onnx`` files.
 
