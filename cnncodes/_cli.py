@@ -265,7 +265,8 @@ def _extract_options(e) -> None:
     e.add_argument("--layer", action=_Layers, dest="layers", metavar="LAYER",
                    help="alias (block4) or FX node name; repeat, or separate with commas, for several "
                    "(default: pre-logits)")
-    e.add_argument("--pooling", default="avg", choices=["avg", "max", "gem", "flatten"])
+    e.add_argument("--pooling", default="avg", choices=["avg", "max", "gem", "flatten", "spp", "cls", "cls+avg"],
+                   help="avg (default), max, gem, flatten, spp (1x1+2x2+4x4 average pools); ViT tokens: avg (patch tokens), cls, cls+avg")
     e.add_argument("--weights", default="imagenet",
                    help="imagenet (IMAGENET1K_V1, default), DEFAULT (torchvision's), a weights "
                    "name such as IMAGENET1K_V2, a checkpoint path, or 'random'")
