@@ -351,8 +351,13 @@ def load_custom(spec: BackboneSpec, weights):
     else:
         state = _state_dict(weights.path)[0]
     try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise WeightsError(f"checkpoint {weights.path!r} does not fit {spec.name}: {str(exc)[:300]}. "
-                           f"Pick the timm model the checkpoint was saved from.") from None
+        result = model.load_state_dict(state, strict=False)
+        bad = (result.missing_keys or result.unexpected_keys) and (
+            f"{len(result.missing_keys)} missing keys (e.g. {result.missing_keys[:2]}), "
+            f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[:2]})")
+    except RuntimeError:  # size mismatches raise even with strict=False
+        bad = "parameters of other shapes"
+    if bad:
+        raise WeightsError(f"checkpoint {weights.path!r} does not fit {spec.name}: {bad}. "
+                           f"Pick the timm model the checkpoint was saved from.")
     return model.eval()
