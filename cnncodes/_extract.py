@@ -33,7 +33,7 @@ from ._store import FORMAT_VERSION, UNKNOWN_STAT, CodeStore, Journal, StoreLock,
 from ._weights import load_model, preprocess_for, resolve
 
 DTYPES = ("float32", "float16")
-TTAS = ("none", "flip")
+TTAS = ("none", "flip", "mirror")  # mirror: the mirror image's codes alone (augmentation rows for fit)
 RESIZES = ("workers", "device")
 ON_OTHER_ROOT = ("refuse", "replace")
 HASH_CHUNK = 64
@@ -265,9 +265,10 @@ def extract(
         two batches run eagerly and are timed, and the model is compiled when the images
         left would take five minutes or more (MobileNetV2: ~130,000 images on 2 cores;
         ResNet50: ~27,000). The codes are the same either way.
-    tta : {"none", "flip"}, optional
+    tta : {"none", "flip", "mirror"}, optional
         Test-time augmentation: ``"flip"`` averages the codes of each image and its mirror
-        image (twice the compute). Follows an existing store when omitted, else ``"none"``.
+        image (twice the compute); ``"mirror"`` stores the mirror image's codes alone, for
+        training rows (``fit(..., augment=mirror_store)``). Follows an existing store when omitted, else ``"none"``.
     jpeg_draft : bool, optional
         Decode JPEGs at least 4x larger than the resize target at a reduced DCT scale
         (never below 2x the target), which makes large photos several times cheaper to
@@ -782,6 +783,8 @@ class CodesForward:
         if self.prep.resize == "device":
             batch = resize_batch(batch, self.prep, self.device)
         x = self.prep.normalize(batch.to(self.device, non_blocking=True), torch.channels_last)
+        if self.tta == "mirror":
+            x = x.flip(3).contiguous(memory_format=torch.channels_last)
         out = self._call(x)
         if self.tta == "flip":
             mirror = self._call(x.flip(3).contiguous(memory_format=torch.channels_last))

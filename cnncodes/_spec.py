@@ -377,20 +377,23 @@ class ExtractorSpec:
             return layer
         return next((a for a, n in self.layers.items() if n == layer), None)
 
-    def narrow(self, layer: str) -> "ExtractorSpec":
-        """This spec with one layer (an alias or a graph node held).
+    def narrow(self, layer) -> "ExtractorSpec":
+        """This spec with one layer (an alias or a graph node held), or several (a list).
 
         Raises
         ------
         UnknownLayerError
-            If the layer is not held; the message names those that are.
+            If a layer is not held; the message names those that are.
         """
-        alias = self.find_layer(layer)
-        if alias is None:
-            held = ", ".join(f"{a} ({n})" for a, n in self.layers.items())
-            raise UnknownLayerError(f"no layer {layer!r} in these codes; they hold {held}. "
-                                    f"Use one of those, or extract that layer.")
-        return replace(self, layers={alias: self.layers[alias]})
+        aliases = []
+        for name in ([layer] if isinstance(layer, str) else layer):
+            alias = self.find_layer(name)
+            if alias is None:
+                held = ", ".join(f"{a} ({n})" for a, n in self.layers.items())
+                raise UnknownLayerError(f"no layer {name!r} in these codes; they hold {held}. "
+                                        f"Use one of those, or extract that layer.")
+            aliases.append(alias)
+        return replace(self, layers={alias: self.layers[alias] for alias in aliases})
 
     # ----------------------------------------------------------------- use
 
