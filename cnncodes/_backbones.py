@@ -165,9 +165,10 @@ _REGISTRY: dict[str, BackboneSpec] = {
 
 def list_backbones() -> list[str]:
     """Return the names of the built-in backbones and those given to `register_backbone`, sorted."""
-    from ._custom import registered_names
+    import sys
 
-    return sorted([*_REGISTRY, *registered_names()])
+    custom = sys.modules.get(f"{__package__}._custom")  # not imported: nothing registered (and no torch)
+    return sorted([*_REGISTRY, *(custom.registered_names() if custom else ())])
 
 
 def get_backbone(name: str) -> BackboneSpec:
