@@ -318,6 +318,9 @@ def fit(
     if classifier == "sgd":
         from ._stream import fit_streaming
 
+        if normalize is not None or augment is not None or not (layer is None or isinstance(layer, str)):
+            raise CnnCodesError("classifier='sgd' streams one stored layer as it is: normalize, augment and "
+                                "several layers are for logreg, linear_svm and knn.")
         return fit_streaming(codes, labels, layer=layer, rows=rows, random_state=random_state)
     t0 = time.perf_counter()
     if normalize not in (*NORMALIZE, None):

@@ -39,6 +39,12 @@ def test_power_and_l2_normalisation_values():
         fit(X, ["a", "b", "a"], normalize="max")
 
 
+def test_sgd_refuses_probe_options():
+    """Check that the streaming classifier refuses normalize, augment and several layers in one line."""
+    with pytest.raises(CnnCodesError, match="classifier='sgd' streams one stored layer as it is"):
+        fit(np.zeros((4, 2)), ["a", "b", "a", "b"], classifier="sgd", normalize="power")
+
+
 def test_cv_folds_keep_identical_content_on_one_side():
     """Check that the C search's folds never put rows of one content (sha256) on both sides."""
     y = np.array(["a", "b"] * 30)
