@@ -255,7 +255,8 @@ def _run_options(e, what="") -> None:
 
 
 def _probe_options(e) -> None:
-    e.add_argument("--backbone", default="mobilenet_v2", help="registered backbone (default %(default)s)")
+    e.add_argument("--backbone", default="mobilenet_v2", help="registered backbone (default %(default)s), "
+                   "or a timm model as timm:NAME (pip install 'cnncodes[timm]')")
     e.add_argument("--weights", default="imagenet", help="as for extract (default imagenet)")
     e.add_argument("--image-size", type=int, help="crop size of the extraction (default: a fine-tuned checkpoint's training crop, else the weights' own)")
     e.add_argument("--batch-size", type=int, default=64)
@@ -267,7 +268,8 @@ def _probe_options(e) -> None:
 
 
 def _extract_options(e) -> None:
-    e.add_argument("--backbone", default="mobilenet_v2", help="registered backbone (default %(default)s)")
+    e.add_argument("--backbone", default="mobilenet_v2", help="registered backbone (default %(default)s), "
+                   "or a timm model as timm:NAME (pip install 'cnncodes[timm]')")
     e.add_argument("--layer", action=_Layers, dest="layers", metavar="LAYER",
                    help="alias (block4) or FX node name; repeat, or separate with commas, for several "
                    "(default: pre-logits)")
@@ -275,7 +277,8 @@ def _extract_options(e) -> None:
                    help="avg (default), max, gem, flatten, spp (1x1+2x2+4x4 average pools); ViT tokens: avg (patch tokens), cls, cls+avg")
     e.add_argument("--weights", default="imagenet",
                    help="imagenet (IMAGENET1K_V1, default), DEFAULT (torchvision's), a weights "
-                   "name such as IMAGENET1K_V2, a checkpoint path, or 'random'")
+                   "name such as IMAGENET1K_V2, a checkpoint path, or 'random'; timm models: imagenet "
+                   "(timm's pretrained, online), a timm tag, a checkpoint path, or 'random'")
     e.add_argument("--image-size", type=int, help="crop size (default: the weights' own)")
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")

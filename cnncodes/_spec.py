@@ -230,7 +230,7 @@ class ExtractorSpec:
     layers : mapping of str to str
         Layer alias -> graph node, shallow to deep (held as a `FrozenMap`).
     pooling : str
-        ``"avg"``, ``"max"``, ``"gem"`` or ``"flatten"``.
+        ``"avg"``, ``"max"``, ``"gem"``, ``"flatten"``, ``"spp"``, ``"cls"`` or ``"cls+avg"``.
     preprocessing : mapping
         ``Preprocess.as_dict()`` and its ``description`` (held as a `Preprocessing`).
     precision : str
