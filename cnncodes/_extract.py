@@ -375,6 +375,9 @@ def extract(
         backbone = register_backbone(name, model, layers=layers, preprocessing=preprocessing)
         layers = list(layers) if hasattr(layers, "items") else layers
     spec_b = get_backbone(backbone)
+    if engine == "ray" and spec_b.source == "module":
+        raise CnnCodesError(f"{backbone} is an nn.Module registered in this process; Ray's actors cannot "
+                            f"build it by name. Extract it with engine='local', or use a timm or built-in backbone.")
     if isinstance(layers, str):
         layers = [layers]
     infos = [spec_b.layer(name) for name in (layers or [spec_b.default_layer])]

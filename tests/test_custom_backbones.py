@@ -188,7 +188,9 @@ def test_register_backbone_by_name_and_a_torchvision_transform():
      "pretrained weights come from the network, and CNNCODES_OFFLINE is set.*--weights PATH"),
     (lambda: resolve(get_backbone("timm:resnet18"), "/nonexistent/w.pth"), WeightsError,
      "checkpoint file '/nonexistent/w.pth' does not exist"),
-], ids=["builtin-name", "bad-module-path", "not-a-module", "no-name", "unknown-timm", "offline", "no-file"])
+    (lambda: extract(".", out="/nonexistent/x.h5", model=_small_net(), name="x-net", layers=["2"], engine="ray"),
+     CnnCodesError, "x-net is an nn.Module registered in this process; Ray's actors cannot build it"),
+], ids=["builtin-name", "bad-module-path", "not-a-module", "no-name", "unknown-timm", "offline", "no-file", "ray"])
 def test_custom_backbone_errors_say_what_to_do(monkeypatch, call, error, match):
     """Check the one-line errors of register_backbone, extract(model=...) and timm names."""
     monkeypatch.setenv("CNNCODES_OFFLINE", "1")
