@@ -2,6 +2,8 @@
 
 1. Extracts the folder with ``engine="ray"`` (2 actors, float32) and, with ``--kill``, kills
    one actor process (SIGKILL) once a few shards are written; if the run fails it re-runs.
+   With ``--kill-driver-after N`` the run's driver is a child process, SIGKILLed (with its
+   local Ray cluster, one process group) once N journal files are written, then re-run here.
 2. Compares the joined store with a single-process float32 store of the same folder
    (``--reference``; made here when missing): same ids and labels, every id exactly once,
    max abs difference of the codes.
@@ -42,12 +44,12 @@ def actor_pids() -> list[int]:
 def killer(out: Path, after: int, log: list) -> None:
     """Wait until `after` shards are written, then SIGKILL one actor process."""
     journal = Journal(out)
-    while len(journal.batches()) < after:
+    while len(journal.files()) < after:
         time.sleep(0.5)
     pids = actor_pids()
     if pids:
         os.kill(pids[0], signal.SIGKILL)
-    log.append((time.perf_counter(), len(journal.batches()), pids))
+    log.append((time.perf_counter(), len(journal.files()), pids))
 
 
 def compare(store: CodeStore, ref: CodeStore) -> dict:
@@ -75,6 +77,8 @@ def main(argv=None):
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--kill", action="store_true", help="kill one actor mid-run")
     parser.add_argument("--kill-after", type=int, default=10, help="shards written before the kill")
+    parser.add_argument("--kill-driver-after", type=int, help="journal files written before the driver is killed")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     common = dict(layers=["block5"], precision="float32", progress=False)
     ref_path = Path(args.reference)
@@ -91,6 +95,39 @@ def main(argv=None):
         elif p.exists():
             p.unlink()
 
+    if args.child:  # the driver to be killed
+        ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+        extract(args.data, out=out, engine="ray", ray_workers=args.workers, **common)
+        return
+    if args.kill_driver_after:
+        import subprocess
+        import sys
+
+        child = subprocess.Popen([sys.executable, __file__, args.data, "--reference", str(ref_path), "--out", str(out),
+                                  "--workers", str(args.workers), "--cpus", str(args.cpus), "--child"],
+                                 start_new_session=True)
+        log = []
+        if args.kill:
+            threading.Thread(target=killer, args=(out, args.kill_after, log), daemon=True).start()
+        journal = Journal(out)
+        while len(journal.files()) < args.kill_driver_after and child.poll() is None:
+            time.sleep(0.5)
+        files = len(journal.files())
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+        time.sleep(3)
+        if log:
+            print(f"killed actor pid {log[0][2][0] if log[0][2] else None} after {log[0][1]} journal files")
+        print(f"killed the driver (and its local Ray) after {files} journal files; "
+              f"{len(journal.done()[0])} images journalled; store exists: {out.exists()}")
+        ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+        t1 = time.perf_counter()
+        result = extract(args.data, out=out, engine="ray", ray_workers=args.workers, **common)
+        print(f"re-run: {result.n_resumed} resumed, {result.n_extracted} extracted, "
+              f"{result.n_unchanged} unchanged, {time.perf_counter() - t1:.0f} s")
+        print(compare(CodeStore(out), CodeStore(ref_path)))
+        ray.shutdown()
+        return
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     log = []
     if args.kill:

@@ -82,6 +82,8 @@ class Measurements:
     gain_std: float = 0.0
     cv: int = 5
     notes: list[str] = field(default_factory=list)  # what could not be measured, and why
+    # From the slope of a short learning curve at the best layer: (likely to help, the sentence)
+    more_labels: tuple[bool, str] | None = None
 
     @property
     def n_classes(self) -> int:
@@ -312,7 +314,7 @@ def imagenet_head(paths, *, backbone: str = "mobilenet_v2", weights="imagenet", 
 
     Parameters
     ----------
-    paths : list of paths
+    paths : list of paths, URLs or source items
     backbone : str
     weights : str
         ImageNet weights of torchvision (``"imagenet"``, ``"DEFAULT"``, a weights name).
@@ -326,6 +328,7 @@ def imagenet_head(paths, *, backbone: str = "mobilenet_v2", weights="imagenet", 
     from ._accel import resolve_device
     from ._backbones import get_backbone, weights_enum
     from ._images import ImageDecodeError, decode
+    from ._sources import read_bytes
     from ._weights import load_model, resolve
 
     spec_b = get_backbone(backbone)
@@ -350,8 +353,7 @@ def imagenet_head(paths, *, backbone: str = "mobilenet_v2", weights="imagenet", 
 
     for path in paths:
         try:
-            with open(path, "rb") as fh:
-                batch.append(decode(fh.read(), prep))
+            batch.append(decode(read_bytes(path), prep))
         except (OSError, ImageDecodeError):
             continue
         if len(batch) == batch_size:
@@ -441,6 +443,8 @@ class Advice:
             lines.append(f"  layer sweep ({m.cv}-fold CV, linear probe): " + ", ".join(
                 f"{a} {mean:.3f} ± {std:.3f}" + (" (best)" if a == best else "")
                 for a, _, mean, std in m.layers))
+        if m.more_labels is not None:
+            lines.append(f"  learning curve: {m.more_labels[1]}")
         lines += [f"  note: {n}" for n in m.notes]
         lines += ["", f"Scenario: {s.cell}", f"  - {s.size_reason}"]
         lines += [f"  - {why}" for why in s.similarity_reasons]
@@ -665,7 +669,7 @@ def advise(
         labelled = [it for it in src.items if it.label is not None]
         by_class = {}
         for it in labelled:
-            by_class.setdefault(it.label, []).append(it.path)
+            by_class.setdefault(it.label, []).append(it)
         counts = {c: len(ps) for c, ps in sorted(by_class.items())}
         images = data
         weights_id = None
@@ -691,10 +695,11 @@ def advise(
         notes.append(f"the sweep probed a stratified sample of {result.n_images:,} of the "
                      f"{sum(counts.values()):,} images (max_images={max_images})")
     notes += [f"sweep: {n}" for n in result.notes]
+    more_labels = _more_labels(result, random_state, notes)
     m = Measurements(
         n_images=sum(counts.values()), class_counts=counts, head=head,
         layers=[(s.layer, s.dims, s.mean, s.std) for s in result.layers], gain_std=result.gain_std,
-        cv=result.cv, notes=notes,
+        cv=result.cv, notes=notes, more_labels=more_labels,
     )
     scenario = place(m)
     rec = recommend(m, scenario, [i.alias for i in spec_b.layers])
@@ -705,6 +710,28 @@ def advise(
         options=_given_options(cv=cv, max_images=max_images, head_images=head_images, weights=weights,
                                random_state=random_state, data_is_store=is_store_path(data)),
     )
+
+
+def _more_labels(result, random_state, notes) -> tuple[bool, str] | None:
+    """Would more labels help? The slope of a two-point learning curve at the sweep's best layer.
+
+    Half the training images per class against all of them, 3 draws, with the C the sweep
+    chose (no cross-validation again): a few fits.
+    """
+    from ._curve import learning_curve
+    from ._store import CodeStore
+
+    best = result.best
+    store = CodeStore(result.store)
+    counts = np.bincount(store.labels[store.labels >= 0])
+    half = max(1, int(0.75 * counts[counts > 0].min()) // 2)  # half of the smallest class's training part
+    try:
+        curve = learning_curve(store, sizes=(half, "all"), repeats=3, layer=best.layer,
+                               C=float(np.median(best.Cs)), random_state=random_state, n_jobs=1)
+    except CnnCodesError as exc:
+        notes.append(f"no learning curve: {exc}")
+        return None
+    return curve.more_labels_help()
 
 
 def _given_options(*, cv, max_images, head_images, weights, random_state, data_is_store) -> dict:

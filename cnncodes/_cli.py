@@ -16,13 +16,18 @@ EXAMPLES = {
     "layers": "cnncodes layers resnet50 --pooling avg",
     "info": "cnncodes info codes.h5",
     "check": "cnncodes check codes.h5 --rehash",
-    "demo": "cnncodes demo -o demo.h5",
+    "demo": "cnncodes demo -o demo.h5 --report demo-report.html",
     "fit": "cnncodes fit codes.h5 --layer block5 --classifier logreg --test-size 0.25 -o model.skops",
     "predict": "cnncodes predict model.skops new_photos/ --top-k 3 --csv predictions.csv",
-    "evaluate": "cnncodes evaluate model.skops codes.h5 --plot confusion.png",
+    "evaluate": "cnncodes evaluate model.skops codes.h5 --n-resamples 2000 --plot confusion.png",
+    "compare": "cnncodes compare block4.skops block5.skops codes.h5",
+    "curve": "cnncodes curve codes.h5 --layer block5 --sizes 1,2,5,10,20,50,all --repeats 5 --plot curve.png",
+    "report": "cnncodes report model.skops codes.h5 --curve --sweep -o report.html",
     "finetune": "cnncodes finetune photos/ -o ft.pt --unfreeze block3 --epochs 8 --init-head codes.h5",
     "sweep": "cnncodes sweep photos/ --backbone mobilenet_v2 --store codes.h5 --cv 5 --plot sweep.png",
     "advise": "cnncodes advise photos/ --store codes.h5 --run -o model.skops",
+    "export": "cnncodes export model.skops -o model.onnx",
+    "serve": "cnncodes serve model.onnx --port 8000",
 }
 
 
@@ -61,14 +66,16 @@ def _parser() -> argparse.ArgumentParser:
 
     e = command("extract", "extract CNN codes of images into an HDF5 store",
                 "Extract CNN codes of a folder (one subfolder per class, or flat), a CSV of "
-                "path[,label] or image paths into an HDF5 store. Re-running skips what the "
-                "store holds; an interrupted run resumes.")
-    e.add_argument("data", nargs="+", help="a folder, a .csv file, or image files")
+                "path[,label], image paths, an fsspec URL (s3://bucket/photos/), WebDataset tar "
+                "shards ('train-{000000..000009}.tar') or a Parquet / datasets table into an HDF5 "
+                "store. Re-running skips what the store holds; an interrupted run resumes.")
+    e.add_argument("data", nargs="+", help="a folder, a .csv file, image files, a URL, .tar shards, "
+                   "a .parquet file or a datasets folder")
     e.add_argument("-o", "--out", required=True, help="the .h5 store to create or extend")
     _extract_options(e)
     e.add_argument("--engine", default="local", choices=["local", "ray"],
-                   help="ray: decode in Ray tasks and run the backbone in a pool of Ray actors, "
-                   "each writing shards that join into the store (pip install 'cnncodes[ray]')")
+                   help="ray: read and decode in Ray tasks and run the backbone in a pool of Ray actors, "
+                   "each writing segments of the store (pip install 'cnncodes[ray]')")
     e.add_argument("--address", help="with --engine ray: the Ray cluster (auto, ray://head:10001; "
                    "default: a local cluster)")
     e.add_argument("--ray-workers", type=int, help="with --engine ray: backbone actors (default: one "
@@ -76,6 +83,12 @@ def _parser() -> argparse.ArgumentParser:
                    "of the local engine")
     e.add_argument("--gpus-per-worker", type=float, default=0,
                    help="with --engine ray: GPUs per actor (default 0: CPU actors)")
+    e.add_argument("--image-column", help="a table's image column (default: image)")
+    e.add_argument("--label-column", help="a table's label column (default: label); for tar shards the "
+                   "member extension with the label (default: cls, then txt, then json's label)")
+    e.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an fsspec option for URLs, e.g. endpoint_url=http://localhost:9000 (repeat for "
+                   "several; default: the usual AWS / fsspec environment variables)")
     e.add_argument("--replace-root", action="store_true",
                    help="the store was extracted from another data folder: let images of this one "
                    "replace the stored rows with the same ids (by default such a run is refused)")
@@ -148,8 +161,49 @@ def _parser() -> argparse.ArgumentParser:
                     "(evaluated on a folder)")
     ev.add_argument("data", help="a .h5 store or a folder with one subfolder per class")
     ev.add_argument("--plot", help="write the confusion matrix as a PNG (needs matplotlib)")
+    _interval_options(ev)
     _run_options(ev, " (of a folder)")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    cmp = command("compare", "two models on the same test images: is the difference more than noise?",
+                  "Evaluate two models on the same data and print the paired, stratified bootstrap "
+                  "confidence interval of their accuracy difference (a - b), and whether it excludes 0.")
+    cmp.add_argument("model_a", help="a .skops file from `cnncodes fit`")
+    cmp.add_argument("model_b", help="a .skops file from `cnncodes fit`, fitted on the same split")
+    cmp.add_argument("data", help="a .h5 store holding both models' layers, or a labelled folder")
+    _interval_options(cmp)
+    _run_options(cmp, " (of a folder)")
+
+    cur = command("curve", "learning curve: held-out accuracy against training images per class",
+                  "Split a store as `fit --test-size` does, fit logistic regression on repeated "
+                  "training subsets of N images per class, and print held-out accuracy with its "
+                  "interval per size, and whether more labels are likely to help.")
+    cur.add_argument("store", help="a .h5 store with labels")
+    cur.add_argument("--layer", action=_Layers, help="stored layer to use (default: the deepest)")
+    cur.add_argument("--sizes", default="1,2,5,10,20,50,all",
+                     help="training images per class, comma-separated, 'all' for every one (default %(default)s)")
+    cur.add_argument("--repeats", type=int, default=5, help="training draws per size (default %(default)s)")
+    cur.add_argument("--test-size", type=float, default=0.25, help="held-out fraction (default %(default)s)")
+    cur.add_argument("--random-state", type=int, default=0)
+    cur.add_argument("--plot", help="write the curve as a PNG (needs matplotlib)")
+    cur.add_argument("--jobs", type=int, default=-1, help="parallel jobs of choosing C (default: all cores)")
+    _interval_options(cur)
+
+    rep = command("report", "one self-contained HTML report of a model: accuracy, mistakes, provenance",
+                  "Evaluate a model and write one HTML file (images inline, no network, readable "
+                  "on a phone): accuracy with its interval, per-class table, confusion matrix, "
+                  "thumbnails of the most confident mistakes and least confident correct "
+                  "predictions, optionally the learning curve and the layer sweep, and provenance.")
+    rep.add_argument("model", help="a .skops file from `cnncodes fit`")
+    rep.add_argument("data", help="a .h5 store (thumbnails from its data root) or a labelled folder")
+    rep.add_argument("-o", "--out", required=True, help="the .html file to write")
+    rep.add_argument("--curve", action="store_true", help="add the learning curve of the store (its "
+                     "layer of the model; a store only)")
+    rep.add_argument("--sweep", action="store_true", help="add a 5-fold layer sweep of the store's layers "
+                     "(a store only)")
+    rep.add_argument("--thumbnails", type=int, default=12, help="photos in each gallery (default %(default)s)")
+    _interval_options(rep)
+    _run_options(rep, " (of a folder)")
 
     ft = command("finetune", "fine-tune the top blocks of a pretrained backbone on labelled photos",
                  "Fine-tune a pretrained backbone with a new head: the layers from --unfreeze on are "
@@ -199,10 +253,15 @@ def _parser() -> argparse.ArgumentParser:
     ft.add_argument("--jobs", type=int, default=-1, help="parallel jobs of the --init-head fit (default: all cores)")
     ft.add_argument("--quiet", action="store_true", help="no progress output")
 
-    demo = command("demo", "extract the bundled photo sample and describe the result",
-                   "Extract the small flower sample shipped with cnncodes (MobileNetV2, "
-                   "block4 + block5) and describe the store.")
+    demo = command("demo", "the whole job on the bundled photos: extract, fit, evaluate, predict, report",
+                   "Extract the 200 flower photos shipped with cnncodes (MobileNetV2, block4 + "
+                   "block5), describe the store, hold out a stratified quarter, fit logistic "
+                   "regression on block5, evaluate it with its confidence interval, predict two "
+                   "held-out photos and write an HTML report.")
     demo.add_argument("-o", "--out", default="cnncodes-demo.h5", help="store to write (default %(default)s)")
+    demo.add_argument("--report", default="demo-report.html",
+                      help="HTML report to write (default %(default)s)")
+    demo.add_argument("--model", default="cnncodes-demo.skops", help="model to write (default %(default)s)")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
 
     sw = command("sweep", "cross-validated linear probe of every layer: where are the useful features?",
@@ -239,12 +298,48 @@ def _parser() -> argparse.ArgumentParser:
     adv.add_argument("-o", "--out", help="with --run: the model file (default model.skops, or "
                      "finetuned.pt when fine-tuning)")
     _probe_options(adv)
+
+    exp = command("export", "write a fitted model as one network (ONNX or TorchScript)",
+                  "Write a fitted model as one network from uint8 RGB pixels (already resized and "
+                  "centre-cropped; the network normalises them) to class probabilities: the backbone "
+                  "cut at the model's layer, its pooling, the scaler folded into the linear layer, "
+                  "softmax or calibration. Class names, preprocessing and provenance go in its metadata. "
+                  "Logistic regression, SGD, the calibrated linear SVM and fine-tuned .pt networks "
+                  "export; kNN does not.")
+    exp.add_argument("model", help="a .skops file from `cnncodes fit`, or a .pt from `cnncodes finetune`")
+    exp.add_argument("-o", "--out", required=True, help="the file to write (.onnx, or .pt for TorchScript)")
+    exp.add_argument("--format", choices=["onnx", "torchscript"],
+                     help="default: onnx for an .onnx file, else torchscript")
+    exp.add_argument("--opset", type=int, default=17, help="ONNX opset (default %(default)s)")
+
+    srv = command("serve", "serve a model over HTTP: POST /predict, GET /health, GET / (a page)",
+                  "Serve a model over HTTP until Ctrl-C: POST /predict takes a photo (multipart field "
+                  "'file', or the raw body; ?top_k=K) and answers the top classes with probabilities "
+                  "as JSON; GET / is a page to drop a photo on; GET /health. Requests that arrive "
+                  "together are classified as one batch. Binds to localhost unless --host says otherwise.")
+    srv.add_argument("model", help="an .onnx file from `cnncodes export` (runs on ONNX Runtime), a .skops "
+                     "from `cnncodes fit` or a .pt from `cnncodes finetune`")
+    srv.add_argument("--host", default="127.0.0.1", help="interface to bind (default %(default)s: this "
+                     "machine only; 0.0.0.0 exposes it)")
+    srv.add_argument("--port", type=int, default=8000, help="(default %(default)s)")
+    srv.add_argument("--max-batch", type=int, default=32, help="most images per model call (default %(default)s)")
+    srv.add_argument("--window-ms", type=float, default=2.0,
+                     help="how long a request waits for others to share its batch (default %(default)s)")
+    srv.add_argument("--max-upload-mb", type=float, default=20.0,
+                     help="larger uploads are refused with 413 (default %(default)s)")
+    srv.add_argument("--threads", type=int, help="threads of the model (default: the runtime's own)")
     for name, command_parser in sub.choices.items():
         if "--quiet" not in command_parser._option_string_actions:
             # Every command takes --quiet, so a script can pass it throughout.
             command_parser.add_argument("--quiet", action="store_true",
                                         help="accepted by every command; this one shows no progress")
     return p
+
+
+def _interval_options(e) -> None:
+    e.add_argument("--n-resamples", type=int, default=1000,
+                   help="bootstrap resamples of the 95 %% confidence intervals (default %(default)s)")
+    e.add_argument("--seed", type=int, default=0, help="seed of the resampling (default %(default)s)")
 
 
 def _run_options(e, what="") -> None:
@@ -325,9 +420,30 @@ def _extract(args) -> int:
         engine=args.engine, ray_address=args.address, ray_workers=args.ray_workers,
         gpus_per_worker=args.gpus_per_worker, rehash=args.rehash,
         on_other_root="replace" if args.replace_root else "refuse",
+        image_column=args.image_column, label_column=args.label_column,
+        storage_options=_storage_options(args.storage_option),
     )
     print(result.summary())
     return EXIT_FAILURES if result.failures or result.known_failures else EXIT_OK
+
+
+def _storage_options(pairs: list[str]) -> dict:
+    """--storage-option KEY=VALUE pairs as fsspec options (values as JSON when they parse)."""
+    import json
+
+    from ._errors import CnnCodesError
+
+    out = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key.strip():
+            raise CnnCodesError(f"--storage-option {pair!r} is not KEY=VALUE; e.g. --storage-option "
+                                f"endpoint_url=http://localhost:9000.")
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value
+    return out
 
 
 def _backbones(args) -> int:
@@ -406,18 +522,42 @@ def describe_store(store) -> str:
 
 
 def _demo(args) -> int:
-    from . import sample_dir
+    """The whole job on the bundled photos: extract, split, fit, evaluate, predict, report."""
+    from pathlib import Path
+
+    from importlib.resources import files
+
     from ._extract import extract
+    from ._fit import fit, split_store
+    from ._model import evaluate, predict, save
+    from ._outputs import MODEL, REPORT, check_output
     from ._store import CodeStore
 
-    folder = sample_dir()
-    print(f"cnncodes demo: MobileNetV2 (ImageNet weights) codes of the bundled sample {folder}")
+    check_output(args.model, MODEL, option="--model")  # before any work, not after
+    check_output(args.report, REPORT, option="--report")
+    folder = files("cnncodes") / "_data" / "flowers_demo"  # 40 photos per class (see ATTRIBUTION.md)
+    print(f"cnncodes demo: MobileNetV2 (ImageNet weights) codes of the bundled photos {folder}")
     result = extract(str(folder), out=args.out, backbone="mobilenet_v2", layers=["block4", "block5"],
                      progress=not args.quiet)
     print(result.summary())
     print()
-    print(describe_store(CodeStore(args.out)))
+    store = CodeStore(args.out)
+    print(describe_store(store))
     print(f"\nRead it back: CodeStore({args.out!r}).codes('block5'), or h5py: f['codes/block5'][:]")
+    train, test = split_store(store, test_size=0.25, random_state=0)
+    print(f"\n1. split: {len(train)} photos to train on, {len(test)} held out (stratified by class, random_state 0)")
+    model = fit(store, layer="block5", rows=train, random_state=0)
+    save(model, args.model)
+    print(f"2. fit: logistic regression on block5 codes, C={model.cnncodes_['fit']['C']:g}; wrote {args.model}")
+    ev = evaluate(args.model, store)
+    print(f"3. evaluate on the {ev.n} held-out photos: accuracy {ev.interval.format()}")
+    print(f"   mean per-class accuracy {ev.mean_per_class.format()}")
+    held_out = [str(Path(str(folder)) / rid) for rid in store.ids[test][:: max(1, len(test) // 2)][:2]]
+    print("4. predict two held-out photos (as new photos: extracted with the model's own settings):")
+    for p in predict(args.model, held_out, top_k=2, progress=False):
+        print(f"   {p.id}: " + ", ".join(f"{lab} {prob:.3f}" for lab, prob in zip(p.labels, p.probabilities)))
+    ev.to_html(args.report, title="cnncodes demo: the bundled flower photos")
+    print(f"5. report: open {Path(args.report).resolve()} in a browser")
     return EXIT_FAILURES if result.failures else EXIT_OK
 
 
@@ -425,11 +565,13 @@ def _fit(args) -> int:
     from ._errors import CnnCodesError
     from ._fit import fit, split_store
     from ._model import evaluate, save
+    from ._optional import require
     from ._outputs import MODEL, check_output
     from ._store import CodeStore
 
     layer = (args.layer[0] if len(args.layer) == 1 else list(args.layer)) if args.layer else None
     check_output(args.out, MODEL, option="-o")  # before fitting, not after
+    require("skops.io", "writing the model file (-o)")
     store = CodeStore(args.store)
     try:
         C = args.C if args.C == "auto" else float(args.C)
@@ -456,7 +598,7 @@ def _fit(args) -> int:
     save(model, args.out)
     if args.test_size is not None:
         ev = evaluate(model, args.store)
-        print(f"held-out accuracy {ev.accuracy:.4f} on {ev.n} rows (test size {args.test_size}, "
+        print(f"held-out accuracy {ev.interval.format()} on {ev.n} rows (test size {args.test_size}, "
               f"random_state {args.random_state}).")
     print(f"wrote {args.out}")
     return EXIT_OK
@@ -520,20 +662,71 @@ def _predict(args) -> int:
 
 def _evaluate(args) -> int:
     from ._model import evaluate
-    from ._outputs import PNG, check_output
 
     if args.plot:
-        check_output(args.plot, PNG, option="--plot")
+        _check_plot(args.plot)
     import warnings
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
-        ev = evaluate(args.model, args.data, progress=not args.quiet, **_run_kwargs(args))
+        ev = evaluate(args.model, args.data, progress=not args.quiet, **_interval_kwargs(args),
+                      **_run_kwargs(args))
     for w in caught:  # e.g. rows of classes the model never saw, left out
         print(f"cnncodes evaluate: warning: {w.message}", file=sys.stderr)
     print(ev.summary())
     if args.plot:
         print(f"wrote {ev.plot(args.plot)}")
+    return EXIT_OK
+
+
+def _interval_kwargs(args) -> dict:
+    return dict(n_resamples=args.n_resamples, random_state=args.seed)
+
+
+def _check_plot(path) -> None:
+    """Refuse --plot before any work: a file of another kind there, or matplotlib missing."""
+    from ._optional import require_pyplot
+    from ._outputs import PNG, check_output
+
+    check_output(path, PNG, option="--plot")
+    require_pyplot("--plot")
+
+
+def _compare(args) -> int:
+    from ._model import compare
+
+    result = compare(args.model_a, args.model_b, args.data, progress=not args.quiet, **_interval_kwargs(args),
+                     **_run_kwargs(args))
+    print(result.summary())
+    return EXIT_OK
+
+
+def _curve(args) -> int:
+    from ._curve import learning_curve, parse_sizes
+
+    if args.plot:
+        _check_plot(args.plot)
+    if args.layer and len(args.layer) > 1:
+        from ._errors import CnnCodesError
+
+        raise CnnCodesError(f"--layer: a learning curve uses one layer, got {', '.join(args.layer)}.")
+    curve = learning_curve(args.store, parse_sizes(args.sizes), repeats=args.repeats,
+                           layer=args.layer[0] if args.layer else None, test_size=args.test_size,
+                           random_state=args.random_state, n_resamples=args.n_resamples, n_jobs=args.jobs)
+    print(curve.table())
+    print(f"{curve.seconds:.1f} s.")
+    if args.plot:
+        print(f"wrote {curve.plot(args.plot)}")
+    return EXIT_OK
+
+
+def _report(args) -> int:
+    from ._report import report
+
+    ev = report(args.model, args.data, args.out, curve=args.curve, sweep=args.sweep, thumbnails=args.thumbnails,
+                progress=not args.quiet, **_interval_kwargs(args), **_run_kwargs(args))
+    print(f"accuracy {ev.interval.format()} on {ev.n} images ({ev.on})")
+    print(f"wrote {args.out}")
     return EXIT_OK
 
 
@@ -609,6 +802,36 @@ def _advise(args) -> int:
     return EXIT_OK
 
 
+def _export(args) -> int:
+    import warnings
+
+    from ._export import export
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        path = export(args.model, args.out, format=args.format, opset=args.opset)
+    for w in (w for w in caught if issubclass(w.category, UserWarning)):
+        # e.g. codes extracted in bfloat16: the float32 export differs by their rounding
+        print(f"cnncodes export: warning: {w.message}", file=sys.stderr)
+    print(f"wrote {path}")
+    return EXIT_OK
+
+
+def _serve(args) -> int:
+    from ._errors import CnnCodesError
+    from ._serve import serve
+
+    if args.max_batch < 1 or args.window_ms < 0 or args.max_upload_mb <= 0:
+        raise CnnCodesError("--max-batch must be >= 1, --window-ms >= 0 and --max-upload-mb > 0.")
+
+    def ready(url):
+        print(f"cnncodes serve: {args.model} on {url} (POST /predict, GET /health); Ctrl-C to stop.", flush=True)
+
+    serve(args.model, host=args.host, port=args.port, max_batch=args.max_batch, window_ms=args.window_ms,
+          max_upload_mb=args.max_upload_mb, threads=args.threads, log_level="warning", ready=ready)
+    return EXIT_OK
+
+
 def _unrecognized(parser, args, extras) -> None:
     """Refuse arguments a command does not know, with its usage and a near option (exits 2)."""
     command_parser = parser.commands.get(args.command, parser)
@@ -622,8 +845,10 @@ def _unrecognized(parser, args, extras) -> None:
 
 
 HANDLERS = {"extract": _extract, "backbones": _backbones, "layers": _layers, "info": _info, "check": _check,
-            "demo": _demo, "fit": _fit, "predict": _predict, "evaluate": _evaluate,
-            "sweep": _sweep, "advise": _advise, "finetune": _finetune}
+            "demo": _demo, "fit": _fit, "predict": _predict, "evaluate": _evaluate, "compare": _compare,
+            "curve": _curve, "report": _report,
+            "sweep": _sweep, "advise": _advise, "finetune": _finetune,
+            "export": _export, "serve": _serve}
 
 
 def main(argv=None) -> int:

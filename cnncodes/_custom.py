@@ -182,10 +182,10 @@ def state_dict_sha256(model) -> str:
 
 def import_timm():
     """Import timm, or raise one line saying how to install it."""
-    try:
-        import timm
-    except ImportError:
-        raise CnnCodesError("timm backbones need the timm package: pip install 'cnncodes[timm]'.") from None
+    from ._optional import require
+
+    timm = require("timm", "a timm backbone ('timm:<model name>')")
+    require("timm.data", "a timm backbone ('timm:<model name>')")
     return timm
 
 

@@ -47,3 +47,11 @@ class StoreLockedError(StoreError):
 
 class StoreWriteError(StoreError, OSError):
     """Writing the store failed (no space left, file too large, I/O error); nothing stored is lost."""
+
+
+class MissingExtraError(CnnCodesError, ImportError):
+    """An optional dependency is missing; the message names the ``pip install 'cnncodes[extra]'``."""
+
+
+class ExportError(CnnCodesError):
+    """A model cannot be exported as one network (a kNN index, an unknown head ...)."""

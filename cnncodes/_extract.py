@@ -27,7 +27,7 @@ from ._codesmodel import codes_model
 from ._errors import CnnCodesError, StoreMismatchError
 from ._outputs import STORE, check_output
 from ._images import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocess, decode, resize_batch
-from ._sources import Item, read_source
+from ._sources import Item, change_key, data_root, read_bytes, read_source
 from ._spec import ExtractorSpec
 from ._store import FORMAT_VERSION, UNKNOWN_STAT, CodeStore, Journal, StoreLock, merge, remove_unmapped
 from ._weights import load_model, preprocess_for, resolve
@@ -113,12 +113,11 @@ class ExtractResult:
         return "\n".join(lines)
 
 
-def _sha256_file(path: str) -> tuple[str | None, str | None]:
+def _sha256_item(item: Item, storage_options=None) -> tuple[str | None, str | None]:
     try:
-        with open(path, "rb") as fh:
-            return hashlib.sha256(fh.read()).hexdigest(), None
+        return hashlib.sha256(read_bytes(item, storage_options)).hexdigest(), None
     except OSError as exc:
-        return None, f"cannot read file: {exc.strerror or exc}"
+        return None, str(exc)
 
 
 class _Images(torch.utils.data.Dataset):
@@ -127,8 +126,10 @@ class _Images(torch.utils.data.Dataset):
     Sample ``k`` is item ``start + k``, and that index is what it returns.
     """
 
-    def __init__(self, items: list[Item], prep: Preprocess, max_pixels: int, start: int = 0):
+    def __init__(self, items: list[Item], prep: Preprocess, max_pixels: int, start: int = 0,
+                 storage_options=None):
         self.items, self.prep, self.max_pixels, self.start = items, prep, max_pixels, start
+        self.storage_options = storage_options
 
     def __len__(self):
         return len(self.items) - self.start
@@ -137,10 +138,9 @@ class _Images(torch.utils.data.Dataset):
         i = self.start + k
         item = self.items[i]
         try:
-            with open(item.path, "rb") as fh:
-                data = fh.read()
+            data = read_bytes(item, self.storage_options)
         except OSError as exc:
-            return i, None, "", f"cannot read file: {exc.strerror or exc}"
+            return i, None, "", str(exc)
         sha = hashlib.sha256(data).hexdigest()
         try:
             return i, decode(data, self.prep, self.max_pixels), sha, None
@@ -211,6 +211,9 @@ def extract(
     gpus_per_worker: float = 0,
     rehash: bool = False,
     on_other_root: str = "refuse",
+    image_column: str | None = None,
+    label_column: str | None = None,
+    storage_options: dict | None = None,
     model=None,
     name: str | None = None,
     preprocessing=None,
@@ -219,9 +222,13 @@ def extract(
 
     Parameters
     ----------
-    source : path or list of paths
+    source : path, URL, list of paths, or a ``datasets.Dataset``
         A folder with one subfolder per class (labels from the folder names), a flat folder
-        (no labels), a ``.csv`` of ``path[,label]``, or a list of image paths.
+        (no labels), a ``.csv`` of ``path[,label]`` (paths or URLs), a list of image paths;
+        an fsspec URL of a folder (``s3://bucket/photos/``, ``gs://``, ``az://``,
+        ``memory://``); WebDataset tar shards (``"shards/train-{000000..000009}.tar"``,
+        local or remote); a Parquet file or folder, a ``datasets`` ``save_to_disk`` folder
+        or a ``Dataset`` with an image column. See the "Data sources" guide.
     out : path
         The ``.h5`` store to create or extend. Re-running extracts only new content.
     backbone : str
@@ -295,12 +302,13 @@ def extract(
         the list, which changes with the list; ``root="/"`` gives ids that do not, so that
         appending other subsets of the same images never stores one file under two ids.
     engine : {"local", "ray"}
-        ``"ray"`` runs decoding and the backbone on a Ray cluster (``pip install
-        'cnncodes[ray]'``): decoding in Ray Data tasks, the backbone in a pool of
-        `ray_workers` actors (one model each, `gpus_per_worker` GPUs each), every batch
-        written by its actor as a shard of the run's journal, joined into the store as on
-        one machine. Planning, skipping and resuming are the same. Every worker needs the
-        images and the weights file at the same paths (or ``CNNCODES_WEIGHTS_PATH``).
+        ``"ray"`` runs reading, decoding and the backbone on a Ray cluster (``pip install
+        'cnncodes[ray]'``): this process lists and plans without reading an image; Ray Data
+        tasks read and decode each image from where it is; a pool of `ray_workers` actors
+        (one model each, `gpus_per_worker` GPUs each) writes the codes as segment files of
+        the store, which the commit maps in place. Skipping and resuming are the same. Every
+        worker needs the images (the same path or URL), the weights file (the same path, or
+        ``CNNCODES_WEIGHTS_PATH``) and the store's folder. See docs/sources.md.
     ray_address : str, optional
         The cluster (``"auto"``, ``"ray://head:10001"``); by default the one this process
         joined, else a local one started for the run.
@@ -315,6 +323,14 @@ def extract(
         index does; a file rewritten with the same size within the same mtime tick and inode
         (rare; the tick is nanoseconds on ext4, xfs and btrfs) is then missed, and
         ``rehash=True`` (``--rehash``) finds it.
+    image_column, label_column : str, optional
+        A table's image and label columns (defaults ``image`` and ``label``); for tar shards
+        `label_column` is the member extension holding the label (default ``cls``, then
+        ``txt``, then ``json``'s ``"label"``).
+    storage_options : dict, optional
+        Passed to fsspec for URLs (``{"endpoint_url": ...}``, credentials ...); by default
+        fsspec's own configuration and the usual environment variables (``AWS_ENDPOINT_URL``,
+        ``AWS_ACCESS_KEY_ID`` ...).
     on_other_root : {"refuse", "replace"}
         When `out` is a store extracted from another data root (its ``attrs["data_root"]``):
         ids are paths relative to the root, so ``daisy/1.jpg`` of two folders is one id.
@@ -391,7 +407,8 @@ def extract(
     out = Path(out)
     check_output(out, STORE, option="out")  # a model, a photo, a folder ... is never overwritten
     w = resolve(spec_b, weights)
-    src = read_source(source, labels, root=root)
+    src = read_source(source, labels, root=root, image_column=image_column, label_column=label_column,
+                      storage_options=storage_options)
     out.parent.mkdir(parents=True, exist_ok=True)
 
     with StoreLock(out):
@@ -424,7 +441,10 @@ def extract(
         journal = Journal(out)
         journal.open(spec)
         journal.clean()
-        plan = _plan(src.items, store, journal, rehash=rehash)
+        # Remote data, and every image of a Ray run, is read once, where it is decoded: the
+        # plan decides from the listing's keys and never reads an image to hash it.
+        plan = _plan(src.items, store, journal, rehash=rehash,
+                     hash_in_plan=not src.remote and engine == "local", storage_options=src.storage_options)
         new_root = store is not None and _check_root(store, src, plan, on_other_root, journal)
         result.n_hashed = plan.n_hashed
         result.n_unchanged = plan.n_unchanged
@@ -439,6 +459,7 @@ def extract(
             failed_shas, index = run_ray(
                 plan.compute, backbone=backbone, weights=w, infos=infos, pooling=pooling, prep=prep,
                 precision=precision, tta=tta, dtype=dtype, journal=journal, index=index, stat_of=plan.stat_of,
+                storage_options=src.storage_options, classes=_class_table(store, plan.compute),
                 batch_size=batch_size, max_pixels=max_pixels, progress=progress, result=result,
                 address=ray_address, workers=ray_workers, gpus_per_worker=gpus_per_worker)
             result.compute_seconds = time.perf_counter() - t1
@@ -448,7 +469,8 @@ def extract(
             with reuse_freed_memory():  # activations reused, not faulted in anew each batch
                 failed_shas, index = _run(plan.compute, forward, prep, dtype, journal, index, batch_size,
                                           num_workers, max_pixels, progress, result, plan.stat_of,
-                                          compile_auto=compile == "auto" and dev.type == "cpu")
+                                          compile_auto=compile == "auto" and dev.type == "cpu",
+                                          storage_options=src.storage_options)
             result.compute_seconds = time.perf_counter() - t1
         else:
             failed_shas = {}
@@ -465,7 +487,7 @@ def extract(
                           labels=[i.label for i, _ in kept],
                           stat=[plan.stat_of[i.id] for i, _ in kept], failures=failures,
                           fail_stat=[plan.stat_of.get(rid, UNKNOWN_STAT) for rid, _, _ in failures])
-        if journal.batches():
+        if journal.files():
             if store is not None and store.format_version < FORMAT_VERSION:
                 result.converted_from = store.format_version
             written = merge(out, journal, spec, code_dims, _provenance(src, w), store=store,
@@ -480,6 +502,12 @@ def extract(
     return result
 
 
+def _class_table(store: CodeStore | None, items: list[Item]) -> list[str]:
+    """The classes the store will have: its own, then the new labels (what Ray actors index)."""
+    classes = list(store.class_names) if store is not None else []
+    return classes + sorted({i.label for i in items if i.label is not None} - set(classes))
+
+
 def _check_root(store: CodeStore, src, plan: "_Plan", on_other_root: str, journal: Journal) -> bool:
     """Whether this run's data root differs from the store's; refuse when rows would be lost.
 
@@ -489,12 +517,12 @@ def _check_root(store: CodeStore, src, plan: "_Plan", on_other_root: str, journa
     nothing and go on; the store then records the new root.
     """
     stored = store.attrs.get("data_root")
-    here = os.path.abspath(src.root)
-    if stored is None or os.path.abspath(stored) == here:
+    here = data_root(src)
+    if stored is None or data_root(stored) == here:
         return False
     replaced = plan.replaced
     if replaced and on_other_root != "replace":
-        if not journal.batches():
+        if not journal.files():
             journal.remove()
         raise StoreMismatchError(
             f"{store.path.name} holds images of data root {stored!r}, and this run's images are in "
@@ -509,7 +537,7 @@ def _check_root(store: CodeStore, src, plan: "_Plan", on_other_root: str, journa
 def _provenance(src, w) -> dict:
     return {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "data_root": os.path.abspath(src.root),
+        "data_root": data_root(src),
         "source_kind": src.kind,
         "weights_path": w.path,
         "versions": _versions(),
@@ -574,17 +602,16 @@ class _Known:
         return {s.decode() for s in self.store._sha_at(rows).tolist()} if len(rows) else set()
 
 
-def _stat_key(path: str) -> tuple[int, int, int]:
-    st = os.stat(path)
-    return st.st_size, st.st_mtime_ns, st.st_ino
-
-
-def _plan(items: list[Item], store: CodeStore | None, journal: Journal, rehash: bool = False) -> _Plan:
+def _plan(items: list[Item], store: CodeStore | None, journal: Journal, rehash: bool = False,
+          hash_in_plan: bool = True, storage_options=None) -> _Plan:
     """Decide per image: unchanged, reuse identical content, compute, or unreadable.
 
-    A file whose stat key (size, mtime_ns, inode) is the one stored with its row, its
-    journalled row or its recorded failure is decided without being read; the others are
-    read and hashed (all of them with `rehash`).
+    An image whose change key (a local file's size, mtime_ns and inode; an object's size,
+    mtime and ETag; a shard member's or table row's key from its container's) is the one
+    stored with its row, its journalled row or its recorded failure is decided without
+    being read. The others are read and hashed (all of them with `rehash`), or, without
+    `hash_in_plan`, computed: their bytes are read once, where they are decoded, and
+    identical content is then computed again rather than found here.
     """
     plan = _Plan()
     known = _Known(store, items)
@@ -594,11 +621,15 @@ def _plan(items: list[Item], store: CodeStore | None, journal: Journal, rehash: 
     to_hash = []
     for item, row in zip(items, known.rows.tolist()):
         try:
-            key = _stat_key(item.path)
+            key = change_key(item, storage_options)
         except OSError as exc:
             plan.failures_with_sha.append((item.id, "", f"cannot read file: {exc.strerror or exc}"))
             continue
-        plan.stat_of[item.id] = UNKNOWN_STAT if now - key[1] < RACY_NS else key
+        # A local file's stat (item.key None) may be racy; a listing's key is what it is.
+        plan.stat_of[item.id] = UNKNOWN_STAT if item.key is None and now - key[1] < RACY_NS else key
+        if key == UNKNOWN_STAT:
+            to_hash.append((item, row))
+            continue
         if not rehash:
             if row >= 0 and known.stat(row) == key and known.label(row) == item.label:
                 plan.n_unchanged += 1
@@ -611,8 +642,14 @@ def _plan(items: list[Item], store: CodeStore | None, journal: Journal, rehash: 
                 plan.known_failures.append((item.id, known_fail[item.id][1]))
                 continue
         to_hash.append((item, row))
+    if not hash_in_plan:
+        for item, row in to_hash:
+            plan.compute.append(item)
+            if row >= 0:
+                plan.replaced.append(item.id)  # perhaps: its content is known once read
+        return plan
     plan.n_hashed = len(to_hash)
-    hashed = _hash_files([item.path for item, _ in to_hash])
+    hashed = _hash_files([item for item, _ in to_hash], storage_options)
     stored_sha = known.shas_of([row for _, row in to_hash if row >= 0])
     seen_before = known.stored([sha for (item, row), (sha, _) in zip(to_hash, hashed)
                                 if sha is not None and stored_sha.get(row) != sha])
@@ -643,23 +680,26 @@ def _plan(items: list[Item], store: CodeStore | None, journal: Journal, rehash: 
     return plan
 
 
-def _hash_files(paths: list[str]) -> list[tuple[str | None, str | None]]:
+def _hash_files(items: list[Item], storage_options=None) -> list[tuple[str | None, str | None]]:
     """(sha256, None) or (None, why) per file: in this thread while the files come quickly
     (the page cache, a local disk), by 8 threads once a chunk is slow (a network share).
 
     Threads only pay where the reads wait: on flowers5 in the page cache one thread hashes
     the 4,317 photos in 0.036 s and 8 threads take 0.072 s (the GIL, handing over).
     """
-    hashed = [_sha256_file(p) for p in paths[:HASH_CHUNK]]  # the first files open slowest: untimed
-    while len(hashed) < len(paths):
+    def sha(item):
+        return _sha256_item(item, storage_options)
+
+    hashed = [sha(p) for p in items[:HASH_CHUNK]]  # the first files open slowest: untimed
+    while len(hashed) < len(items):
         t = time.perf_counter()
-        hashed += [_sha256_file(p) for p in paths[len(hashed):len(hashed) + HASH_CHUNK]]
+        hashed += [sha(p) for p in items[len(hashed):len(hashed) + HASH_CHUNK]]
         if time.perf_counter() - t > HASH_CHUNK * SLOW_READ_SECONDS:
             break
-    if len(hashed) < len(paths):  # the reads wait: overlap them, HASH_CHUNK files to a task
-        chunks = [paths[i:i + HASH_CHUNK] for i in range(len(hashed), len(paths), HASH_CHUNK)]
+    if len(hashed) < len(items):  # the reads wait: overlap them, HASH_CHUNK files to a task
+        chunks = [items[i:i + HASH_CHUNK] for i in range(len(hashed), len(items), HASH_CHUNK)]
         with ThreadPoolExecutor(max_workers=8) as pool:
-            hashed += [h for part in pool.map(lambda c: [_sha256_file(p) for p in c], chunks) for h in part]
+            hashed += [h for part in pool.map(lambda c: [sha(p) for p in c], chunks) for h in part]
     return hashed
 
 
@@ -681,12 +721,13 @@ PROBE_BATCHES = 2
 SERIAL_DECODE_SHARE = 0.25
 
 
-def _loader(items, prep, max_pixels, batch_size, workers, pin, start=0):
+def _loader(items, prep, max_pixels, batch_size, workers, pin, start=0, storage_options=None):
     """Batches of ``items[start:]``: decoded by `workers` processes, or in turn (0)."""
+    images = _Images(items, prep, max_pixels, start, storage_options)
     if workers == 0:
-        return _in_turn(_Images(items, prep, max_pixels, start), batch_size, pin)
+        return _in_turn(images, batch_size, pin)
     return torch.utils.data.DataLoader(
-        _Images(items, prep, max_pixels, start), batch_size=batch_size, shuffle=False,
+        images, batch_size=batch_size, shuffle=False,
         num_workers=workers, collate_fn=_collate, pin_memory=pin,
     )
 
@@ -712,7 +753,7 @@ def _in_turn(dataset, batch_size, pin):
             yield idx, images, shas, bad
 
 
-def _batches(items, prep, max_pixels, batch_size, num_workers, pin, forward_seconds: list):
+def _batches(items, prep, max_pixels, batch_size, num_workers, pin, forward_seconds: list, storage_options=None):
     """Yield decoded batches; with num_workers "auto", choose where to decode by measuring.
 
     `forward_seconds` is filled by the caller with the time of each batch's forward pass.
@@ -722,7 +763,7 @@ def _batches(items, prep, max_pixels, batch_size, num_workers, pin, forward_seco
     start = 0
     if auto and workers and len(items) > (PROBE_BATCHES + 2) * batch_size:
         start = PROBE_BATCHES * batch_size
-        probe = iter(_loader(items[:start], prep, max_pixels, batch_size, 0, pin))
+        probe = iter(_loader(items[:start], prep, max_pixels, batch_size, 0, pin, 0, storage_options))
         decode_seconds = 0.0
         for _ in range(PROBE_BATCHES):
             t = time.perf_counter()
@@ -731,7 +772,7 @@ def _batches(items, prep, max_pixels, batch_size, num_workers, pin, forward_seco
             yield batch
         if decode_seconds <= SERIAL_DECODE_SHARE * forward_seconds[-1]:
             workers = 0
-    yield from _loader(items, prep, max_pixels, batch_size, workers, pin, start)
+    yield from _loader(items, prep, max_pixels, batch_size, workers, pin, start, storage_options)
 
 
 class CodesForward:
@@ -796,12 +837,13 @@ class CodesForward:
 
 
 def _run(items, forward, prep, dtype, journal, index, batch_size, num_workers, max_pixels,
-         progress, result, stat_of, compile_auto=False):
+         progress, result, stat_of, compile_auto=False, storage_options=None):
     from tqdm.auto import tqdm
 
     dev = forward.device
     forward_seconds = [0.0]
-    loader = _batches(items, prep, max_pixels, batch_size, num_workers, dev.type == "cuda", forward_seconds)
+    loader = _batches(items, prep, max_pixels, batch_size, num_workers, dev.type == "cuda", forward_seconds,
+                      storage_options)
     failed_shas = {}
     pending = []
     bar = tqdm(total=len(items), unit="img", desc="extract", disable=not progress, dynamic_ncols=True)

@@ -21,8 +21,9 @@ from ._backbones import build_model, finish_model, get_backbone, graph_nodes, we
 from ._errors import CnnCodesError, SourceError, WeightsError
 from ._images import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocess, decode
 from ._outputs import CHECKPOINT, check_output
-from ._sources import read_source
+from ._sources import Item, Source, read_bytes, read_source
 from ._spec import ExtractorSpec
+from ._stats import CONFIDENCE, N_RESAMPLES
 from ._weights import IMAGENET, load_model, resolve
 
 CHECKPOINT_FORMAT = "cnncodes.finetuned"
@@ -403,13 +404,19 @@ def _init_head_estimator(init_head, spec, weights, prep, classes, shas, labels, 
 # --------------------------------------------------------------------------- data
 
 
+def _name(item) -> str:
+    return item.id if isinstance(item, Item) else str(item)
+
+
 class _Photos(torch.utils.data.Dataset):
     """Reads, hashes and decodes images in DataLoader workers; augments the training split."""
 
     def __init__(self, paths, labels, prep: Preprocess, augment=None, max_pixels=DEFAULT_MAX_PIXELS,
-                 strict=False):
+                 strict=False, storage_options=None):
+        # Items of a source (files, objects, shard members, table cells) or plain paths.
         self.paths, self.labels, self.prep = list(paths), labels, prep
         self.augment, self.max_pixels, self.strict = augment, max_pixels, strict
+        self.storage_options = storage_options
 
     def __len__(self):
         return len(self.paths)
@@ -417,12 +424,11 @@ class _Photos(torch.utils.data.Dataset):
     def __getitem__(self, i):
         label = -1 if self.labels is None else int(self.labels[i])
         try:
-            with open(self.paths[i], "rb") as fh:
-                data = fh.read()
+            data = read_bytes(self.paths[i], self.storage_options)
         except OSError as exc:
-            why = f"cannot read file: {exc.strerror or exc}"
+            why = str(exc)
             if self.strict:
-                raise SourceError(f"{self.paths[i]}: {why}. It was readable when training began; restore "
+                raise SourceError(f"{_name(self.paths[i])}: {why}. It was readable when training began; restore "
                                   f"it and re-run (training resumes).") from None
             return i, None, label, "", why
         sha = hashlib.sha256(data).hexdigest()
@@ -430,7 +436,7 @@ class _Photos(torch.utils.data.Dataset):
             x = decode(data, self.prep, self.max_pixels)
         except ImageDecodeError as exc:
             if self.strict:
-                raise SourceError(f"{self.paths[i]}: {exc}. It decoded when training began; restore it "
+                raise SourceError(f"{_name(self.paths[i])}: {exc}. It decoded when training began; restore it "
                                   f"and re-run (training resumes).") from None
             return i, None, label, sha, str(exc)
         if self.augment is not None:
@@ -519,7 +525,7 @@ def _scan(items, prep, max_pixels, workers, progress):
     """Hash and decode every image once: content sha256 per item, and what cannot be read."""
     from tqdm.auto import tqdm
 
-    loader = _loader(_Photos([i.path for i in items], None, prep, None, max_pixels), 64, workers)
+    loader = _loader(_Photos(items, None, prep, None, max_pixels), 64, workers)
     shas = [""] * len(items)
     ok = np.zeros(len(items), dtype=bool)
     failures = []
@@ -885,7 +891,7 @@ def finetune(
     # float16 gradients underflow without loss scaling; bfloat16 and float32 need none.
     scaler = torch.amp.GradScaler(dev.type, enabled=precision == "float16")
 
-    paths = [it.path for it in items]
+    paths = list(items)  # the images, wherever their bytes are
 
     def eval_loader(rows):
         dataset = _Photos([paths[r] for r in rows], y[rows], prep, None, max_pixels, strict=True)
@@ -1264,7 +1270,7 @@ class FineTunedModel:
         if channels_last:
             net.to(memory_format=torch.channels_last)
         workers = default_workers(len(src.items), batch_size) if num_workers in (None, "auto") else int(num_workers)
-        loader = _loader(_Photos([i.path for i in src.items], None, self.preprocessing), batch_size, workers,
+        loader = _loader(_Photos(src.items, None, self.preprocessing, storage_options=src.storage_options), batch_size, workers,
                          device=dev)
         idx, logits, shas, failed = _logits(net, loader, self.preprocessing, dev, precision, channels_last,
                                             _bar(progress, len(src.items), "predict"), tta=tta or self.tta)
@@ -1295,18 +1301,19 @@ def predict_finetuned(model: FineTunedModel, images, *, top_k: int = 1, progress
                         for i, (item, o) in enumerate(zip(items, order))], failures)
 
 
-def _file_sha256(path: str) -> str | None:
+def _file_sha256(item) -> str | None:
     try:
-        with open(path, "rb") as fh:
-            return hashlib.sha256(fh.read()).hexdigest()
+        return hashlib.sha256(read_bytes(item)).hexdigest()
     except OSError:
         return None
 
 
-def evaluate_finetuned(model: FineTunedModel, data, *, progress: bool = False, **run):
+def evaluate_finetuned(model: FineTunedModel, data, *, progress: bool = False, n_resamples: int = N_RESAMPLES,
+                       confidence: float = CONFIDENCE, random_state=0, **run):
     """Accuracy of a fine-tuned network on a labelled folder, leaving out its training content.
 
-    `run`: batch_size, device, num_workers of :meth:`FineTunedModel.predict_images`.
+    `run`: batch_size, device, num_workers of :meth:`FineTunedModel.predict_images`;
+    `n_resamples`, `confidence`, `random_state`: the intervals, as in :func:`cnncodes.evaluate`.
     """
     from ._model import evaluation
 
@@ -1324,15 +1331,15 @@ def evaluate_finetuned(model: FineTunedModel, data, *, progress: bool = False, *
 
         seen = set(model.train_sha256)
         with ThreadPoolExecutor(max_workers=8) as pool:
-            hashes = list(pool.map(_file_sha256, [it.path for it in labelled]))
+            hashes = list(pool.map(_file_sha256, labelled))
         held = [it for it, h in zip(labelled, hashes) if h not in seen]
         if len(held) < len(labelled):
             on = f"{len(held)} held-out images of {path} (content not used in training)"
         labelled = held
     if not labelled:
         raise CnnCodesError(f"nothing to evaluate in {path}: no labelled images outside the training set.")
-    items, proba, _, failures = model.predict_images([it.path for it in labelled], labels=[it.label for it in labelled],
-                                                     root=src.root, progress=progress, **run)
+    subset = Source(src.root, labelled, src.kind, remote=src.remote, storage_options=src.storage_options)
+    items, proba, _, failures = model.predict_images(subset, progress=progress, **run)
     if failures:
         warnings.warn(f"{len(failures)} images could not be read and are left out: "
                       + "; ".join(f"{i} ({why})" for i, why in failures[:5]), stacklevel=3)
@@ -1340,5 +1347,8 @@ def evaluate_finetuned(model: FineTunedModel, data, *, progress: bool = False, *
         raise CnnCodesError(f"nothing to evaluate in {path}: none of its held-out images could be read.")
     y = np.array([it.label for it in items], dtype=str)
     pred = np.asarray(model.classes)[proba.argmax(1)]
-    return evaluation(y, pred, model.classes, on)
+    return evaluation(y, pred, model.classes, on, ids=[it.id for it in items], proba=proba,
+                      proba_classes=list(model.classes), root=src.root,
+                      provenance={"model": Path(model.path).name, "model file": str(model.path)},
+                      n_resamples=n_resamples, confidence=confidence, random_state=random_state)
 

@@ -14,6 +14,7 @@ from ._errors import CnnCodesError, FailedImagesError, StoreMismatchError
 from ._outputs import MODEL as MODEL_FILE
 from ._outputs import PNG, check_output
 from ._spec import ExtractorSpec
+from ._stats import CONFIDENCE, N_RESAMPLES, Interval, accuracy_intervals, check_resampling
 from ._store import CodeStore
 
 MODEL_FORMAT = "cnncodes.model"
@@ -299,7 +300,15 @@ def predict(model, images, *, top_k: int = 1, store=None, progress: bool = False
 
 @dataclass
 class Evaluation:
-    """Accuracy, per-class precision/recall/F1 and the confusion matrix of a model on a set."""
+    """Accuracy with its interval, per-class precision/recall/F1 and the confusion matrix.
+
+    ``interval`` and ``mean_per_class`` are the accuracy and the mean per-class accuracy
+    (balanced accuracy) with their 95 % stratified bootstrap confidence intervals
+    (:class:`cnncodes._stats.Interval`: ``estimate``, ``low``, ``high``). ``per_class`` holds
+    one dict per class (class, precision, recall, f1, support). ``ids``, ``y_true``,
+    ``y_pred`` and ``proba`` (columns in the order of ``proba_classes``) are per test row,
+    for :func:`compare`, the gallery of :meth:`to_html` and your own analyses.
+    """
 
     accuracy: float
     classes: list[str]
@@ -308,27 +317,86 @@ class Evaluation:
     n: int
     on: str = ""
     extra: dict = field(default_factory=dict)
+    interval: Interval | None = None
+    mean_per_class: Interval | None = None
+    per_class: list[dict] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)
+    y_true: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=str), repr=False)
+    y_pred: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=str), repr=False)
+    proba: np.ndarray | None = field(default=None, repr=False)
+    proba_classes: list[str] = field(default_factory=list)
+    root: str | None = None  # the folder the ids are relative to, for thumbnails
+    provenance: dict = field(default_factory=dict)
+
+    @property
+    def correct(self) -> np.ndarray:
+        """1 where the prediction is right, 0 where it is wrong, per test row."""
+        return (np.asarray(self.y_pred) == np.asarray(self.y_true)).astype(np.int8)
+
+    def confidences(self) -> np.ndarray | None:
+        """The probability the model gave its predicted class, per test row (None without probabilities)."""
+        if self.proba is None or not len(self.proba_classes):
+            return None
+        col = {c: j for j, c in enumerate(self.proba_classes)}
+        return self.proba[np.arange(len(self.y_pred)), [col[str(p)] for p in self.y_pred]]
+
+    def gallery(self, k: int = 12) -> dict[str, list[dict]]:
+        """The `k` most confident mistakes and the `k` least confident correct predictions.
+
+        Returns ``{"mistakes": [...], "unsure": [...]}``, each row a dict of id, true,
+        predicted and probability (of the predicted class); empty lists without probabilities.
+        """
+        conf = self.confidences()
+        if conf is None:
+            return {"mistakes": [], "unsure": []}
+        right = self.correct.astype(bool)
+        wrong = np.flatnonzero(~right)
+        wrong = wrong[np.argsort(-conf[wrong], kind="stable")][:k]
+        unsure = np.flatnonzero(right)
+        unsure = unsure[np.argsort(conf[unsure], kind="stable")][:k]
+
+        def rows(idx):
+            return [{"id": str(self.ids[i]), "true": str(self.y_true[i]), "predicted": str(self.y_pred[i]),
+                     "probability": float(conf[i])} for i in idx]
+
+        return {"mistakes": rows(wrong), "unsure": rows(unsure)}
 
     def summary(self) -> str:
         width = max(len(c) for c in self.classes)
         head = " " * (width + 2) + " ".join(f"{c[:8]:>8}" for c in self.classes)
         rows = [f"{c:<{width}}  " + " ".join(f"{v:>8d}" for v in row)
                 for c, row in zip(self.classes, self.confusion)]
+        lines = [f"accuracy {self.accuracy:.4f} on {self.n} images ({self.on})"]
+        if self.interval is not None:
+            i, b = self.interval, self.mean_per_class
+            lines += [f"  {100 * i.confidence:g} % confidence interval {i.low:.4f} to {i.high:.4f} "
+                      f"(stratified bootstrap of the test rows, {i.n_resamples} resamples)",
+                      f"mean per-class accuracy {b.format()}"]
         return "\n".join([
-            f"accuracy {self.accuracy:.4f} on {self.n} images ({self.on})", "",
+            *lines, "",
             self.report.rstrip(), "",
             "confusion matrix (rows: true, columns: predicted)", head, *rows,
         ])
 
+    def to_html(self, path=None, *, curve=None, sweep=None, thumbnails: int = 12, title: str | None = None):
+        """One self-contained HTML report of this evaluation (see :func:`cnncodes.report`).
+
+        Returns the HTML text, and writes it to `path` when given (refusing to overwrite a
+        file of another kind). `curve` (a :class:`cnncodes.LearningCurve`) and `sweep` (a
+        :class:`cnncodes.SweepResult`) add their sections.
+        """
+        from ._report import render, write_html
+
+        html = render(self, curve=curve, sweep=sweep, thumbnails=thumbnails, title=title)
+        if path is not None:
+            write_html(html, path)
+        return html
+
     def plot(self, path) -> Path:
         """Write the confusion matrix as a PNG (needs matplotlib: pip install 'cnncodes[plot]')."""
-        try:
-            import matplotlib
+        from ._optional import require_pyplot
 
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            raise CnnCodesError("plotting needs matplotlib: pip install 'cnncodes[plot]'.") from None
+        plt = require_pyplot("plotting the confusion matrix")
         check_output(path, PNG)
         from sklearn.metrics import ConfusionMatrixDisplay
 
@@ -342,32 +410,62 @@ class Evaluation:
 
 
 def evaluate(model, data, *, progress: bool = False, batch_size: int | None = None, device="auto",
-             num_workers="auto") -> Evaluation:
+             num_workers="auto", n_resamples: int = N_RESAMPLES, confidence: float = CONFIDENCE,
+             random_state: int | None = 0) -> Evaluation:
     """Evaluate a model on a code store or a labelled folder, on content it was not trained on.
 
     Rows whose image content (sha256) the model saw in training are left out, so on the
     store it was fitted from (with ``rows=`` or ``--test-size``) the figure is a held-out
     one, and a copy of a training photo elsewhere cannot inflate it.
 
-    `batch_size`, `device` and `num_workers` set the extraction of a folder, as in
-    :func:`predict`; a store is read as it is.
+    Parameters
+    ----------
+    model : path, Model, fitted estimator from :func:`fit`, or a fine-tuned network
+    data : path or CodeStore
+        A code store (read as it is) or a labelled folder / CSV (extracted with the model's
+        settings).
+    batch_size, device, num_workers
+        The extraction of a folder, as in :func:`predict`.
+    n_resamples : int
+        Bootstrap resamples of the confidence intervals (at least 100).
+    confidence : float
+        Level of the intervals (0.95: 95 %).
+    random_state : int or None
+        Seed of the resampling: the same seed gives the same intervals.
+
+    Returns
+    -------
+    Evaluation
+        ``accuracy``; ``interval`` and ``mean_per_class`` (stratified bootstrap intervals of
+        the accuracy and of the mean per-class accuracy); ``per_class`` precision, recall
+        and F1; ``confusion``; and the per-row ids, labels, predictions and probabilities.
+
+    Examples
+    --------
+    >>> ev = evaluate("model.skops", "codes.h5")                     # doctest: +SKIP
+    >>> print(ev.interval)                                           # doctest: +SKIP
+    0.9122 (95 % CI 0.8946 to 0.9288)
     """
+    check_resampling(n_resamples, confidence)
+    stats = dict(n_resamples=n_resamples, confidence=confidence, random_state=random_state)
     run = _run_options(batch_size, device, num_workers)
     model = _as_model(model)
     from ._finetune import FineTunedModel, evaluate_finetuned
 
     if isinstance(model, FineTunedModel):  # a network from `cnncodes finetune`: on photos only
-        return evaluate_finetuned(model, data, progress=progress, **run)
+        return evaluate_finetuned(model, data, progress=progress, **run, **stats)
     path = Path(data.path if isinstance(data, CodeStore) else data)
     if isinstance(data, CodeStore) or path.is_file() and path.suffix in (".h5", ".hdf5"):
         store = data if isinstance(data, CodeStore) else CodeStore(path)
         return _evaluate_store(model, store, _check_store(model, store), path,
-                               f"all labelled rows of {path.name}")
+                               f"all labelled rows of {path.name}", stats)
     with _codes_for(model, data, None, progress, run) as (store, layer, _):
-        return _evaluate_store(model, store, layer, path, f"all labelled images of {path}")
+        ev = _evaluate_store(model, store, layer, path, f"all labelled images of {path}", stats)
+        ev.provenance["store"] = f"a temporary store of {path}"
+        return ev
 
 
-def _evaluate_store(model: Model, store: CodeStore, layer: list, path: Path, on: str) -> Evaluation:
+def _evaluate_store(model: Model, store: CodeStore, layer: list, path: Path, on: str, stats: dict) -> Evaluation:
     labels = store.labels
     rows = np.flatnonzero(labels >= 0)
     if model.train_sha256:
@@ -385,20 +483,34 @@ def _evaluate_store(model: Model, store: CodeStore, layer: list, path: Path, on:
     y = names[labels[rows]].astype(str)
     from ._fit import layer_codes
 
-    pred = np.asarray(model.estimator.predict(layer_codes(store, layer)[rows])).astype(str)
-    return evaluation(y, pred, model.classes, on)
+    X = layer_codes(store, layer)[rows]
+    pred = np.asarray(model.estimator.predict(X)).astype(str)
+    try:
+        proba = np.asarray(model.predict_proba(X), dtype=np.float64)
+    except AttributeError:  # an estimator without probabilities: no gallery
+        proba = None
+    from ._report import provenance
+
+    return evaluation(y, pred, model.classes, on, ids=[str(i) for i in store.ids[rows]], proba=proba,
+                      proba_classes=[str(c) for c in model.estimator.classes_],
+                      root=store.attrs.get("data_root"), provenance=provenance(model, store, layer), **stats)
 
 
-def evaluation(y, pred, model_classes, on: str) -> Evaluation:
+def evaluation(y, pred, model_classes, on: str, *, ids=None, proba=None, proba_classes=None, root=None,
+               provenance=None, n_resamples: int = N_RESAMPLES, confidence: float = CONFIDENCE,
+               random_state: int | None = 0) -> Evaluation:
     """The `Evaluation` of predicted against true class names.
 
     Rows of classes the model was not trained on cannot be predicted right: they are left
     out with a warning naming those classes, and the evaluation is refused when no class of
-    the data is one the model knows.
+    the data is one the model knows. `ids`, `proba` (columns in `proba_classes` order) and
+    `root` are kept per row for comparisons and the report's gallery; the intervals are
+    stratified by true class.
     """
-    from sklearn.metrics import classification_report, confusion_matrix
+    from sklearn.metrics import classification_report, confusion_matrix, precision_recall_fscore_support
 
     y, pred = np.asarray(y).astype(str), np.asarray(pred).astype(str)
+    ids = np.asarray([str(i) for i in ids] if ids is not None else [f"row {k}" for k in range(len(y))], dtype=object)
     known = np.isin(y, list(model_classes))
     if not known.all():
         unknown = sorted(set(y[~known]))
@@ -414,8 +526,12 @@ def evaluation(y, pred, model_classes, on: str) -> Evaluation:
             f"the evaluation: {', '.join(unknown)} (the model knows {', '.join(model_classes)}).",
             UserWarning, stacklevel=3)
         on += f"; {int((~known).sum())} rows of unknown classes left out ({', '.join(unknown)})"
-        y, pred = y[known], pred[known]
+        y, pred, ids = y[known], pred[known], ids[known]
+        proba = None if proba is None else np.asarray(proba)[known]
     classes = sorted(set(model_classes) | set(y))
+    precision, recall, f1, support = precision_recall_fscore_support(y, pred, labels=classes, zero_division=0)
+    interval, balanced = accuracy_intervals((pred == y).astype(np.float64), y, n_resamples=n_resamples,
+                                            confidence=confidence, random_state=random_state)
     return Evaluation(
         accuracy=float((pred == y).mean()),
         classes=classes,
@@ -423,4 +539,115 @@ def evaluation(y, pred, model_classes, on: str) -> Evaluation:
         report=classification_report(y, pred, labels=classes, digits=3, zero_division=0),
         n=int(len(y)),
         on=on,
+        interval=interval,
+        mean_per_class=balanced,
+        per_class=[{"class": c, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(n)}
+                   for c, p, r, f, n in zip(classes, precision, recall, f1, support)],
+        ids=list(ids),
+        y_true=y,
+        y_pred=pred,
+        proba=None if proba is None else np.asarray(proba, dtype=np.float64),
+        proba_classes=[str(c) for c in (proba_classes if proba_classes is not None else model_classes)],
+        root=None if root is None else str(root),
+        provenance=dict(provenance or {}),
     )
+
+
+@dataclass
+class Comparison:
+    """Two models on the same test rows: accuracy of each and the paired difference a - b.
+
+    ``difference`` and ``mean_per_class_difference`` are :class:`cnncodes._stats.Interval`
+    values of accuracy(a) - accuracy(b) and of the same for the mean per-class accuracy,
+    from a paired, stratified bootstrap (both models scored on the same resampled rows).
+    """
+
+    a: Evaluation
+    b: Evaluation
+    names: tuple[str, str]
+    difference: Interval
+    mean_per_class_difference: Interval
+    n: int
+
+    @property
+    def significant(self) -> bool:
+        """True when the interval of the accuracy difference excludes 0."""
+        return self.difference.excludes(0.0)
+
+    def verdict(self) -> str:
+        """One sentence: which model is better, or that the difference is within the noise."""
+        d, (na, nb) = self.difference, self.names
+        level = f"{100 * d.confidence:g} %"
+        if not self.significant:
+            return (f"the {level} interval of the difference includes 0: on these {self.n} images "
+                    f"{na} and {nb} cannot be told apart (the difference is within the noise).")
+        better, worse = (na, nb) if d.estimate > 0 else (nb, na)
+        return (f"the {level} interval of the difference excludes 0: {better} is more accurate than "
+                f"{worse} by {100 * abs(d.estimate):.1f} points ({100 * min(abs(d.low), abs(d.high)):.1f} "
+                f"to {100 * max(abs(d.low), abs(d.high)):.1f}).")
+
+    def summary(self) -> str:
+        na, nb = self.names
+        w = max(len(na), len(nb))
+        return "\n".join([
+            f"{na:<{w}}  accuracy {self.a.interval.format()}",
+            f"{nb:<{w}}  accuracy {self.b.interval.format()}",
+            f"difference (a - b) on the same {self.n} images: {self.difference.format(signed=True)}; "
+            f"mean per-class accuracy {self.mean_per_class_difference.format(signed=True)} "
+            f"(paired stratified bootstrap, {self.difference.n_resamples} resamples)",
+            self.verdict(),
+        ])
+
+
+def compare(model_a, model_b, data, *, n_resamples: int = N_RESAMPLES, confidence: float = CONFIDENCE,
+            random_state: int | None = 0, progress: bool = False, batch_size: int | None = None,
+            device="auto", num_workers="auto") -> Comparison:
+    """Compare two models on the same test images: the paired bootstrap interval of a - b.
+
+    Both models are evaluated with :func:`evaluate` on `data`; the rows both of them hold
+    out (the same when both were fitted on the same split) are resampled together,
+    stratified by class, so the interval is that of the difference itself, far narrower
+    than the two separate intervals suggest.
+
+    Parameters
+    ----------
+    model_a, model_b : path, Model or fitted estimator
+        E.g. the same classifier on two layers, or two values of C.
+    data : path or CodeStore
+        A store holding both models' layers, or a labelled folder (extracted for each).
+    n_resamples, confidence, random_state
+        As in :func:`evaluate`.
+
+    Returns
+    -------
+    Comparison
+        ``difference`` (accuracy a - b with its interval), ``mean_per_class_difference``,
+        ``significant`` (the interval excludes 0), ``summary()``.
+
+    Examples
+    --------
+    >>> c = compare("block4.skops", "block5.skops", "codes.h5")      # doctest: +SKIP
+    >>> print(c.summary())                                           # doctest: +SKIP
+    """
+    kwargs = dict(n_resamples=n_resamples, confidence=confidence, random_state=random_state, progress=progress,
+                  batch_size=batch_size, device=device, num_workers=num_workers)
+    a, b = evaluate(model_a, data, **kwargs), evaluate(model_b, data, **kwargs)
+    common = sorted(set(a.ids) & set(b.ids))
+    if not common:
+        raise CnnCodesError("the two models have no test image in common (each leaves out the images it "
+                            "was trained on); compare models fitted on the same training split.")
+    ia, ib = ({rid: k for k, rid in enumerate(ev.ids)} for ev in (a, b))
+    ra, rb = [ia[r] for r in common], [ib[r] for r in common]
+    y = np.asarray(a.y_true)[ra]
+    if not np.array_equal(y, np.asarray(b.y_true)[rb]):
+        raise CnnCodesError("the two evaluations label the same images differently; compare the models on "
+                            "one store or folder.")
+    diff = a.correct[ra].astype(np.float64) - b.correct[rb]
+    d, db = accuracy_intervals(diff, y, n_resamples=n_resamples, confidence=confidence, random_state=random_state)
+    return Comparison(a, b, (_model_name(model_a, a), _model_name(model_b, b)), d, db, len(common))
+
+
+def _model_name(model, ev: Evaluation) -> str:
+    if isinstance(model, (str, Path)):
+        return Path(model).name
+    return ev.provenance.get("model") or type(model).__name__

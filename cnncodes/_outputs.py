@@ -8,8 +8,8 @@ from pathlib import Path
 from ._errors import CnnCodesError
 
 # The kinds of file cnncodes writes, as `file_kind` names them.
-STORE, SEGMENT, MODEL, CHECKPOINT, PNG, PREDICTIONS = (
-    "store", "segment", "model", "checkpoint", "png", "predictions")
+STORE, SEGMENT, MODEL, CHECKPOINT, PNG, PREDICTIONS, EXPORT, REPORT = (
+    "store", "segment", "model", "checkpoint", "png", "predictions", "export", "report")
 
 _WRITES = {  # writer kind -> what it writes, for the message
     STORE: "a code store",
@@ -17,11 +17,18 @@ _WRITES = {  # writer kind -> what it writes, for the message
     CHECKPOINT: "a fine-tuned checkpoint (.pt)",
     PNG: "a PNG plot",
     PREDICTIONS: "a CSV of predictions",
+    EXPORT: "an exported network (ONNX or TorchScript)",
+    REPORT: "an HTML report",
 }
+# An ONNX file is a protobuf whose field 2 (producer_name) follows the varint ir_version: one
+# `cnncodes export` wrote starts with it.
+_ONNX_PRODUCER = b"\x12\x08cnncodes"
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _IMAGE_MAGICS = (b"\xff\xd8\xff", b"GIF8", b"BM", b"II*\x00", b"MM\x00*", b"RIFF")
 PREDICTIONS_HEADER = "id,label1,probability1"
+# In the head of every report cnncodes writes (cnncodes/_data/report.html.j2).
+REPORT_MARK = '<meta name="generator" content="cnncodes report">'
 
 
 class OutputExistsError(CnnCodesError):
@@ -32,7 +39,7 @@ def file_kind(path) -> tuple[str | None, str]:
     """``(kind, description)`` of what is at `path`; kind is None when nothing is there.
 
     Kinds are those cnncodes writes (``"store"``, ``"segment"``, ``"model"``,
-    ``"checkpoint"``, ``"png"``, ``"predictions"``), ``"empty"`` for a 0-byte file, or
+    ``"checkpoint"``, ``"png"``, ``"predictions"``, ``"export"``, ``"report"``), ``"empty"`` for a 0-byte file, or
     ``"other"`` for anything else (folders, photos, foreign HDF5 or zip files ...); the
     description says which, for a message.
     """
@@ -58,10 +65,14 @@ def file_kind(path) -> tuple[str | None, str]:
         return PNG, "a PNG image"
     if head.startswith(_IMAGE_MAGICS):
         return "other", "an image"
+    if _ONNX_PRODUCER in head[:16]:
+        return EXPORT, "an ONNX network exported by cnncodes"
     if b"\0" not in head:
         text = head.decode("utf-8", errors="replace").lstrip("\ufeff")
         if text.startswith(PREDICTIONS_HEADER):
             return PREDICTIONS, "a CSV of predictions"
+        if REPORT_MARK in text:
+            return REPORT, "a cnncodes HTML report"
         return "other", "a text file" + (" (a CSV)" if path.suffix.lower() == ".csv" else "")
     return "other", "a file cnncodes did not write"
 
@@ -91,6 +102,8 @@ def _zip_kind(path: Path) -> tuple[str, str]:
         return "other", "a damaged zip file"
     if "schema.json" in names:
         return MODEL, "a skops model file"
+    if any(n.endswith("/extra/cnncodes.json") for n in names):
+        return EXPORT, "a TorchScript network exported by cnncodes"
     if any(n.endswith("/data.pkl") or n == "data.pkl" for n in names):
         return _torch_kind(path)
     return "other", "a zip file"

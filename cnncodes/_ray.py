@@ -1,22 +1,26 @@
 """Extraction on a Ray cluster: decoding in Ray Data tasks, the frozen backbone in an actor pool.
 
-`extract(..., engine="ray")` plans on the driver exactly as on one machine (what the store
-holds, what an interrupted run journalled, identical content), then hands the images to
-compute to a Ray Data pipeline:
+`extract(..., engine="ray")` lists and plans on the driver from the listing's change keys
+(what the store holds, what an interrupted run journalled); the driver reads no image. The
+images to compute go through a Ray Data pipeline:
 
-    from_items(pos, id, path, label)
-      -> map_batches(_decode_batch)             Ray tasks: read, sha256, decode (CPU)
+    from_items(pos, id, path, part, label)
+      -> map_batches(_decode_batch)             Ray tasks: read (file, object, shard member,
+                                                 table row), sha256, decode (CPU)
       -> map_batches(_CodesWorker, concurrency=N)  actor pool: one CodesForward per actor,
-                                                 GPU when asked; each batch written as a shard
+                                                 GPU when asked; SEGMENT_ROWS rows a call,
+                                                 written as one segment file of the store
       -> iter_batches on the driver              one small status row per image
 
-Each actor writes every batch it computes as a shard of the store: one atomically written
-``.npz`` file of the run's journal (``codes.h5.partial/batch-<n>.npz``, n = the journal's
-next index + the position of the batch's first image, so names never clash and a retried
-batch rewrites the same file). The driver then joins the shards into the one HDF5 file
-with the same `merge` as one machine. Whatever dies - an actor (Ray restarts it and retries
-its batch), a node, or the driver - the shards written so far stay, a re-run plans them as
-resumed, and the merge keeps each id once.
+Each actor writes the rows it computes as a segment file in the store's own format
+(``codes.h5.partial/segment-<n>.h5``, n = the journal's next index + the position of the
+call's first image, so names never clash and a retried call rewrites the same file; written
+to a temporary name and renamed). Their labels index the class table the driver planned.
+The commit then maps those files into the store where they are (hard-linked, else moved,
+into ``codes.h5.d/``) and writes the new root: no code passes through the driver or is
+copied. Whatever dies - an actor (Ray restarts it and retries its call), a node, or the
+driver - the segments written so far stay, a re-run plans them as resumed, and the commit
+keeps each id once.
 """
 
 from __future__ import annotations
@@ -29,29 +33,31 @@ import numpy as np
 
 from ._accel import reuse_freed_memory
 from ._errors import CnnCodesError
-from ._sources import Item
+from ._sources import Item, is_url
 
 # Fault injection for the tests: {"actor_exit_after": n} makes every actor process exit
 # (os._exit, as a crash would) right after writing its n-th shard, before returning it;
 # {"driver_abort_after": n} makes the driver raise KeyboardInterrupt after n result batches.
 _FAULTS: dict = {}
+# Rows an actor takes per call and writes as one segment of the store (its forward passes run
+# batch_size rows at a time): fewer, larger segments for the store to map.
+SEGMENT_ROWS = 1024
 
 
 def import_ray():
     """Return the ``ray`` module with Ray Data, or raise CnnCodesError saying how to get it."""
-    try:
-        import ray
-        import ray.data  # noqa: F401
-    except ImportError as exc:
-        raise CnnCodesError(
-            f"engine='ray' needs Ray Data, which is not installed ({exc}). Install it with "
-            f"pip install 'cnncodes[ray]' (or pip install 'ray[data]'), or use engine='local'."
-        ) from None
+    from ._optional import require
+
+    ray = require("ray", "engine='ray' (--engine ray)")
+    require("ray.data", "engine='ray' (--engine ray)")
     return ray
 
 
-def _decode_batch(batch: dict, *, prep, max_pixels: int) -> dict:
+def _decode_batch(batch: dict, *, prep, max_pixels: int, storage_options=None) -> dict:
     """Read, hash and decode a batch of images (a Ray task); unreadable ones get an error.
+
+    The task reads each image from where it is (a file, an object, a shard member, a table
+    cell): the driver only listed them.
 
     The images leave the task at the crop size, whatever ``prep.resize``: with ``"device"``
     the task runs torch's resize on its CPU, as one machine does on its CPU.
@@ -61,9 +67,9 @@ def _decode_batch(batch: dict, *, prep, max_pixels: int) -> dict:
     from ._extract import _Images
     from ._images import resize_batch
 
-    items = [Item(str(i), str(p), str(lab) or None)
-             for i, p, lab in zip(batch["id"], batch["path"], batch["label"])]
-    images = _Images(items, prep, max_pixels)
+    items = [Item(str(i), str(p), str(lab) or None, part=str(part))
+             for i, p, lab, part in zip(batch["id"], batch["path"], batch["label"], batch["part"])]
+    images = _Images(items, prep, max_pixels, storage_options=storage_options)
     pixels = np.zeros((len(items), 3, prep.crop_size, prep.crop_size), dtype=np.uint8)
     shas, errors, decoded = [], [], {}
     for k in range(len(items)):
@@ -104,7 +110,7 @@ class _CodesWorker:
     """One frozen backbone per Ray actor: decoded batch in, shard file out, statuses back."""
 
     def __init__(self, *, backbone, weights, layers, pooling, prep, precision, tta, dtype, store,
-                 base, use_gpu, cpus, faults):
+                 base, use_gpu, cpus, faults, classes, batch_size):
         from dataclasses import replace
 
         import torch
@@ -126,6 +132,8 @@ class _CodesWorker:
         self._memory = contextlib.ExitStack()
         self._memory.enter_context(reuse_freed_memory())
         self.dtype, self.base, self.faults = dtype, base, faults
+        self.classes, self.batch_size = list(classes), batch_size
+        self.class_index = {c: i for i, c in enumerate(self.classes)}
         self.journal = Journal(Path(store))
         self.written = 0
 
@@ -138,16 +146,19 @@ class _CodesWorker:
         ok = np.flatnonzero(reasons == "")
         codes = {}
         if len(ok):
-            codes = self.forward(torch.from_numpy(np.ascontiguousarray(batch["image"][ok])))
+            parts = [self.forward(torch.from_numpy(np.ascontiguousarray(batch["image"][ok[i:i + self.batch_size]])))
+                     for i in range(0, len(ok), self.batch_size)]
+            codes = {a: np.concatenate([p[a] for p in parts]) for a in parts[0]}
             finite = np.all([np.isfinite(c).all(axis=1) for c in codes.values()], axis=0)
             reasons[ok[~finite]] = "the backbone produced non-finite codes (NaN/inf)"
             codes = {a: c[finite].astype(self.dtype) for a, c in codes.items()}
             ok = ok[finite]
         bad = np.flatnonzero(reasons != "")
-        self.journal.write(
+        self.journal.write_segment(
             self.base + int(pos.min()), ids=[str(ids[k]) for k in ok],
-            sha256=[str(shas[k]) for k in ok], labels=[str(labels[k]) or None for k in ok],
-            codes=codes if len(ok) else None, stat=batch["stat"][ok],
+            sha256=[str(shas[k]) for k in ok],
+            labels=[self.class_index[str(labels[k])] if str(labels[k]) else -1 for k in ok], classes=self.classes,
+            codes=codes if len(ok) else {}, stat=batch["stat"][ok],
             failures=[(str(ids[k]), str(shas[k]), str(reasons[k])) for k in bad], fail_stat=batch["stat"][bad],
         )
         self.written += 1
@@ -175,8 +186,8 @@ def _resources(ray, workers, gpus_per_worker):
 
 
 def run_ray(items: list[Item], *, backbone, weights, infos, pooling, prep, precision, tta, dtype,
-            journal, index, batch_size, max_pixels, progress, result, stat_of, address=None,
-            workers=None, gpus_per_worker=0):
+            journal, index, batch_size, max_pixels, progress, result, stat_of, classes, address=None,
+            workers=None, gpus_per_worker=0, storage_options=None):
     """Extract `items` on Ray into shards of `journal`; return (failed sha -> reason, next index).
 
     Connects to the Ray cluster at `address` (``"auto"``, ``"ray://host:10001"``...), or to
@@ -204,27 +215,31 @@ def run_ray(items: list[Item], *, backbone, weights, infos, pooling, prep, preci
                          prep=prep, precision=precision, tta=tta, dtype=dtype, journal=journal,
                          index=index, stat_of=stat_of, batch_size=batch_size, max_pixels=max_pixels,
                          progress=progress, result=result, workers=workers,
-                         gpus_per_worker=gpus_per_worker, tqdm=tqdm)
+                         gpus_per_worker=gpus_per_worker, tqdm=tqdm, storage_options=storage_options,
+                         classes=classes)
     finally:
         if started:
             ray.shutdown()
 
 
 def _pipeline(ray, items, *, backbone, weights, infos, pooling, prep, precision, tta, dtype, journal,
-              index, stat_of, batch_size, max_pixels, progress, result, workers, gpus_per_worker, tqdm):
+              index, stat_of, batch_size, max_pixels, progress, result, workers, gpus_per_worker, tqdm,
+              storage_options=None, classes=()):
     workers, actor_cpus, decode_cpus = _resources(ray, workers, gpus_per_worker)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the driver shows one bar of its own
     ctx.print_on_execution_start = False
     # Each row carries the stat key the driver listed, stored with its codes (see _plan).
-    rows = [{"pos": k, "id": it.id, "path": os.path.abspath(it.path), "label": it.label or "",
+    rows = [{"pos": k, "id": it.id, "path": it.path if is_url(it.path) else os.path.abspath(it.path),
+             "part": it.part, "label": it.label or "",
              "stat": np.asarray(stat_of[it.id], dtype=np.int64)} for k, it in enumerate(items)]
     n_blocks = max(1, min(len(rows), -(-len(rows) // batch_size)))
     ds = ray.data.from_items(rows, override_num_blocks=n_blocks)
-    ds = ds.map_batches(_decode_batch, fn_kwargs={"prep": prep, "max_pixels": max_pixels},
+    ds = ds.map_batches(_decode_batch, fn_kwargs={"prep": prep, "max_pixels": max_pixels,
+                                                  "storage_options": dict(storage_options or {})},
                         batch_size=batch_size, batch_format="numpy", num_cpus=decode_cpus)
     ds = ds.map_batches(
-        _CodesWorker, batch_size=batch_size, batch_format="numpy",
+        _CodesWorker, batch_size=max(batch_size, SEGMENT_ROWS), batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=workers),
         num_cpus=actor_cpus, num_gpus=gpus_per_worker or None,
         fn_constructor_kwargs={
@@ -232,6 +247,7 @@ def _pipeline(ray, items, *, backbone, weights, infos, pooling, prep, precision,
             "pooling": pooling, "prep": prep, "precision": precision, "tta": tta, "dtype": dtype,
             "store": str(journal.folder)[: -len(".partial")], "base": index,
             "use_gpu": bool(gpus_per_worker), "cpus": actor_cpus, "faults": dict(_FAULTS),
+            "classes": list(classes), "batch_size": batch_size,
         },
     )  # Ray Data restarts dead actors and retries their batches (max_restarts=-1)
     failed_shas, seen = {}, set()

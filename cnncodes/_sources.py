@@ -1,8 +1,25 @@
-"""Image sources: a folder per class, a flat folder, a CSV of path[,label], a list of paths."""
+"""Image sources, the one layer every command reads images through.
+
+A source lists its images as `Item`s (a stable id, where the bytes are, a label, and the
+change key the listing gave) and `read_bytes` reads one item's encoded image. Sources:
+
+- a folder (one subfolder per class, or flat), a CSV of ``path[,label]`` (paths or URLs),
+  a list of paths, one image file;
+- any fsspec URL of a folder or an object (``s3://``, ``gs://``, ``az://``, ``memory://``,
+  ``file://``...), credentials the fsspec way (environment, config files, `storage_options`);
+- WebDataset tar shards (``shards/train-{000000..000009}.tar``, local or remote);
+- Parquet files, Hugging Face ``datasets`` folders (``save_to_disk``) and ``Dataset``
+  objects with an image column (see `_tables`).
+
+An unchanged re-run decides every item from its listing alone: local files by
+(size, mtime_ns, inode), objects by (size, mtime, ETag / version), tar members and table
+rows by their shard's or file's key and their position. No image byte is read for that.
+"""
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import os
 import re
@@ -12,28 +29,205 @@ from pathlib import Path
 from ._errors import SourceError
 from ._images import IMAGE_EXTENSIONS
 
+UNKNOWN_KEY = (-1, -1, -1)
+
 
 @dataclass(frozen=True)
 class Item:
-    """One image to extract: its id (path relative to the root), file path and label name."""
+    """One image: its id, where its bytes are, its label name, and its change key.
+
+    `path` is a local path or an fsspec URL: the image file itself, or the tar shard or
+    table that holds it, `part` then saying where (``"tar:<offset>:<size>"``,
+    ``"parquet:<row group>:<row>:<column>"``, ``"arrow:<batch>:<row>:<column>"``).
+    `key` is the change key the listing gave, (size, mtime_ns, token); None for a local
+    file, whose key is its stat when the run plans.
+    """
 
     id: str
     path: str
     label: str | None
+    key: tuple | None = None
+    part: str = ""
 
 
 @dataclass
 class Source:
-    """The listed images of a source, in a stable order, and what was left out."""
+    """The listed images of a source, in a stable order, and what was left out.
+
+    `remote` is true when the bytes come through fsspec (object storage, HTTP, memory):
+    a run then does not read them to plan, and `storage_options` go to every reader.
+    """
 
     root: str
     items: list[Item]
-    kind: str  # "class-folders" | "flat-folder" | "csv" | "paths"
+    kind: str  # "class-folders" | "flat-folder" | "csv" | "paths" | "shards" | "table"
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (id, reason)
+    remote: bool = False
+    storage_options: dict = field(default_factory=dict)
 
     @property
     def class_names(self) -> list[str]:
         return sorted({i.label for i in self.items if i.label is not None})
+
+
+# --------------------------------------------------------------------------- URLs and keys
+
+_URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
+
+
+def is_url(source) -> bool:
+    """True for ``scheme://...`` strings other than ``file://`` (which are local paths)."""
+    return isinstance(source, str) and bool(_URL.match(source)) and not source.lower().startswith("file://")
+
+
+def _local(source):
+    """A ``file://`` URL as a local path; anything else unchanged."""
+    if isinstance(source, str) and source.lower().startswith("file://"):
+        from urllib.parse import unquote, urlparse
+
+        return unquote(urlparse(source).path)
+    return source
+
+
+def token(*parts) -> int:
+    """A 64-bit int of some strings: the third column of a change key for non-local data."""
+    text = "\x00".join(str(p) for p in parts).encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little", signed=True)
+
+
+def _ns(value) -> int:
+    """A listing's modification time (datetime, seconds, ISO string) as ns; -1 unknown."""
+    import datetime as dt
+
+    if value is None:
+        return -1
+    if isinstance(value, dt.datetime):
+        return int(value.timestamp() * 1e9)
+    if isinstance(value, (int, float)):
+        return int(value * 1e9) if value < 1e12 else int(value)
+    try:
+        return int(dt.datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp() * 1e9)
+    except ValueError:
+        return -1
+
+
+def remote_key(info: dict) -> tuple[int, int, int]:
+    """(size, mtime_ns, token of ETag / version / checksum) of an fsspec listing entry.
+
+    Unknown when the listing gives neither a time nor a tag: such an object is read again
+    by every run.
+    """
+    size = int(info.get("size") or 0)
+    mtime = _ns(next((info[k] for k in ("LastModified", "last_modified", "mtime", "updated", "created")
+                      if info.get(k) is not None), None))
+    tag = next((info[k] for k in ("ETag", "etag", "VersionId", "version_id", "md5Hash", "md5", "crc32c",
+                                  "content_md5") if info.get(k)), None)
+    if tag is None and mtime < 0:
+        return UNKNOWN_KEY
+    return size, mtime, token(tag) if tag is not None else -1
+
+
+_FS_CACHE: dict = {}
+
+
+def filesystem(url: str, storage_options: dict | None = None):
+    """(fsspec filesystem, path inside it) of a URL, the filesystem cached per process."""
+    from ._optional import require
+
+    fsspec = require("fsspec", f"reading {url[:60]!r}")
+    protocol = url.split("://", 1)[0].lower()
+    # Per process: an async file system (s3fs) is bound to its event loop, which a forked
+    # decoding process does not share.
+    key = (os.getpid(), protocol, repr(sorted((storage_options or {}).items())))
+    fs = _FS_CACHE.get(key)
+    if fs is None:
+        try:
+            fs, _ = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        except (ImportError, ValueError) as exc:
+            raise SourceError(
+                f"cannot open {url[:80]!r}: {exc}. Install the fsspec implementation of "
+                f"{protocol}:// (s3fs, gcsfs, adlfs ...; pip install 'cnncodes[sources]' has s3fs)."
+            ) from None
+        _FS_CACHE[key] = fs
+    return fs, fs._strip_protocol(url)
+
+
+def _url_of(fs, path: str) -> str:
+    return fs.unstrip_protocol(path)
+
+
+# --------------------------------------------------------------------------- reading bytes
+
+class ReadError(OSError):
+    """An item's bytes could not be read; its message is the failure recorded."""
+
+
+def read_bytes(item, storage_options: dict | None = None) -> bytes:
+    """The encoded image of `item` (a file, an object, a tar member or a table cell).
+
+    `item` is an `Item`, or a path or URL. Raises `ReadError` (an OSError) with a one-line
+    reason when the bytes cannot be read.
+    """
+    if not isinstance(item, Item):
+        item = Item(str(item), _local(os.fspath(item)), None)
+    try:
+        if item.part.startswith(("parquet:", "arrow:")):
+            from ._tables import read_cell
+
+            return read_cell(item, storage_options)
+        start = size = None
+        if item.part.startswith("tar:"):
+            _, start, size = item.part.split(":")
+            start, size = int(start), int(size)
+        if is_url(item.path):
+            fs, path = filesystem(item.path, storage_options)
+            if start is None:
+                return fs.cat_file(path)
+            data = fs.cat_file(path, start=start, end=start + size)
+            if len(data) != size:
+                raise ReadError(f"the shard {path.rsplit('/', 1)[-1]} ends inside this member "
+                                f"(truncated: {len(data)} of {size} bytes)")
+            return data
+        with open(item.path, "rb") as fh:
+            if start is None:
+                return fh.read()
+            fh.seek(start)
+            data = fh.read(size)
+            if len(data) != size:
+                raise ReadError(f"the shard {os.path.basename(item.path)} ends inside this member "
+                                f"(truncated: {len(data)} of {size} bytes)")
+            return data
+    except ReadError:
+        raise
+    except FileNotFoundError as exc:
+        raise ReadError(f"cannot read file: {exc.strerror or 'no such object'} ({item.path})") from None
+    except OSError as exc:
+        raise ReadError(f"cannot read file: {exc.strerror or exc}") from None
+    except Exception as exc:  # botocore, aiohttp, pyarrow ...: one line, the run goes on
+        raise ReadError(f"cannot read {item.path}: {type(exc).__name__}: {str(exc)[:200]}") from None
+
+
+def change_key(item: Item, storage_options: dict | None = None) -> tuple[int, int, int]:
+    """The item's change key: from its listing, else the local file's stat, else the object's info."""
+    if item.key is not None:
+        return item.key
+    if is_url(item.path):
+        fs, path = filesystem(item.path, storage_options)
+        try:
+            fs.invalidate_cache(path)
+            return remote_key(fs.info(path))
+        except FileNotFoundError:
+            raise ReadError(f"no such object ({item.path})") from None
+        except Exception as exc:  # botocore, aiohttp ...: one line
+            raise ReadError(f"cannot list {item.path}: {type(exc).__name__}: {str(exc)[:200]}") from None
+    st = os.stat(item.path)
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def data_root(source) -> str:
+    """A source's root (or a stored root) as recorded in a store: a URL as it is, a path absolute."""
+    root = source.root if isinstance(source, Source) else str(source)
+    return root if is_url(root) else os.path.abspath(root)
 
 
 def _is_image(name: str) -> bool:
@@ -57,8 +251,13 @@ def _walk(folder: Path) -> list[tuple[str, str]]:
 
 
 def _from_folder(root: Path) -> Source:
+    return _from_listing(str(root), _walk(root))
+
+
+def _from_listing(root: str, rel: list[tuple[str, str]], keys: dict | None = None, remote=False,
+                  storage_options=None) -> Source:
+    """A folder's images from its (path, id) listing: labelled when they sit in subfolders."""
     skipped = []
-    rel = _walk(root)
     labelled = any(_is_image(r) and "/" in r for _, r in rel)
     items = []
     for path, rid in rel:
@@ -68,17 +267,45 @@ def _from_folder(root: Path) -> Source:
             skipped.append((rid, "outside the class folders"))
         else:
             label = rid.split("/", 1)[0] if labelled else None
-            items.append(Item(rid, path, label))
+            items.append(Item(rid, path, label, None if keys is None else keys[path]))
     if not items:
         raise SourceError(
-            f"no images found in {str(root)!r}. Expected image files ({', '.join(IMAGE_EXTENSIONS)}) "
+            f"no images found in {root!r}. Expected image files ({', '.join(IMAGE_EXTENSIONS)}) "
             f"in one subfolder per class, or directly in the folder."
         )
-    return Source(str(root), items, "class-folders" if labelled else "flat-folder", skipped)
+    return Source(root, items, "class-folders" if labelled else "flat-folder", skipped, remote,
+                  dict(storage_options or {}))
+
+
+def _from_url_folder(url: str, storage_options: dict | None) -> Source:
+    """A folder in object storage (or any fsspec file system), listed with its objects' keys."""
+    fs, base = filesystem(url, storage_options)
+    try:
+        fs.invalidate_cache(base)  # a listing is of now, not of an earlier call in this process
+        found = fs.find(base, detail=True)
+    except Exception as exc:  # botocore / aiohttp errors: one line
+        raise SourceError(f"cannot list {url!r}: {type(exc).__name__}: {str(exc)[:200]}. Check the URL "
+                          f"and the credentials (the fsspec way: environment, config files, "
+                          f"storage_options).") from None
+    base = base.rstrip("/")
+    rel, keys = [], {}
+    for path in sorted(found):
+        info = found[path]
+        if info.get("type", "file") != "file":
+            continue
+        rid = path[len(base) + 1:] if path.startswith(base + "/") else os.path.basename(path)
+        if any(part.startswith(".") for part in rid.split("/")):
+            continue
+        full = _url_of(fs, path)
+        rel.append((full, rid))
+        keys[full] = remote_key(info)
+    if not rel:
+        raise SourceError(f"{url!r} holds no objects (or does not exist). Give a folder URL whose "
+                          f"objects are images, one prefix per class or flat.")
+    return _from_listing(url.rstrip("/") + "/", rel, keys, remote=True, storage_options=storage_options)
 
 
 _DELIMITERS = ",;\t"
-_URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
 
 
 def _delimiter(path: Path, text: str) -> str:
@@ -111,49 +338,70 @@ def _delimiter(path: Path, text: str) -> str:
         ) from None
 
 
-def _from_csv(path: Path) -> Source:
-    root = path.parent
+def _read_text(path, storage_options) -> str:
+    if is_url(str(path)):
+        fs, inner = filesystem(str(path), storage_options)
+        return fs.cat_file(inner).decode("utf-8-sig")
     with open(path, newline="", encoding="utf-8-sig") as fh:
-        text = fh.read()
+        return fh.read()
+
+
+def _from_csv(path, storage_options=None) -> Source:
+    """Rows of path[,label]: local paths (relative to the CSV) or URLs (their own ids)."""
+    remote_csv = is_url(str(path))
+    root = str(path).rsplit("/", 1)[0] + "/" if remote_csv else Path(path).parent
+    text = _read_text(path, storage_options)
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=_delimiter(path, text))
     numbered = [(reader.line_num, r) for r in reader]
     numbered = [(n, r) for n, r in numbered if r and any(c.strip() for c in r)]
-    if numbered and numbered[0][1][0].strip().lower() in ("path", "file", "filename", "image"):
+    if numbered and numbered[0][1][0].strip().lower() in ("path", "file", "filename", "image", "url"):
         numbered = numbered[1:]
     rows = [r for _, r in numbered]
     if not rows:
         raise SourceError(f"CSV {str(path)!r} has no rows. Expected lines of path[,label].")
-    items, seen = [], set()
+    items, seen, remote = [], set(), remote_csv
     for lineno, row in enumerate(rows, start=1):
         if len(row) > 2:
             raise SourceError(
                 f"CSV {str(path)!r} row {lineno} has {len(row)} columns; expected path[,label]."
             )
-        if _URL.match(row[0].strip()):
-            raise SourceError(
-                f"CSV {str(path)!r} row {lineno} (line {numbered[lineno - 1][0]}) is a URL, "
-                f"{row[0].strip()[:80]!r}: URLs are not read yet, only local image files. Download the "
-                f"images and list their local paths in the CSV, or wait for the data-source support."
-            )
-        file = Path(row[0].strip())
-        full = file if file.is_absolute() else root / file
-        rid = os.path.relpath(full, root).replace(os.sep, "/")
+        entry = _local(row[0].strip())
+        if is_url(entry):  # an object or web address: the URL is its id
+            full, rid, remote = entry, entry, True
+        elif remote_csv:
+            full = rid = str(root) + entry.lstrip("/")
+        else:
+            file = Path(entry)
+            full = str(file if file.is_absolute() else root / file)
+            rid = os.path.relpath(full, root).replace(os.sep, "/")
         if rid in seen:
             continue
         seen.add(rid)
         label = row[1].strip() if len(row) == 2 and row[1].strip() else None
-        items.append(Item(rid, str(full), label))
+        items.append(Item(rid, full, label))
     if len({i.label is None for i in items}) > 1:
         raise SourceError(f"CSV {str(path)!r} gives a label for some rows only; label all or none.")
-    return Source(str(root), items, "csv")
+    return Source(str(root), items, "csv", remote=remote, storage_options=dict(storage_options or {}))
 
 
 def _from_paths(paths, labels, root=None) -> Source:
-    paths = [Path(p) for p in paths]
     if not paths:
         raise SourceError("the list of image paths is empty.")
     if labels is not None and len(labels) != len(paths):
         raise SourceError(f"got {len(paths)} paths but {len(labels)} labels; give one label per path.")
+    urls = [is_url(str(p)) for p in paths]
+    if any(urls):  # objects (s3://..., https://...): each URL is its own id
+        if not all(urls):
+            raise SourceError("the list mixes URLs and local paths; give one kind (a URL per image, or "
+                              "local paths), or copy the files to one place.")
+        items, seen = [], set()
+        for i, url in enumerate(map(str, paths)):
+            if url not in seen:
+                seen.add(url)
+                items.append(Item(url, url, None if labels is None else str(labels[i])))
+        prefix = os.path.commonprefix([u.rsplit("/", 1)[0] + "/" for u in seen])
+        return Source(prefix, items, "paths", remote=True)
+    paths = [Path(p) for p in paths]
     # abspath, not resolve: a symlinked image keeps its own name, as in a folder source.
     absolute = [Path(os.path.abspath(p.expanduser())) for p in paths]
     if root is None:
@@ -178,32 +426,95 @@ def _from_paths(paths, labels, root=None) -> Source:
     return Source(str(root), items, "paths")
 
 
-def read_source(source, labels=None, root=None) -> Source:
+TABLE_SUFFIXES = (".parquet", ".pq", ".arrow")
+SHARD_SUFFIXES = (".tar",)
+
+
+def read_source(source, labels=None, root=None, *, image_column=None, label_column=None, id_column=None,
+                storage_options=None) -> Source:
     """List the images of a source.
 
     `source` is a folder (one subfolder per class gives labels; a flat folder gives none),
-    a ``.csv`` file of ``path[,label]`` rows (paths relative to the CSV), or a list of paths
-    (with optional `labels`, one per path, and an optional `root`: ids are then paths
-    relative to `root` instead of to the common parent of the list). One image file is a
-    list of one path.
+    a ``.csv`` file of ``path[,label]`` rows (paths relative to the CSV, or URLs), a list of
+    paths (with optional `labels`, one per path, and an optional `root`: ids are then paths
+    relative to `root` instead of to the common parent of the list), one image file, an
+    fsspec URL of a folder (``s3://bucket/photos/``), WebDataset tar shards (a ``.tar``
+    path, URL or brace pattern ``train-{000000..000009}.tar``, or a list of them), a
+    Parquet file, a folder of Parquet files or a Hugging Face ``datasets`` folder or
+    ``Dataset``. A `Source` is returned as it is.
+
+    `image_column`, `label_column` and `id_column` name a table's columns (defaults
+    ``image``, ``label`` when present, ``id`` or ``key`` when present); for tar shards
+    `label_column` is the member extension holding the label (default ``cls``, ``txt``,
+    then ``json``'s ``label``). `storage_options` go to fsspec.
     """
+    if isinstance(source, Source):
+        return source
+    table_opts = dict(image_column=image_column, label_column=label_column, id_column=id_column)
+    if hasattr(source, "cache_files") and hasattr(source, "features"):  # a datasets.Dataset
+        from ._tables import from_dataset
+
+        return from_dataset(source, **table_opts)
+    if not isinstance(source, (list, tuple)):
+        source = _local(source if isinstance(source, str) else os.fspath(source)
+                        if isinstance(source, os.PathLike) else source)
+    if isinstance(source, (list, tuple)) and source and all(
+            str(s).lower().endswith(SHARD_SUFFIXES) for s in source):
+        from ._tables import from_shards
+
+        return from_shards([str(s) for s in source], label_column=label_column, storage_options=storage_options)
     if isinstance(source, (list, tuple)):
-        return _from_paths(source, labels, root)
-    if isinstance(source, (str, os.PathLike)) and _is_image(str(source)) and Path(source).expanduser().is_file():
-        return _from_paths([source], labels, root)  # one photo: a list of one path
-    if labels is not None:
+        return _from_paths([_local(str(s)) if isinstance(s, str) else s for s in source], labels, root)
+    if labels is not None and not _is_image(str(source)):
         raise SourceError("labels= is only for a list of paths; folders and CSVs carry their labels.")
-    if root is not None:
+    if root is not None and not _is_image(str(source)):
         raise SourceError("root= is only for a list of paths; ids of a folder or CSV are relative to it.")
-    path = Path(source).expanduser()
+    text = str(source)
+    lowered = text.lower().rstrip("/")
+    if lowered.endswith(SHARD_SUFFIXES):
+        from ._tables import from_shards
+
+        return from_shards([text], label_column=label_column, storage_options=storage_options)
+    if lowered.endswith(TABLE_SUFFIXES) or _is_dataset_folder(text, storage_options):
+        from ._tables import from_table
+
+        return from_table(text, storage_options=storage_options, **table_opts)
+    if is_url(text):
+        if lowered.endswith(".csv"):
+            return _from_csv(text, storage_options)
+        if _is_image(lowered):  # one object: its URL is its id
+            label = None if labels is None else str(labels[0])
+            return Source(text.rsplit("/", 1)[0] + "/", [Item(text, text, label)], "paths", remote=True,
+                          storage_options=dict(storage_options or {}))
+        return _from_url_folder(text, storage_options)
+    if _is_image(text) and Path(text).expanduser().is_file():
+        return _from_paths([text], labels, root)  # one photo: a list of one path
+    path = Path(text).expanduser()
     if path.is_dir():
         return _from_folder(path)
     if path.is_file() and path.suffix.lower() == ".csv":
         return _from_csv(path)
     if path.is_file():
         raise SourceError(
-            f"{str(path)!r} is a file, not a folder or a .csv, and its extension is not an image's "
-            f"({', '.join(IMAGE_EXTENSIONS)}). Give an image file, a folder of images (one subfolder "
-            f"per class), a CSV of path[,label], or a list of paths."
+            f"{str(path)!r} is a file, not a folder, a .csv, a .tar shard or a Parquet file, and its "
+            f"extension is not an image's ({', '.join(IMAGE_EXTENSIONS)}). Give an image file, a folder "
+            f"of images (one subfolder per class), a CSV of path[,label], shards or a table."
         )
-    raise SourceError(f"{str(path)!r} does not exist. Give a folder of images or a CSV file.")
+    raise SourceError(f"{str(path)!r} does not exist. Give a folder of images, a CSV file, tar shards, "
+                      f"a Parquet file or a URL.")
+
+
+def _is_dataset_folder(text: str, storage_options) -> bool:
+    """A local folder of Parquet files, or a Hugging Face ``save_to_disk`` folder."""
+    if is_url(text):
+        return False
+    path = Path(text).expanduser()
+    if not path.is_dir():
+        return False
+    if (path / "state.json").is_file() and (path / "dataset_info.json").is_file():
+        return True
+    images = parquet = False
+    for _, p in _walk(path):
+        images = images or _is_image(p)
+        parquet = parquet or p.lower().endswith(".parquet")
+    return parquet and not images

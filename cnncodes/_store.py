@@ -279,6 +279,11 @@ def _atomic_savez(path: Path, arrays: dict) -> None:
 UNKNOWN_STAT = (-1, -1, -1)
 
 
+def _journal_index(path: Path) -> int:
+    """The number of a journal file (batch-<n>.npz, segment-<n>.h5)."""
+    return int(path.name.split(".")[0].split("-")[1])
+
+
 def _stat_array(stat, n: int) -> np.ndarray:
     if stat is None:
         return np.full((n, 3), -1, dtype=np.int64)
@@ -327,11 +332,20 @@ class Journal:
     def batches(self) -> list[Path]:
         # Numeric order: Ray shards are numbered by image position, past six digits.
         paths = self.folder.glob("batch-*.npz") if self.exists() else []
-        return sorted(paths, key=lambda p: int(p.stem.split("-")[1]))
+        return sorted(paths, key=_journal_index)
+
+    def segments(self) -> list[Path]:
+        """Segment files the Ray actors wrote (store format, adopted by the commit as they are)."""
+        paths = self.folder.glob("segment-*.h5") if self.exists() else []
+        return sorted(paths, key=_journal_index)
+
+    def files(self) -> list[Path]:
+        """Batches and segments, in the order they were numbered (a later one wins an id)."""
+        return sorted([*self.batches(), *self.segments()], key=_journal_index)
 
     def next_index(self) -> int:
-        batches = self.batches()
-        return int(batches[-1].stem.split("-")[1]) + 1 if batches else 0
+        files = self.files()
+        return _journal_index(files[-1]) + 1 if files else 0
 
     def write(self, index: int, *, ids, sha256, labels, codes=None, failures=(), stat=None,
               fail_stat=None) -> None:
@@ -358,9 +372,50 @@ class Journal:
         except OSError as exc:
             raise _write_error(exc, target, _kept(self.store_path, self)) from None
 
+    def write_segment(self, index: int, *, ids, sha256, labels, classes, codes: dict, stat, failures=(),
+                      fail_stat=None) -> None:
+        """Write rows with their codes as a segment file of the store's format (a Ray actor).
+
+        `labels` index `classes`, the class table the run planned; the commit maps the file
+        into the store as it is when the store's classes are that table's beginning. Its
+        failures go in a ``failures`` group. Written to a temporary name, then renamed.
+        """
+        target = self.folder / f"segment-{index:06d}.h5"
+        tmp = self.folder / f"segment-{index:06d}.h5.tmp"
+        try:
+            with _h5_create(tmp) as f:
+                _segment_rows(f, ids=ids, sha=sha256, labels=labels, stat=stat)
+                f.attrs["classes"] = json.dumps(list(classes))
+                for alias, array in codes.items():
+                    n, dim = array.shape
+                    f.create_dataset(f"codes/{alias}", data=array,
+                                     chunks=_code_chunks(dim, array.dtype.name, n) if n else None)
+                g = f.create_group("failures")
+                g.create_dataset("ids", data=np.asarray([x[0] for x in failures], dtype=object), dtype=_STR)
+                g.create_dataset("sha256", data=np.asarray([x[1] for x in failures], dtype="S64"))
+                g.create_dataset("reasons", data=np.asarray([x[2] for x in failures], dtype=object), dtype=_STR)
+                g.create_dataset("stat", data=_stat_array(fail_stat, len(failures)))
+            os.replace(tmp, target)
+        except (OSError, RuntimeError) as exc:
+            _remove_quietly(tmp)
+            raise _write_error(exc, target, _kept(self.store_path, self)) from None
+
     def read(self, path: Path) -> dict:
-        with np.load(path, allow_pickle=False) as npz:
-            return {k: npz[k] for k in npz.files}
+        """A journal file's row tables: ids, sha256, labels (names), stat, failures; its
+        ``codes/<alias>`` keys name the layers it holds (None: read by `_journal_codes`)."""
+        if path.suffix == ".h5":
+            with h5py.File(path, "r") as f:
+                table = json.loads(f.attrs["classes"])
+                g = f["failures"]
+                out = {"ids": f["ids"].asstr()[:].astype(str), "sha256": f["sha256"][:],
+                       "labels": np.asarray([table[i] if i >= 0 else "" for i in f["labels"][:]], dtype=str),
+                       "label_index": f["labels"][:], "classes": table, "stat": f["stat"][:],
+                       "fail_ids": g["ids"].asstr()[:].astype(str), "fail_sha256": g["sha256"][:],
+                       "fail_reasons": g["reasons"].asstr()[:].astype(str), "fail_stat": g["stat"][:]}
+                out.update({f"codes/{a}": None for a in f["codes"]} if "codes" in f else {})
+                return out
+        with np.load(path, allow_pickle=False) as npz:  # codes named, not read (_journal_codes)
+            return {k: None if k.startswith("codes/") else npz[k] for k in npz.files}
 
     @staticmethod
     def _stat(npz, key: str, n: int) -> np.ndarray:
@@ -369,27 +424,26 @@ class Journal:
     def done(self) -> tuple[dict, dict, dict]:
         """Return (id -> (sha, stat), sha -> has codes, id -> (sha, reason, stat)) of the journal."""
         ids, shas, fails = {}, {}, {}
-        for path in self.batches():
-            with np.load(path, allow_pickle=False) as npz:
-                has_codes = any(k.startswith("codes/") for k in npz.files)
-                stat = self._stat(npz, "stat", len(npz["ids"]))
-                for rid, sha, st in zip(npz["ids"], npz["sha256"], stat.tolist()):
-                    ids[str(rid)] = (sha.decode(), tuple(st))
-                    if has_codes:
-                        shas[sha.decode()] = True
-                fstat = self._stat(npz, "fail_stat", len(npz["fail_ids"]))
-                for rid, sha, why, st in zip(npz["fail_ids"], npz["fail_sha256"], npz["fail_reasons"],
-                                             fstat.tolist()):
-                    fails[str(rid)] = (sha.decode(), str(why), tuple(st))
+        for path in self.files():
+            npz = self.read(path)
+            has_codes = any(k.startswith("codes/") for k in npz)
+            stat = npz["stat"] if "stat" in npz else np.full((len(npz["ids"]), 3), -1, dtype=np.int64)
+            for rid, sha, st in zip(npz["ids"], npz["sha256"], stat.tolist()):
+                ids[str(rid)] = (sha.decode(), tuple(st))
+                if has_codes:
+                    shas[sha.decode()] = True
+            fstat = npz["fail_stat"] if "fail_stat" in npz else np.full((len(npz["fail_ids"]), 3), -1)
+            for rid, sha, why, st in zip(npz["fail_ids"], npz["fail_sha256"], npz["fail_reasons"],
+                                         fstat.tolist()):
+                fails[str(rid)] = (sha.decode(), str(why), tuple(st))
         return ids, shas, fails
 
     def rows(self) -> int:
         """Rows (codes or reused content) the journal holds."""
         total = 0
-        for path in self.batches():
+        for path in self.files():
             try:
-                with np.load(path, allow_pickle=False) as npz:
-                    total += len(npz["ids"])
+                total += len(self.read(path)["ids"])
             except (OSError, ValueError, KeyError):
                 pass
         return total
@@ -534,20 +588,36 @@ def _read_rows(ds, rows: np.ndarray) -> np.ndarray:
     return out
 
 
+def _segment_rows(f, *, ids, sha, labels, stat) -> None:
+    """A segment file's attributes and row tables (everything but its codes)."""
+    n = len(ids)
+    f.attrs["format"] = SEGMENT_FORMAT
+    f.attrs["format_version"] = FORMAT_VERSION
+    f.create_dataset("ids", data=np.asarray(ids, dtype=object), dtype=_STR)
+    f.create_dataset("id_hash", data=id_hashes(ids))
+    f.create_dataset("sha256", data=np.asarray(sha, dtype="S64"))
+    f.create_dataset("sha_key", data=sha_keys(sha) if n else np.zeros(0, dtype=np.int64))
+    f.create_dataset("labels", data=np.asarray(labels, dtype=np.int32))
+    f.create_dataset("stat", data=np.asarray(stat, dtype=np.int64).reshape(n, 3))
+    f["stat"].attrs["columns"] = "size, mtime_ns, inode (-1: unknown; for objects, shard members and " \
+                                 "table rows their listing's key)"
+
+
+def _journal_codes(path: Path, alias: str) -> np.ndarray:
+    """The codes of one layer in a journal batch (.npz) or an actor's segment (.h5)."""
+    if path.suffix == ".h5":
+        with h5py.File(path, "r") as f:
+            return f[f"codes/{alias}"][:]
+    with np.load(path, allow_pickle=False) as npz:
+        return npz[f"codes/{alias}"]
+
+
 def _write_segment(tmp: Path, *, ids, sha, labels, stat, sources: _Sources, batch_paths, old_path,
                    aliases, code_dims, dtype) -> None:
     n = len(ids)
     kind, a, b = sources.arrays()
     with _h5_create(tmp) as f:
-        f.attrs["format"] = SEGMENT_FORMAT
-        f.attrs["format_version"] = FORMAT_VERSION
-        f.create_dataset("ids", data=np.asarray(ids, dtype=object), dtype=_STR)
-        f.create_dataset("id_hash", data=id_hashes(ids))
-        f.create_dataset("sha256", data=np.asarray(sha, dtype="S64"))
-        f.create_dataset("sha_key", data=sha_keys(sha))
-        f.create_dataset("labels", data=np.asarray(labels, dtype=np.int32))
-        f.create_dataset("stat", data=np.asarray(stat, dtype=np.int64).reshape(n, 3))
-        f["stat"].attrs["columns"] = "size, mtime_ns, inode (-1: unknown)"
+        _segment_rows(f, ids=ids, sha=sha, labels=labels, stat=stat)
         old = h5py.File(old_path, "r") if old_path is not None and (kind == 0).any() else None
         try:
             for alias in aliases:
@@ -570,8 +640,7 @@ def _write_segment(tmp: Path, *, ids, sha, labels, stat, sources: _Sources, batc
                     for index in np.unique(ra[k == 1]):
                         if index not in cached:
                             cached.clear()
-                            with np.load(batch_paths[index], allow_pickle=False) as npz:
-                                cached[index] = npz[f"codes/{alias}"]
+                            cached[index] = _journal_codes(batch_paths[index], alias)
                         pick = np.flatnonzero((k == 1) & (ra == index))
                         out[pick] = cached[index][rb[pick]]
                     ds[lo:hi] = out
@@ -674,26 +743,36 @@ def merge(path: Path, journal: Journal, spec: ExtractorSpec, code_dims: dict[str
     class_index = {c: i for i, c in enumerate(classes)}
     failures = dict(old.failures) if old else {}
     dead = np.zeros(n_old, dtype=bool)
-    # this run's rows: id -> [sha, label, stat, source], source ("b", batch, k) or ("s", None, None)
+    # this run's rows: id -> [sha, label, stat, source]; source ("b", file, k): codes copied from
+    # a journal file; ("a", file, k): the row of an actor's segment, adopted where it is;
+    # ("s", None, None): identical content, codes from another row.
     new: dict[bytes, list] = {}
-    batch_paths = journal.batches()
+    batch_paths = journal.files()
+    files = [journal.read(p) for p in batch_paths]
+    # The actors' segments index the class table the run planned: the store's classes, then
+    # the new ones. Where the store's classes begin that table, their labels are the root's.
+    for table in sorted((f["classes"] for f in files if "classes" in f), key=len):
+        if table[:len(classes)] == classes:
+            for lab in table[len(classes):]:
+                class_index[lab] = len(classes)
+                classes.append(lab)
     rows_in = []  # (id, sha, label, stat, source) in journal order
-    for bi, bpath in enumerate(batch_paths):
-        with np.load(bpath, allow_pickle=False) as npz:
-            n = len(npz["ids"])
-            has_codes = any(k.startswith("codes/") for k in npz.files)
-            stat = Journal._stat(npz, "stat", n).tolist()
-            for rid, sha, why, st in zip(npz["fail_ids"], npz["fail_sha256"], npz["fail_reasons"],
-                                         Journal._stat(npz, "fail_stat", len(npz["fail_ids"])).tolist()):
-                failures[str(rid)] = (bytes(sha), str(why), tuple(st))
-            for k, (rid, sha, lab) in enumerate(zip(npz["ids"].tolist(), npz["sha256"].tolist(),
-                                                    npz["labels"].tolist())):
-                failures.pop(rid, None)
-                if lab and lab not in class_index:
-                    class_index[lab] = len(classes)
-                    classes.append(lab)
-                rows_in.append((rid, sha, class_index[lab] if lab else -1, tuple(stat[k]),
-                                ("b", bi, k) if has_codes else ("s", None, None)))
+    for bi, npz in enumerate(files):
+        n = len(npz["ids"])
+        has_codes = any(k.startswith("codes/") for k in npz)
+        adopt = "classes" in npz and npz["classes"] == classes[:len(npz["classes"])]
+        stat = (npz["stat"] if "stat" in npz else np.full((n, 3), -1, dtype=np.int64)).tolist()
+        fstat = npz["fail_stat"] if "fail_stat" in npz else np.full((len(npz["fail_ids"]), 3), -1)
+        for rid, sha, why, st in zip(npz["fail_ids"], npz["fail_sha256"], npz["fail_reasons"], fstat.tolist()):
+            failures[str(rid)] = (bytes(sha), str(why), tuple(st))
+        for k, (rid, sha, lab) in enumerate(zip(npz["ids"].tolist(), npz["sha256"].tolist(),
+                                                npz["labels"].tolist())):
+            failures.pop(rid, None)
+            if lab and lab not in class_index:
+                class_index[lab] = len(classes)
+                classes.append(lab)
+            src = ("a" if adopt else "b", bi, k) if has_codes else ("s", None, None)
+            rows_in.append((rid, sha, class_index[lab] if lab else -1, tuple(stat[k]), src))
     found = old.store.rows_of([r[0] for r in rows_in]) if old and rows_in else np.full(len(rows_in), -1)
     hit = np.unique(found[found >= 0])
     stored = dict(zip(hit.tolist(), zip(old.store._sha_at(hit).tolist(), old.store._labels_at(hit).tolist(),
@@ -709,7 +788,7 @@ def merge(path: Path, journal: Journal, spec: ExtractorSpec, code_dims: dict[str
     # Codes of reused content: from a row of this run with that content, else an old row.
     first_new = {}
     for key, (sha, _, _, src) in new.items():
-        if src[0] == "b":
+        if src[0] in "ab":
             first_new.setdefault(sha, src)
     wanted = {v[0] for v in new.values() if v[3][0] == "s" and v[0] not in first_new}
     first_old = {}
@@ -719,7 +798,12 @@ def merge(path: Path, journal: Journal, spec: ExtractorSpec, code_dims: dict[str
             first_old.setdefault(sha, row)
     # Which trailing old segments this run rewrites (v1: all of it), then the new segment.
     live = old.live_rows_per_segment() if old else []
-    start = _compaction_start(live, len(new), v1=old is not None and old.version < 2) if old else 0
+    adopted = defaultdict(list)  # journal file -> its rows the root maps in place
+    for sha, label, st, src in new.values():
+        if src[0] == "a":
+            adopted[src[1]].append(src[2])
+    pending = len(new) - sum(map(len, adopted.values()))
+    start = _compaction_start(live, pending, v1=old is not None and old.version < 2) if old else 0
     seg_ids, seg_sha, seg_labels, seg_stat, sources = [], [], [], [], _Sources()
     kept_runs, pos = [], 0
     for s, lo, hi in (old.runs if old else []):
@@ -739,6 +823,8 @@ def merge(path: Path, journal: Journal, spec: ExtractorSpec, code_dims: dict[str
                 kept_runs.append((s, lo + int(a), lo + int(b)))
         pos += hi - lo
     for key, (sha, label, st, src) in new.items():
+        if src[0] == "a":
+            continue  # mapped where the actor wrote it
         if src[0] == "s":
             src = first_new.get(sha) or (("o", first_old[sha], None) if sha in first_old else None)
             if src is None:
@@ -757,6 +843,7 @@ def merge(path: Path, journal: Journal, spec: ExtractorSpec, code_dims: dict[str
     segments = old_segments[:start]
     runs = [r for r in kept_runs if r[0] < start]
     written = []
+    moved = []  # (segment in the store's folder, journal file it was moved from)
     tmp_seg = tmp_root = None
     target = path
     try:
@@ -777,6 +864,24 @@ def merge(path: Path, journal: Journal, spec: ExtractorSpec, code_dims: dict[str
             _fsync_dir(folder)
             segments.append((name, len(seg_ids)))
             runs.append((len(segments) - 1, 0, len(seg_ids)))
+        for bi in sorted(adopted):  # the actors' segments join the store as they are: no copy
+            folder.mkdir(exist_ok=True)
+            name = f"segment-{next_segment:06d}.h5"
+            next_segment += 1
+            target = folder / name
+            try:
+                os.link(batch_paths[bi], target)  # the journal keeps its name until the root is in
+                written.append(target)
+            except OSError:  # no hard links here (some network file systems): moved, and back on failure
+                os.replace(batch_paths[bi], target)
+                moved.append((target, batch_paths[bi]))
+            rows = np.sort(np.asarray(adopted[bi], dtype=np.int64))
+            segments.append((name, len(files[bi]["ids"])))
+            edges = np.flatnonzero(np.diff(rows) != 1) + 1
+            for lo, hi in zip(np.r_[0, edges], np.r_[edges, len(rows)]):
+                runs.append((len(segments) - 1, int(rows[lo]), int(rows[hi - 1]) + 1))
+        if adopted:
+            _fsync_dir(folder)
         fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
         tmp_root, target = Path(tmp_name), path
@@ -791,6 +896,9 @@ def merge(path: Path, journal: Journal, spec: ExtractorSpec, code_dims: dict[str
         for stray in [tmp_seg, tmp_root, *written]:
             if stray is not None:
                 _remove_quietly(stray)
+        for there, back in moved:
+            with contextlib.suppress(OSError):
+                os.replace(there, back)
         if isinstance(exc, ValueError) and _errno_of(exc) is None:
             raise
         raise _write_error(exc, target, _kept(path, journal)) from exc

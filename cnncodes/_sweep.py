@@ -38,6 +38,8 @@ class LayerScore:
     dims: int
     scores: np.ndarray  # accuracy on each outer fold
     Cs: list[float]  # the C chosen inside each outer fold
+    # 1/0 per probed row: its out-of-fold prediction right or wrong (SweepResult.rows order)
+    correct: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
 
     @property
     def mean(self) -> float:
@@ -72,6 +74,7 @@ class SweepResult:
     probe_seconds: float = 0.0
     extract: object = None  # the ExtractResult of this run's extraction; None for a store input
     rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int), repr=False)  # store rows probed
+    labels: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int), repr=False)  # class per probed row
     fold_of: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=int), repr=False)  # test fold per row
     cv_requested: int | None = None  # the cv asked for; ``cv`` is the folds used (fewer for a tiny class)
     left_out: list[str] = field(default_factory=list)  # classes of one distinct image, not scored
@@ -105,6 +108,27 @@ class SweepResult:
         """Standard deviation over the folds of the paired per-fold difference best - deepest."""
         return float(np.std(self.best.scores - self.last.scores))
 
+    def differences(self, *, n_resamples: int | None = None, confidence: float | None = None) -> dict:
+        """Accuracy of each layer minus that of the best one, with its paired bootstrap interval.
+
+        Every layer's out-of-fold predictions cover the same rows, so the rows are resampled
+        together (stratified by class), as :func:`cnncodes.compare` does. Returns
+        ``{layer: Interval}``, None for the best layer itself.
+        """
+        from ._stats import CONFIDENCE, N_RESAMPLES, accuracy_intervals
+
+        best = self.best
+        y = np.asarray(self.labels)
+        out = {}
+        for s in self.layers:
+            if s is best or not len(s.correct) or len(s.correct) != len(best.correct):
+                out[s.layer] = None
+                continue
+            out[s.layer], _ = accuracy_intervals(
+                s.correct - best.correct, y, n_resamples=n_resamples or N_RESAMPLES,
+                confidence=confidence or CONFIDENCE, random_state=self.random_state)
+        return out
+
     def score(self, layer: str) -> LayerScore:
         """Return the :class:`LayerScore` of one layer (alias or node name)."""
         for s in self.layers:
@@ -121,10 +145,11 @@ class SweepResult:
     def table(self) -> str:
         """The per-layer table and the best layer, as plain text."""
         best = self.best
-        head = ("layer", "node", "dims", f"accuracy ({self.cv}-fold)", "C (per fold)")
+        diffs = self.differences()
+        head = ("layer", "node", "dims", f"accuracy ({self.cv}-fold)", "C (per fold)", "vs best (95 % CI)")
         rows = [head] + [
             (s.layer, s.node, str(s.dims), f"{s.mean:.3f} ± {s.std:.3f}",
-             ", ".join(f"{c:g}" for c in s.Cs))
+             ", ".join(f"{c:g}" for c in s.Cs), _diff_cell(diffs[s.layer]))
             for s in self.layers
         ]
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
@@ -147,14 +172,9 @@ class SweepResult:
 
     def plot(self, path) -> Path:
         """Write accuracy per layer (mean ± std over the folds) as a PNG; needs matplotlib."""
-        try:
-            import matplotlib
+        from ._optional import require_pyplot
 
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            raise CnnCodesError("plotting needs matplotlib: pip install 'cnncodes[plot]' "
-                                "(or pip install matplotlib).") from None
+        plt = require_pyplot("plotting the layer sweep")
         x = np.arange(len(self.layers))
         means = [s.mean for s in self.layers]
         stds = [s.std for s in self.layers]
@@ -177,6 +197,13 @@ class SweepResult:
         fig.savefig(path, dpi=120)
         plt.close(fig)
         return path
+
+
+def _diff_cell(d) -> str:
+    if d is None:
+        return "-"
+    mark = "" if d.excludes(0.0) else " (noise)"
+    return f"{d.estimate:+.3f} [{d.low:+.3f}, {d.high:+.3f}]{mark}"
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -331,7 +358,8 @@ def _probe_fold(X, y, groups, train, test, classifier, Cs, random_state):
         warnings.simplefilter("ignore", ConvergenceWarning)
         C = _choose_c(X[train], y[train], groups[train], classifier, Cs, random_state)
         model = _make(classifier, C).fit(X[train], y[train])
-        return float(np.mean(model.predict(X[test]) == y[test])), C
+        right = model.predict(X[test]) == y[test]
+        return float(np.mean(right)), C, right
 
 
 # ---------------------------------------------------------------------------- sweep
@@ -424,8 +452,11 @@ def sweep(
         raise CnnCodesError(f"cv must be an integer >= 2 (the number of folds), got {cv!r}.")
     if max_images is not None and max_images < 2 * MIN_PER_CLASS:
         raise CnnCodesError(f"max_images must be at least {2 * MIN_PER_CLASS}, got {max_images}.")
-    if plot is not None:
-        check_output(plot, PNG)  # before the extraction and the probes, not after
+    if plot is not None:  # before the extraction and the probes, not after
+        from ._optional import require_pyplot
+
+        check_output(plot, PNG)
+        require_pyplot("sweep(plot=...)")
     if isinstance(layers, str):
         layers = [layers]
     need = max(cv, MIN_PER_CLASS)
@@ -467,7 +498,7 @@ def sweep(
         data=where if isinstance(data, (list, tuple)) else str(getattr(data, "path", data)),
         n_images=int(len(rows)), class_names=[codes.class_names[c] for c in sorted(set(y))],
         cv=folds_used, classifier=classifier, random_state=random_state,
-        probe_seconds=time.perf_counter() - t1, extract=extracted, rows=rows, fold_of=fold_of,
+        probe_seconds=time.perf_counter() - t1, extract=extracted, rows=rows, labels=y, fold_of=fold_of,
         cv_requested=cv, left_out=[codes.class_names[c] for c in single], notes=notes,
     )
     result.seconds = time.perf_counter() - t0
@@ -481,7 +512,7 @@ def _extract_for_sweep(data, where, *, backbone, layers, store, cv, need, max_im
     """Extract the labelled images of `data` for the sweep; return (store, rows, layers, result)."""
     from ._backbones import get_backbone
     from ._extract import extract
-    from ._sources import read_source
+    from ._sources import Source, read_source
     from ._store import CodeStore
 
     spec_b = get_backbone(backbone)
@@ -507,9 +538,9 @@ def _extract_for_sweep(data, where, *, backbone, layers, store, cv, need, max_im
         extract_kwargs["image_size"], [i.node for i in infos])
     if len(items) == len(src.items):
         target, subset = data, {}
-    else:  # a subset, with the ids it has in the whole folder, so the store can grow into it
-        target = [it.path for it in items]
-        subset = {"labels": [it.label for it in items], "root": src.root}
+    else:  # a subset, with the ids it has in the whole source, so the store can grow into it
+        target = Source(src.root, items, src.kind, remote=src.remote, storage_options=src.storage_options)
+        subset = {}
     extracted = extract(target, out=out, backbone=backbone, layers=into, **extract_kwargs, **subset)
     codes = CodeStore(out)
     wanted = {it.id for it in items}
@@ -559,12 +590,15 @@ def _probe_layers(codes, rows, chosen, y, groups, folds, classifier, random_stat
         for job, res in zip(jobs, outputs):
             found[job] = res
             bar.update(1)
-    return [
-        LayerScore(alias, node, int(matrices[alias].shape[1]),
-                   np.array([found[alias, k][0] for k in range(len(folds))]),
-                   [found[alias, k][1] for k in range(len(folds))])
-        for alias, node in chosen
-    ]
+    out = []
+    for alias, node in chosen:
+        correct = np.zeros(len(rows))
+        for k, (_, test) in enumerate(folds):
+            correct[test] = found[alias, k][2]
+        out.append(LayerScore(alias, node, int(matrices[alias].shape[1]),
+                              np.array([found[alias, k][0] for k in range(len(folds))]),
+                              [found[alias, k][1] for k in range(len(folds))], correct))
+    return out
 
 
 def _stored_layers(codes, layers) -> list[tuple[str, str]]:

@@ -21,6 +21,7 @@ from ._errors import CnnCodesError, FailedImagesError, SourceError, StoreLockedE
 from ._accel import resolve_device, resolve_precision
 from ._extract import DEFAULT_RESIZE, DTYPES, TTAS, extract
 from ._spec import ExtractorSpec
+from ._sources import Item, ReadError, change_key, is_url, read_bytes
 from ._store import CodeStore
 from ._weights import preprocess_for, resolve
 
@@ -299,7 +300,7 @@ class CNNCodes(TransformerMixin, BaseEstimator):
             failed = {}
             by_anchor = {}
             for p in paths.values():
-                by_anchor.setdefault(Path(p).anchor, []).append(p)
+                by_anchor.setdefault(_anchor(p), []).append(p)
             for anchor, group in by_anchor.items():
                 result = self._extract_locked(group, anchor)
                 for rid, why in [*result.failures, *result.known_failures]:
@@ -356,7 +357,7 @@ def _as_images(X) -> tuple[str, object]:
             ) from None
         is_path = [isinstance(x, (str, os.PathLike)) for x in items]
         if items and all(is_path):
-            return "paths", [os.path.abspath(os.fspath(x)) for x in items]
+            return "paths", [_absolute(x) for x in items]
         if any(is_path):
             bad = items[is_path.index(False)]
             raise SourceError(
@@ -378,7 +379,7 @@ def _as_images(X) -> tuple[str, object]:
     if arr.ndim == 1 and arr.dtype.kind in "OU":
         bad = [x for x in arr if not isinstance(x, (str, os.PathLike))]
         if not bad:
-            return "paths", [os.path.abspath(os.fspath(x)) for x in arr]
+            return "paths", [_absolute(x) for x in arr]
         raise SourceError(
             f"CNNCodes expects image paths (str or Path); got {type(bad[0]).__name__} "
             f"{bad[0]!r} among them."
@@ -402,8 +403,21 @@ def _as_images(X) -> tuple[str, object]:
     )
 
 
+def _absolute(x) -> str:
+    """An image's absolute path, or its URL (``s3://...``) as it is."""
+    text = os.fspath(x)
+    return text if is_url(text) else os.path.abspath(text)
+
+
+def _anchor(path: str) -> str | None:
+    """The root `extract` is given for a path (its file system's root); None for a URL."""
+    return None if is_url(path) else Path(path).anchor
+
+
 def _id(path: str) -> str:
-    """The store id `extract(..., root=anchor)` gives a path."""
+    """The store id `extract(..., root=anchor)` gives a path; a URL is its own id."""
+    if is_url(path):
+        return path
     p = Path(path).resolve()
     return p.relative_to(p.anchor).as_posix()
 
@@ -416,12 +430,12 @@ _SHA_MEMO_MAX = 1_000_000
 
 def _sha_of_file(path: str) -> tuple[str | None, str | None]:
     try:
-        st = os.stat(path)
-        key = (path, st.st_size, st.st_mtime_ns, st.st_ino)
+        key = (path, *change_key(Item(path, path, None)))  # a file's stat, an object's listing
         if key in _SHA_MEMO:
             return _SHA_MEMO[key], None
-        with open(path, "rb") as fh:
-            sha = hashlib.sha256(fh.read()).hexdigest()
+        sha = hashlib.sha256(read_bytes(path)).hexdigest()
+    except ReadError as exc:
+        return None, str(exc)
     except OSError as exc:
         return None, f"cannot read file: {exc.strerror or exc}"
     if len(_SHA_MEMO) >= _SHA_MEMO_MAX:

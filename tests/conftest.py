@@ -113,3 +113,92 @@ def browser():
             yield chromium
         finally:
             chromium.close()
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A real S3-compatible server (moto in server mode), in its own process, on a free port."""
+    pytest.importorskip("s3fs", reason="the sources extra: pip install 'cnncodes[sources]'")
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = open(tmp_path_factory.mktemp("moto") / "server.log", "wb")
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=log, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=endpoint, key="testing", secret="testing")
+    fs.mkdir("photos")
+    yield fs, endpoint
+    server.terminate()
+    server.wait(10)
+    log.close()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def deployable(tmp_path_factory, sample_dir):
+    """A logistic regression on the bundled photos' block5 codes, its ``.skops`` and ``.onnx`` files.
+
+    96 px, float32 arithmetic, resized by PIL (``resize="workers"``): the pixels the torch-free
+    reference preprocessing makes, so an export must give predict's probabilities exactly.
+    """
+    from types import SimpleNamespace
+
+    root = tmp_path_factory.mktemp("deploy")
+    store = root / "codes.h5"
+    cnncodes.extract(sample_dir, out=store, layers=["block5"], image_size=96, precision="float32",
+                     resize="workers", num_workers=0, progress=False)
+    skops = cnncodes.save(cnncodes.fit(store, layer="block5", C=1.0), root / "logreg.skops")
+    onnx = cnncodes.export(skops, root / "logreg.onnx")
+    return SimpleNamespace(root=root, store=store, skops=skops, onnx=onnx)
+
+
+@pytest.fixture
+def cli_without():
+    """Run ``cnncodes ARGS`` in a new process where `module` cannot be imported (as if not installed)."""
+    import subprocess
+    import sys
+
+    def run(module, *args):
+        code = (f"import sys; sys.modules[{module!r}] = None\n"
+                f"from cnncodes._cli import main\nsys.exit(main({list(map(str, args))!r}))")
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+    return run
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """The images (paths or URLs) this process reads to hash or decode them, through read_bytes."""
+    import cnncodes._extract
+
+    seen = []
+    real = cnncodes._extract.read_bytes
+
+    def spy(item, storage_options=None):
+        seen.append(item.path)
+        return real(item, storage_options)
+
+    monkeypatch.setattr(cnncodes._extract, "read_bytes", spy)
+    return seen

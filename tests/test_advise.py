@@ -249,6 +249,9 @@ def test_advise_digits(digits_advice, digits):
     for alias, _, mean, std in m.layers:
         assert f"{alias} {mean:.3f} ± {std:.3f}" in report
     assert "Scenario: small × different from ImageNet" in report
+    # would more labels help? a two-point learning curve at the best layer: 3 vs all 6 training images per class
+    assert m.more_labels is not None and f"  learning curve: {m.more_labels[1]}" in report
+    assert "from 3 to 6 images per class the held-out accuracy went" in m.more_labels[1]
     assert f"Recommendation: fit a linear classifier (logistic regression, C by cross-validation) on {r.layer}" in report
     assert f"cnncodes fit {a.store} --layer {r.layer} --classifier logreg -o model.skops" in report
     assert (f"or all in one: cnncodes advise {digits} --backbone mobilenet_v2 --image-size 32 --store {a.store} "

@@ -1,5 +1,6 @@
 """Tests of the command line: every command's help, errors as one-line messages, exit codes."""
 
+import re
 import subprocess
 import sys
 
@@ -51,13 +52,19 @@ def test_extract_and_info(photos, tmp_path, capsys):
     assert "weights IMAGENET1K_V1 (sha256 b03531047ffa)" in text
 
 
-def test_demo(tmp_path, capsys):
-    """Check that the demo extracts the 40 bundled photos and describes the store."""
-    out = tmp_path / "demo.h5"
-    assert main(["demo", "-o", str(out), "--quiet"]) == 0
+@pytest.mark.slow
+def test_demo(tmp_path, capsys, monkeypatch):
+    """Check that the demo extracts the 200 bundled photos, fits, evaluates, predicts and reports."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--quiet"]) == 0
     text = capsys.readouterr().out
-    assert "40 images: 40 extracted" in text and "classes: daisy 8, dandelion 8, rose 8" in text
-    assert CodeStore(out).codes("block5").shape == (40, 1280)
+    assert "200 images: 200 extracted" in text and "classes: daisy 40, dandelion 40, rose 40" in text
+    assert "150 photos to train on, 50 held out" in text
+    assert re.search(r"evaluate on the 50 held-out photos: accuracy 0\.\d{4} \(95 % CI 0\.\d{4} to ", text)
+    assert len(re.findall(r"^   \w+/\S+\.jpg: \w+ 0\.\d{3}, \w+ 0\.\d{3}$", text, re.M)) == 2
+    assert f"report: open {tmp_path / 'demo-report.html'}" in text
+    assert CodeStore(tmp_path / "cnncodes-demo.h5").codes("block5").shape == (200, 1280)
+    assert (tmp_path / "cnncodes-demo.skops").is_file()
 
 
 @pytest.mark.parametrize(

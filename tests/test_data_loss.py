@@ -270,7 +270,7 @@ def test_a_single_image_is_a_source(photos, tmp_path, fast, model, capsys):
 def test_a_non_image_file_is_still_refused(tmp_path, fast):
     """Check that a file that is neither an image, a folder nor a CSV is refused with what to give."""
     (tmp_path / "a.txt").write_text("x")
-    with pytest.raises(cnncodes.SourceError, match="is a file, not a folder or a .csv.*Give an image file"):
+    with pytest.raises(cnncodes.SourceError, match="is a file, not a folder, a .csv, a .tar shard or a Parquet file.*Give an image file"):
         extract(tmp_path / "a.txt", out=tmp_path / "x.h5", **fast)
 
 

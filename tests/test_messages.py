@@ -5,7 +5,7 @@ import shutil
 import pytest
 from PIL import Image
 
-from cnncodes import CodeStore, StoreMismatchError, evaluate, extract, fit, predict, split_store
+from cnncodes import CodeStore, StoreMismatchError, evaluate, extract, predict, split_store
 from cnncodes._cli import main
 from cnncodes._errors import CnnCodesError, SourceError, StoreError
 from cnncodes._sources import read_source
@@ -37,15 +37,15 @@ def test_jfif_and_jpe_files_are_images(tmp_path):
     assert src.skipped == []
 
 
-def test_csv_of_urls_says_urls_are_not_read(tmp_path, capsys):
-    """Check that a CSV of URLs names the row and says to download, instead of mangling paths."""
+def test_csv_of_urls_lists_the_urls_unmangled(tmp_path):
+    """Check that a CSV of URLs lists each URL as its id and its address (not a local path
+    with "https:/" collapsed), with its label; the objects are read when extracted."""
     csv = tmp_path / "urls.csv"
     csv.write_text("path,label\nhttps://upload.example.org/a.jpg,cat\n")
-    with pytest.raises(SourceError, match=r"row 1 \(line 2\) is a URL.*not read yet.*Download the images"):
-        read_source(csv)
-    assert main(["extract", str(csv), "-o", str(tmp_path / "c.h5"), "--quiet"]) != 0
-    err = capsys.readouterr().err
-    assert "is a URL" in err and "https://upload.example.org/a.jpg" in err and "https:/upload" not in err
+    src = read_source(csv)
+    assert [(i.id, i.path, i.label) for i in src.items] == [
+        ("https://upload.example.org/a.jpg", "https://upload.example.org/a.jpg", "cat")]
+    assert src.remote
 
 
 @pytest.mark.parametrize("sep", [";", "\t", ","], ids=["semicolon", "tab", "comma"])

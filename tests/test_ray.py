@@ -49,12 +49,22 @@ def assert_same_store(store, ref):
     assert diff <= 1e-5, diff
 
 
-def test_ray_equals_local_and_rerun_skips(cluster, reference, sample_dir, tmp_path):
-    """Check that 2 Ray workers give the single-process store, and that a re-run computes nothing."""
+def test_ray_equals_local_and_rerun_skips(cluster, reference, sample_dir, tmp_path, monkeypatch):
+    """Check that 2 Ray workers give the single-process store, that the store's segments are
+    the files the actors wrote (the commit copies no code), and that a re-run computes nothing."""
+    import cnncodes._store as cstore
+
+    copied = []
+    real = cstore._write_segment
+    monkeypatch.setattr(cstore, "_write_segment", lambda *a, **k: copied.append(k["ids"]) or real(*a, **k))
+    monkeypatch.setattr(cray, "SEGMENT_ROWS", 16)  # several actor calls, several segments
     out = tmp_path / "ray.h5"
     result = extract(str(sample_dir), out=out, engine="ray", ray_workers=2, **SMALL)
     assert result.n_extracted == 40 and not result.failures
-    assert not Journal(out).exists()  # the shards were joined and removed
+    assert not Journal(out).exists()  # the segments were adopted and the journal removed
+    assert copied == []
+    store = CodeStore(out)
+    assert len(store.segments) >= 3 and len(store) == 40
     assert_same_store(CodeStore(out), reference)
 
     again = extract(str(sample_dir), out=out, engine="ray", ray_workers=2, **SMALL)
@@ -100,6 +110,7 @@ def test_ray_records_failures_and_extends(cluster, reference, sample_dir, tmp_pa
 def test_ray_crashed_actors_then_rerun(cluster, reference, sample_dir, tmp_path, monkeypatch):
     """Check that actors crashing after each shard, then a re-run, leave every image exactly once."""
     monkeypatch.setitem(cray._FAULTS, "actor_exit_after", 2)
+    monkeypatch.setattr(cray, "SEGMENT_ROWS", 8)  # several calls per actor, so that they crash
     out = tmp_path / "crash.h5"
     try:
         # Ray restarts each dead actor and retries its batch: the run may finish as it is.
@@ -115,6 +126,7 @@ def test_ray_crashed_actors_then_rerun(cluster, reference, sample_dir, tmp_path,
 def test_ray_killed_driver_then_rerun(cluster, reference, sample_dir, tmp_path, monkeypatch):
     """Check that a driver stopped mid-run keeps its shards, and a re-run resumes them exactly once."""
     monkeypatch.setitem(cray._FAULTS, "driver_abort_after", 1)
+    monkeypatch.setattr(cray, "SEGMENT_ROWS", 4)
     out = tmp_path / "driver.h5"
     small = dict(SMALL, batch_size=4)
     with pytest.raises(KeyboardInterrupt, match="driver stops"):
@@ -178,3 +190,26 @@ def test_cli_ray_flags_need_engine_ray(sample_dir, tmp_path, capsys):
     assert rc == 2
     assert "--address, --ray-workers and --gpus-per-worker need --engine ray" in capsys.readouterr().err
     assert not (tmp_path / "x.h5").exists()
+
+
+def test_ray_reads_objects_on_the_workers_only(cluster, reference, s3, sample_dir, tmp_path, monkeypatch):
+    """Check that on S3 objects the driver lists and reads no image (the Ray tasks read them),
+    and that the store equals the single-process store of the folder."""
+    import cnncodes._extract
+
+    fs, endpoint = s3
+    for f in sorted(sample_dir.rglob("*.jpg")):
+        fs.pipe(f"photos/ray/{f.relative_to(sample_dir).as_posix()}", f.read_bytes())
+    driver_reads = []
+    real = cnncodes._extract.read_bytes
+    monkeypatch.setattr(cnncodes._extract, "read_bytes", lambda item, o=None: driver_reads.append(item) or real(item, o))
+    # The workers started before the server: its address goes to them as storage options.
+    opts = {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
+    out = tmp_path / "ray.h5"
+    result = extract("s3://photos/ray/", out=out, engine="ray", ray_workers=2, storage_options=opts, **SMALL)
+    assert result.n_extracted == 40 and not result.failures
+    assert driver_reads == []
+    assert_same_store(CodeStore(out), reference)
+    assert CodeStore(out).attrs["data_root"] == "s3://photos/ray/"
+    again = extract("s3://photos/ray/", out=out, engine="ray", ray_workers=2, storage_options=opts, **SMALL)
+    assert again.n_extracted == 0 and again.n_unchanged == 40 and driver_reads == []

@@ -383,7 +383,7 @@ def _empty_dir(folder):
     [
         (lambda d: d / "nope", "does not exist"),
         (_empty_dir, "no images found"),
-        (_file("a.txt", "x"), "is a file, not a folder or a .csv"),
+        (_file("a.txt", "x"), "is a file, not a folder, a .csv, a .tar shard or a Parquet file"),
         (_file("bad.csv", "a.jpg,x,y\n"), "row 1 has 3 columns"),
         (_file("half.csv", "a.jpg,x\nb.jpg\n"), "label all or none"),
         (_file("none.csv", "path,label\n"), "has no rows"),

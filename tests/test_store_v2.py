@@ -5,7 +5,6 @@ import errno
 import hashlib
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -50,25 +49,6 @@ def _segments(out):
 def aged(photos):
     _age(photos)
     return photos
-
-
-@pytest.fixture
-def reads(monkeypatch):
-    """The image files this process opens to hash or decode them."""
-    seen = []
-    real_hash, real_get = cnncodes._extract._sha256_file, cnncodes._extract._Images.__getitem__
-
-    def spy_hash(path):
-        seen.append(path)
-        return real_hash(path)
-
-    def spy_get(self, k):
-        seen.append(self.items[self.start + k].path)
-        return real_get(self, k)
-
-    monkeypatch.setattr(cnncodes._extract, "_sha256_file", spy_hash)
-    monkeypatch.setattr(cnncodes._extract._Images, "__getitem__", spy_get)
-    return seen
 
 
 def _add(sample_dir, photos, cls="daisy", name="late.jpg", index=-1):

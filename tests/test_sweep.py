@@ -165,7 +165,7 @@ def test_plot_writes_a_png(swept, tmp_path):
 def test_plot_without_matplotlib(swept, tmp_path, monkeypatch):
     """Check that plotting without matplotlib says how to install it."""
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    with pytest.raises(CnnCodesError, match=r"plotting needs matplotlib: pip install 'cnncodes\[plot\]'"):
+    with pytest.raises(CnnCodesError, match=r"^plotting the layer sweep needs matplotlib, which is not installed: pip install 'cnncodes\[plot\]'\.$"):
         swept.plot(tmp_path / "x.png")
 
 
