@@ -55,3 +55,14 @@ class MissingExtraError(CnnCodesError, ImportError):
 
 class ExportError(CnnCodesError):
     """A model cannot be exported as one network (a kNN index, an unknown head ...)."""
+
+
+class ModelFileError(CnnCodesError):
+    """A model file cannot be read, or is not trusted."""
+
+
+class ImageDecodeError(Exception):
+    """An image could not be decoded; the message is the recorded failure reason.
+
+    Internal: a decoding failure is recorded with the image, never raised to the user.
+    """

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._errors import CnnCodesError, FailedImagesError, StoreMismatchError
+from ._errors import CnnCodesError, FailedImagesError, ModelFileError, StoreMismatchError
 from ._outputs import MODEL as MODEL_FILE
 from ._outputs import PNG, check_output
 from ._spec import ExtractorSpec
@@ -26,10 +26,6 @@ TRUSTED = [
     "sklearn.calibration._CalibratedClassifier",
     "sklearn.calibration._SigmoidCalibration",
 ]
-
-
-class ModelFileError(CnnCodesError):
-    """A model file cannot be read, or is not trusted."""
 
 
 def save(model, path, *, extractor: ExtractorSpec | dict | None = None) -> Path:
