@@ -258,11 +258,17 @@ def extract(
     dtype : {"float32", "float16"}
         Storage type of the codes.
     precision : {"auto", "float32", "bfloat16", "float16"}
-        Arithmetic of the forward pass. ``"auto"`` follows an existing store, else picks
-        bfloat16 autocast where the hardware runs it natively (CUDA GPUs, CPUs with AVX-512
-        BF16 or AMX: ResNet50 1.75x faster on 2 cores, MobileNetV2 about as fast as float32
-        with its BatchNorm folded; codes within cosine 0.999 of float32) and float32
-        elsewhere. Recorded in the store: codes of different precision are never mixed.
+        Arithmetic of the forward pass. ``"auto"`` follows an existing store (or the
+        interrupted first run being resumed). For a new store it measures, before anything is
+        written: where the device offers more than float32 (a CPU with AVX-512 BF16 or AMX:
+        float32 with BatchNorm folded and bfloat16; CUDA: float32, bfloat16, float16), each
+        candidate runs the first batch of images once untimed and twice timed, and the
+        fastest whose codes agree with float32's to cosine 0.999 in every row is kept (ResNet50
+        gains 1.75x from bfloat16 on 2 AMD cores; MobileNetV2 may run faster in float32). A
+        run of fewer than four batches takes the rule instead: bfloat16 where the hardware
+        runs it natively, float32 elsewhere. The choice and its timings are printed and kept
+        in ``attrs["precision_choice"]``; the precision is recorded in the store's spec:
+        codes of different precision are never mixed. See docs/precision.md.
     compile : bool or "auto"
         Run the model through ``torch.compile`` (20-35 s to compile on a CPU, a few seconds
         once its kernels are cached; then 1.05-1.2x faster). ``"auto"``, on a CPU: the first

@@ -58,7 +58,8 @@ class PrecisionChoice:
         if self.how == "rule":
             return f"precision {self.precision} (auto, by rule: {self.reason})."
         parts = []
-        for p, s in self.seconds.items():
+        for p in sorted(self.seconds, key=lambda p: p != "float32"):  # the reference first
+            s = self.seconds[p]
             rate = f"{self.batch / s:.1f} img/s" if s > 0 else "n/a"
             agree = "" if p == "float32" else (
                 f", cosine {self.agreement[p]:.4f}" + ("" if self.agreement[p] >= AGREEMENT else " REFUSED"))
