@@ -49,7 +49,7 @@ class PrecisionChoice:
                 "agreement_bound": AGREEMENT}
 
     @classmethod
-    def from_json(cls, d: dict) -> "PrecisionChoice":
+    def from_json(cls, d: dict) -> PrecisionChoice:
         return cls(d["precision"], d["how"], d.get("batch", 0), d.get("seconds_per_batch", {}),
                    d.get("cosine_to_float32", {}), d.get("reason", ""))
 

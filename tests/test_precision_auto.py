@@ -126,7 +126,7 @@ def test_a_short_run_and_an_extended_store_are_not_probed(sample_dir, photos, tm
 def test_a_resumed_first_run_keeps_the_interrupted_runs_choice(sample_dir, tmp_path, timed, monkeypatch):
     """Check that a first run interrupted before its commit is resumed in the precision it
     measured, even when a new probe would pick another, and that the store records that choice."""
-    calls, use = timed
+    _, use = timed
     use({"float32": 0.2, "bfloat16": 0.1})
     out = tmp_path / "auto.h5"
 
