@@ -45,13 +45,16 @@ class PrecisionChoice:
 
     def to_json(self) -> dict:
         return {"precision": self.precision, "how": self.how, "reason": self.reason, "batch": self.batch,
-                "seconds_per_batch": self.seconds, "cosine_to_float32": self.agreement,
+                "seconds_per_batch": self.seconds,
+                # NaN (non-finite codes) as null: the attribute stays standard JSON
+                "cosine_to_float32": {p: c if np.isfinite(c) else None for p, c in self.agreement.items()},
                 "agreement_bound": AGREEMENT}
 
     @classmethod
     def from_json(cls, d: dict) -> PrecisionChoice:
-        return cls(d["precision"], d["how"], d.get("batch", 0), d.get("seconds_per_batch", {}),
-                   d.get("cosine_to_float32", {}), d.get("reason", ""))
+        agreement = {p: float("nan") if c is None else c for p, c in d.get("cosine_to_float32", {}).items()}
+        return cls(d["precision"], d["how"], d.get("batch", 0), d.get("seconds_per_batch", {}), agreement,
+                   d.get("reason", ""))
 
     def describe(self) -> str:
         """One line for the run's summary."""
@@ -61,7 +64,7 @@ class PrecisionChoice:
         for p in sorted(self.seconds, key=lambda p: p != "float32"):  # the reference first
             s = self.seconds[p]
             rate = f"{self.batch / s:.1f} img/s" if s > 0 else "n/a"
-            agree = "" if p == "float32" else (
+            agree = "" if p == "float32" else (  # NaN (non-finite codes) fails the bound too
                 f", cosine {self.agreement[p]:.4f}" + ("" if self.agreement[p] >= AGREEMENT else " REFUSED"))
             parts.append(f"{p} {rate}{agree}")
         how = "measured" if self.how == "measured" else "measured by the interrupted run"

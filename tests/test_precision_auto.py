@@ -167,3 +167,14 @@ def test_candidates_and_agreement():
     assert pr.min_cosine({"x": ref["x"] * 3}, ref) == pytest.approx(1.0)
     assert pr.min_cosine({"x": np.array([[1.0, 1.0], [0.0, 2.0]])}, ref) == pytest.approx(2 ** -0.5)
     assert np.isnan(pr.min_cosine({"x": np.array([[np.nan, 0.0], [0.0, 2.0]])}, ref))
+
+
+def test_a_choice_with_non_finite_codes_is_standard_json_and_refused():
+    """Check that a candidate whose codes were not finite is stored as null and shown refused."""
+    choice = pr.PrecisionChoice("float32", "measured", 8, {"float32": 0.1, "bfloat16": 0.05},
+                                {"bfloat16": float("nan")})
+    text = json.dumps(choice.to_json(), allow_nan=False)
+    again = pr.PrecisionChoice.from_json(json.loads(text))
+    assert json.loads(text)["cosine_to_float32"] == {"bfloat16": None}
+    assert again.describe() == ("precision float32 (auto, measured on 8 images: float32 80.0 img/s; "
+                                "bfloat16 160.0 img/s, cosine nan REFUSED).")
