@@ -421,9 +421,11 @@ def extract(
             return CodesForward(spec_b, w, infos, pooling, prep, dev, p, tta, batch_size=batch_size)
 
         if precision == "auto" and engine == "local":  # a new store: measured before any write
-            first = _loader(src.items[:batch_size], prep, max_pixels, batch_size, 0, False,
-                            storage_options=src.storage_options)
-            choice = measure_precision(lambda: next(iter(first))[1], make_forward, dev, len(src.items), batch_size)
+            def first_images(n):
+                return next(iter(_loader(src.items[:n], prep, max_pixels, n, 0, False,
+                                         storage_options=src.storage_options)))[1]
+
+            choice = measure_precision(first_images, make_forward, dev, len(src.items))
             precision = choice.precision
         precision = resolve_precision(precision, dev)
         code_dims = code_sizes(spec_b, infos, pooling, prep.crop_size)

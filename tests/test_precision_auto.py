@@ -14,7 +14,7 @@ from cnncodes._accel import resolve_precision
 from cnncodes._cli import main
 from cnncodes._store import Journal
 
-# The 40 sample photos at 64 px in batches of 8: five batches, enough for the probe.
+# The 40 sample photos at 64 px in batches of 8; the probe (see `timed`) times 4 of them.
 SETTINGS = dict(backbone="mobilenet_v2", image_size=64, batch_size=8, num_workers=0, progress=False)
 
 
@@ -27,10 +27,14 @@ def _choice(store) -> dict:
 def timed(monkeypatch):
     """Both CPU candidates on any CPU, the probe's seconds set by the test; the codes are real.
 
-    Returns the list of (precision, seen) calls and a setter ``use(seconds, corrupt=())``:
-    the seconds per precision, and the precisions whose codes are replaced by noise.
+    The probe times the first 4 images and runs where it costs at most the run's images (2 x 3
+    x 4 = 24 passes: 40 photos probe, 12 do not). Returns the list of precisions timed, in
+    order, and a setter ``use(seconds, corrupt=())``: the seconds per precision, and the
+    precisions whose codes are replaced by noise.
     """
     monkeypatch.setattr(pr, "candidates", lambda device: ["float32", "bfloat16"])
+    monkeypatch.setattr(pr, "PROBE_IMAGES", 4)
+    monkeypatch.setattr(pr, "PROBE_SHARE", 1.0)
     calls, settings = [], {}
     real = pr.time_forward
 
@@ -64,12 +68,12 @@ def test_auto_keeps_the_faster_precision_and_records_it(sample_dir, tmp_path, ti
     assert calls == ["float32", "bfloat16"] * pr.TIMED_BATCHES  # taking turns
     assert CodeStore(out).spec["precision"] == winner
     choice = _choice(out)
-    assert choice["precision"] == winner and choice["how"] == "measured" and choice["batch"] == 8
+    assert choice["precision"] == winner and choice["how"] == "measured" and choice["batch"] == 4
     assert choice["seconds_per_batch"] == seconds
     assert 0.999 <= choice["cosine_to_float32"]["bfloat16"] <= 1.0
     line = result.summary().splitlines()[2]
-    assert line.startswith(f"precision {winner} (auto, measured on 8 images: float32 {8 / seconds['float32']:.1f} "
-                           f"img/s; bfloat16 {8 / seconds['bfloat16']:.1f} img/s, cosine 0.99")
+    assert line.startswith(f"precision {winner} (auto, measured on 4 images: float32 {4 / seconds['float32']:.1f} "
+                           f"img/s; bfloat16 {4 / seconds['bfloat16']:.1f} img/s, cosine 0.99")
     explicit = tmp_path / "explicit.h5"
     extract(sample_dir, out=explicit, precision=winner, **SETTINGS)
     np.testing.assert_allclose(CodeStore(out).codes("block5"), CodeStore(explicit).codes("block5"), atol=1e-5)
@@ -84,7 +88,7 @@ def test_a_fast_candidate_whose_codes_disagree_is_refused(sample_dir, tmp_path, 
     result = extract(sample_dir, out=out, **SETTINGS)
     assert CodeStore(out).spec["precision"] == "float32"
     assert _choice(out)["cosine_to_float32"]["bfloat16"] < 0.999
-    assert "bfloat16 160.0 img/s, cosine " in result.summary() and " REFUSED)." in result.summary()
+    assert "bfloat16 80.0 img/s, cosine " in result.summary() and " REFUSED)." in result.summary()
 
 
 def test_the_probe_runs_before_anything_is_written(sample_dir, tmp_path, timed, monkeypatch):
@@ -105,16 +109,16 @@ def test_the_probe_runs_before_anything_is_written(sample_dir, tmp_path, timed, 
 
 
 def test_a_short_run_and_an_extended_store_are_not_probed(sample_dir, photos, tmp_path, timed):
-    """Check that fewer than four batches take the rule, and that extending a store keeps its
+    """Check that a run too short to repay the probe takes the rule, and that extending a store keeps its
     precision without timing anything."""
     calls, use = timed
     use({"float32": 0.2, "bfloat16": 0.1})
     out = tmp_path / "short.h5"
-    result = extract(photos, out=out, **SETTINGS)  # 12 photos: two batches
+    result = extract(photos, out=out, **SETTINGS)  # 12 photos, fewer than the probe's 24 passes
     assert calls == []
     rule = resolve_precision("auto", torch.device("cpu"))
     assert CodeStore(out).spec["precision"] == rule
-    assert f"precision {rule} (auto, by rule: 12 images, fewer than 4 batches to measure on)." in result.summary()
+    assert f"precision {rule} (auto, by rule: 12 images, too few to repay timing 2 precisions on 4 of them)." in result.summary()
     assert _choice(out)["how"] == "rule"
     grown = tmp_path / "grown.h5"
     extract(sample_dir, out=grown, precision="float32", **SETTINGS)
@@ -139,12 +143,14 @@ def test_a_resumed_first_run_keeps_the_interrupted_runs_choice(sample_dir, tmp_p
     assert not out.exists() and Journal(out).exists()
     monkeypatch.undo()
     monkeypatch.setattr(pr, "candidates", lambda device: ["float32", "bfloat16"])
+    monkeypatch.setattr(pr, "PROBE_IMAGES", 4)
+    monkeypatch.setattr(pr, "PROBE_SHARE", 1.0)
     monkeypatch.setattr(pr, "time_forward", lambda forward, batch: pytest.fail("timed again"))
     result = extract(sample_dir, out=out, **SETTINGS)
     assert result.n_resumed == 40 and CodeStore(out).spec["precision"] == "bfloat16"
     choice = _choice(out)
     assert choice["how"] == "resumed" and choice["seconds_per_batch"] == {"float32": 0.2, "bfloat16": 0.1}
-    assert "(auto, measured by the interrupted run on 8 images: float32 40.0 img/s;" in result.summary()
+    assert "(auto, measured by the interrupted run on 4 images: float32 20.0 img/s;" in result.summary()
 
 
 def test_the_cli_prints_the_choice(sample_dir, tmp_path, timed, capsys):
@@ -154,7 +160,7 @@ def test_the_cli_prints_the_choice(sample_dir, tmp_path, timed, capsys):
     out = tmp_path / "cli.h5"
     assert main(["extract", str(sample_dir), "-o", str(out), "--image-size", "64", "--batch-size", "8",
                  "--workers", "0", "--quiet"]) == 0
-    assert "precision float32 (auto, measured on 8 images: float32 32.0 img/s; bfloat16 16.0 img/s" \
+    assert "precision float32 (auto, measured on 4 images: float32 16.0 img/s; bfloat16 8.0 img/s" \
         in capsys.readouterr().out
 
 
@@ -178,3 +184,20 @@ def test_a_choice_with_non_finite_codes_is_standard_json_and_refused():
     assert json.loads(text)["cosine_to_float32"] == {"bfloat16": None}
     assert again.describe() == ("precision float32 (auto, measured on 8 images: float32 80.0 img/s; "
                                 "bfloat16 160.0 img/s, cosine nan REFUSED).")
+
+
+def test_the_probe_runs_only_where_it_costs_at_most_a_tenth_of_the_run(monkeypatch):
+    """Check the threshold with the real settings: two candidates x 3 passes x 16 images = 96
+    image passes, so 960 images are probed and 959 are not."""
+    monkeypatch.setattr(pr, "candidates", lambda device: ["float32", "bfloat16"])
+    asked = []
+
+    def first_images(n):
+        asked.append(n)
+        return None  # none decodes: the rule, after asking
+
+    cpu = torch.device("cpu")
+    short = pr.measure_precision(first_images, None, cpu, 959)
+    assert asked == [] and short.how == "rule" and "959 images, too few" in short.reason
+    probed = pr.measure_precision(first_images, None, cpu, 960)
+    assert asked == [16] and probed.reason == "none of the first 16 images decodes"
