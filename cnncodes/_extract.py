@@ -262,11 +262,11 @@ def extract(
         interrupted first run being resumed). For a new store it measures, before anything is
         written: where the device offers more than float32 (a CPU with AVX-512 BF16 or AMX:
         float32 with BatchNorm folded and bfloat16; CUDA: float32, bfloat16, float16), each
-        candidate runs the first batch of images once untimed and twice timed, and the
-        fastest whose codes agree with float32's to cosine 0.999 in every row is kept (ResNet50
-        gains 1.75x from bfloat16 on 2 AMD cores; MobileNetV2 may run faster in float32). A
-        run of fewer than four batches takes the rule instead: bfloat16 where the hardware
-        runs it natively, float32 elsewhere. The choice and its timings are printed and kept
+        candidate runs the first 16 images once untimed and twice timed, and the fastest
+        whose codes agree with float32's to cosine 0.999 in every row is kept (ResNet50 gains
+        1.75x from bfloat16 on 2 AMD cores; MobileNetV2 may run faster in float32). A run too
+        short to repay that (under 960 images on a CPU, 1,440 on a GPU) takes the rule
+        instead: bfloat16 where the hardware runs it natively, float32 elsewhere. The choice and its timings are printed and kept
         in ``attrs["precision_choice"]``; the precision is recorded in the store's spec:
         codes of different precision are never mixed. See docs/precision.md.
     compile : bool or "auto"
