@@ -15,7 +15,11 @@ if TYPE_CHECKING:
 # and torchvision are imported by the functions that build or trace a network; the network
 # wrappers that subclass torch's modules live in _codesmodel.
 
-POOLINGS = ("avg", "max", "gem", "flatten")
+POOLINGS = ("avg", "max", "gem", "flatten", "spp", "cls", "cls+avg")
+# Spatial pyramid: average pools over 1x1, 2x2 and 4x4 grids of a feature map, concatenated.
+SPP_LEVELS = (1, 2, 4)
+# Poolings of a ViT's token outputs only: the class token, or it and the patch tokens' mean.
+TOKEN_POOLINGS = ("cls", "cls+avg")
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,15 @@ class BackboneSpec:
     layers: tuple[LayerInfo, ...]
     default_layer: str  # alias of the pre-logits features
     builder_kwargs: tuple[tuple[str, object], ...] = ()
+    # "torchvision" (traced with FX), "timm" or "module" (a registered nn.Module): the last two
+    # are read with forward hooks on module paths (see _custom).
+    source: str = "torchvision"
+    prefix_tokens: int = 0  # leading class / register tokens of token outputs (ViTs)
+
+    @property
+    def traced(self) -> bool:
+        """Whether tap points are FX graph nodes (torchvision) rather than module paths."""
+        return self.source == "torchvision"
 
     def layer(self, name: str) -> LayerInfo:
         """Return the tap point for an alias or raw FX node name."""
@@ -151,18 +164,30 @@ _REGISTRY: dict[str, BackboneSpec] = {
 
 
 def list_backbones() -> list[str]:
-    """Return the names of the registered backbones, sorted."""
-    return sorted(_REGISTRY)
+    """Return the names of the built-in backbones and those given to `register_backbone`, sorted."""
+    import sys
+
+    custom = sys.modules.get(f"{__package__}._custom")  # not imported: nothing registered (and no torch)
+    return sorted([*_REGISTRY, *(custom.registered_names() if custom else ())])
 
 
 def get_backbone(name: str) -> BackboneSpec:
-    """Return the registry entry of a backbone, or raise with the valid names."""
-    try:
+    """Return the registry entry of a backbone, or raise with the valid names.
+
+    Besides the built-ins: networks given to :func:`cnncodes.register_backbone`, and timm
+    models as ``"timm:<model name>"``.
+    """
+    if name in _REGISTRY:
         return _REGISTRY[name]
-    except KeyError:
+    from ._custom import find_backbone
+
+    spec = find_backbone(name)
+    if spec is None:
         raise UnknownBackboneError(
-            f"unknown backbone {name!r}. Valid backbones: {', '.join(list_backbones())}."
-        ) from None
+            f"unknown backbone {name!r}. Valid backbones: {', '.join(list_backbones())}; or a timm "
+            f"model as 'timm:<model name>', or your own nn.Module (cnncodes.register_backbone)."
+        )
+    return spec
 
 
 def weights_enum(spec: BackboneSpec):
@@ -190,6 +215,10 @@ def build_model(spec: BackboneSpec, *, pretrained: bool) -> nn.Module:
     re-normalises its input and carries the auxiliary head); we mirror that so that a
     checkpoint loaded afterwards fits and behaves as `get_model(name, weights=...)` would.
     """
+    if not spec.traced:
+        from ._custom import build_custom
+
+        return build_custom(spec)
     from torchvision.models import get_model
 
     kwargs: dict = dict(spec.builder_kwargs)
@@ -218,6 +247,10 @@ def graph_nodes(name: str) -> tuple[str, ...]:
     from torchvision.models.feature_extraction import get_graph_node_names
 
     spec = get_backbone(name)
+    if not spec.traced:
+        from ._custom import module_paths
+
+        return module_paths(spec)
     with torch.device("meta"):
         model = finish_model(spec, build_model(spec, pretrained=False))
     nodes = get_graph_node_names(model)[1]
@@ -235,6 +268,10 @@ def graph_nodes(name: str) -> tuple[str, ...]:
 
 def default_image_size(spec: BackboneSpec) -> int:
     """Return the crop size of the backbone's default ImageNet weights."""
+    if not spec.traced:
+        from ._custom import custom_image_size
+
+        return custom_image_size(spec)
     return int(weights_enum(spec).DEFAULT.transforms().crop_size[0])
 
 
@@ -253,6 +290,10 @@ def output_shapes(name: str, nodes: tuple[str, ...], image_size: int) -> dict[st
     from torchvision.models.feature_extraction import create_feature_extractor
 
     spec = get_backbone(name)
+    if not spec.traced:
+        from ._custom import hooked_shapes
+
+        return hooked_shapes(spec, nodes, image_size)
     with torch.device("meta"):
         model = finish_model(spec, build_model(spec, pretrained=False))
         fx = create_feature_extractor(model, {n: n for n in nodes})
@@ -266,22 +307,37 @@ def code_sizes(spec: "BackboneSpec", infos, pooling: str, image_size: int) -> di
     A pooled registered layer's code is as long as its channels: no trace of the model (0.1 s
     of each fresh process's start for MobileNetV2). Raw nodes and "flatten" need the shapes.
     """
-    if pooling != "flatten" and all(info.channels > 0 for info in infos):
+    if pooling in ("avg", "max", "gem") and spec.traced and all(info.channels > 0 for info in infos):
         return {info.alias: info.channels for info in infos}
     shapes = output_shapes(spec.name, tuple(info.node for info in infos), image_size)
-    return {info.alias: code_size(shapes[info.node], pooling) for info in infos}
+    return {info.alias: code_size(shapes[info.node], pooling, spec.prefix_tokens, where=f"{spec.name} {info.alias}")
+            for info in infos}
 
 
-def code_size(shape: tuple, pooling: str) -> int:
-    """Return the length of a code vector for a node output shape and a pooling."""
+def code_size(shape: tuple, pooling: str, prefix_tokens: int = 0, where: str = "this layer") -> int:
+    """Return the length of a code vector for a node output shape and a pooling.
+
+    `shape` is one image's output: (C,) a vector, (C, H, W) a feature map, (N, C) the N
+    tokens of a ViT block, of which the first `prefix_tokens` are class / register tokens.
+    """
     if len(shape) == 1:
         return shape[0]
+    tokens = len(shape) == 2
+    if pooling in TOKEN_POOLINGS and not tokens:
+        raise CnnCodesError(f"pooling {pooling!r} needs the token outputs of a ViT block, but {where} gives "
+                            f"a {'x'.join(map(str, shape))} feature map: use avg, max, gem, flatten or spp.")
+    if pooling == "spp" and tokens:
+        raise CnnCodesError(f"pooling 'spp' needs a feature map, but {where} gives {shape[0]} tokens of "
+                            f"{shape[1]}: use cls, avg or cls+avg (patch tokens averaged).")
+    channels = shape[-1] if tokens else shape[0]
     if pooling == "flatten":
-        n = 1
-        for s in shape:
-            n *= s
+        n = channels
+        for s in (shape[:1] if tokens else shape[1:]):
+            n *= s - prefix_tokens if tokens else s
         return n
-    return shape[0]
+    if pooling == "spp":
+        return channels * sum(k * k for k in SPP_LEVELS)
+    return 2 * channels if pooling == "cls+avg" else channels
 
 
 def layer_table(name: str, *, pooling: str = "avg", image_size: int | None = None) -> list[dict]:
@@ -290,9 +346,11 @@ def layer_table(name: str, *, pooling: str = "avg", image_size: int | None = Non
     Parameters
     ----------
     name : str
-        A registered backbone, e.g. ``"resnet50"``.
-    pooling : {"avg", "max", "gem", "flatten"}
-        The pooling whose code size is reported.
+        A registered backbone, e.g. ``"resnet50"``, a timm model (``"timm:resnet18"``) or a
+        network given to :func:`register_backbone`.
+    pooling : {"avg", "max", "gem", "flatten", "spp", "cls", "cls+avg"}
+        The pooling whose code size is reported (``cls`` and ``cls+avg``: token outputs only,
+        ``spp``: feature maps only).
     image_size : int, optional
         Input side in pixels; the default weights' crop size when omitted.
 
@@ -312,7 +370,7 @@ def layer_table(name: str, *, pooling: str = "avg", image_size: int | None = Non
             "channels": info.channels,
             "stride": info.stride,
             "output": shapes[info.node],
-            "code_size": code_size(shapes[info.node], pooling),
+            "code_size": code_size(shapes[info.node], pooling, spec.prefix_tokens, f"{name} {info.alias}"),
             "default": info.alias == spec.default_layer,
         }
         for info in spec.layers

@@ -123,7 +123,13 @@ def _parser() -> argparse.ArgumentParser:
                   "it with its extractor spec as a .skops file (loads without running code).")
     fit.add_argument("store", help="a .h5 store from `cnncodes extract`")
     fit.add_argument("-o", "--out", required=True, help="model file to write (.skops)")
-    fit.add_argument("--layer", action=_Layers, help="stored layer to use (default: the deepest)")
+    fit.add_argument("--layer", action=_Layers, help="stored layer to use (default: the deepest); repeat "
+                     "(--layer block4 --layer block5) to concatenate several")
+    fit.add_argument("--normalize", choices=["none", "l2", "power"], default="none",
+                     help="normalise each code first: l2 (unit length) or power (signed square root, "
+                     "then l2); default none")
+    fit.add_argument("--augment", metavar="STORE", help="a store of the same photos' mirror images "
+                     "(`extract --tta mirror`): their codes are added as training rows")
     fit.add_argument("--classifier", default="logreg", choices=["logreg", "linear_svm", "knn", "sgd"],
                      help="sgd: logistic regression by SGD over chunks, for stores larger than memory")
     fit.add_argument("--C", default="auto", help="regularisation: 'auto' (cross-validated) or a number")
@@ -344,7 +350,8 @@ def _run_options(e, what="") -> None:
 
 
 def _probe_options(e) -> None:
-    e.add_argument("--backbone", default="mobilenet_v2", help="registered backbone (default %(default)s)")
+    e.add_argument("--backbone", default="mobilenet_v2", help="registered backbone (default %(default)s), "
+                   "or a timm model as timm:NAME (pip install 'cnncodes[timm]')")
     e.add_argument("--weights", default="imagenet", help="as for extract (default imagenet)")
     e.add_argument("--image-size", type=int, help="crop size of the extraction (default: a fine-tuned checkpoint's training crop, else the weights' own)")
     e.add_argument("--batch-size", type=int, default=64)
@@ -356,14 +363,17 @@ def _probe_options(e) -> None:
 
 
 def _extract_options(e) -> None:
-    e.add_argument("--backbone", default="mobilenet_v2", help="registered backbone (default %(default)s)")
+    e.add_argument("--backbone", default="mobilenet_v2", help="registered backbone (default %(default)s), "
+                   "or a timm model as timm:NAME (pip install 'cnncodes[timm]')")
     e.add_argument("--layer", action=_Layers, dest="layers", metavar="LAYER",
                    help="alias (block4) or FX node name; repeat, or separate with commas, for several "
                    "(default: pre-logits)")
-    e.add_argument("--pooling", default="avg", choices=["avg", "max", "gem", "flatten"])
+    e.add_argument("--pooling", default="avg", choices=["avg", "max", "gem", "flatten", "spp", "cls", "cls+avg"],
+                   help="avg (default), max, gem, flatten, spp (1x1+2x2+4x4 average pools); ViT tokens: avg (patch tokens), cls, cls+avg")
     e.add_argument("--weights", default="imagenet",
                    help="imagenet (IMAGENET1K_V1, default), DEFAULT (torchvision's), a weights "
-                   "name such as IMAGENET1K_V2, a checkpoint path, or 'random'")
+                   "name such as IMAGENET1K_V2, a checkpoint path, or 'random'; timm models: imagenet "
+                   "(timm's pretrained, online), a timm tag, a checkpoint path, or 'random'")
     e.add_argument("--image-size", type=int, help="crop size (default: the weights' own)")
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
@@ -378,8 +388,9 @@ def _extract_options(e) -> None:
                    help="torch.compile the model (20-35 s, then 1.05-1.2x faster; auto: on a CPU when the eager "
                         "pass would take five minutes or more, judged from the first two batches)")
     e.add_argument("--no-compile", dest="compile", action="store_const", const=False)
-    e.add_argument("--tta", choices=["none", "flip"],
-                   help="average the codes of each image and its mirror image (default: the store's, else none)")
+    e.add_argument("--tta", choices=["none", "flip", "mirror"],
+                   help="flip: average the codes of each image and its mirror image; mirror: the mirror "
+                   "image's codes alone, as augmentation rows for `fit --augment` (default: the store's, else none)")
     e.add_argument("--no-jpeg-draft", dest="jpeg_draft", action="store_const", const=False, default=None,
                    help="decode large JPEGs at full size (default: reduced DCT scale, never below 2x the resize)")
     e.add_argument("--resize", choices=["workers", "device"],
@@ -559,10 +570,7 @@ def _fit(args) -> int:
     from ._outputs import MODEL, check_output
     from ._store import CodeStore
 
-    if args.layer and len(args.layer) > 1:
-        raise CnnCodesError(f"--layer: fit uses one layer, got {len(args.layer)} ({', '.join(args.layer)}). "
-                            f"Fit one model per layer, or compare them with `cnncodes sweep`.")
-    layer = args.layer[0] if args.layer else None
+    layer = (args.layer[0] if len(args.layer) == 1 else list(args.layer)) if args.layer else None
     check_output(args.out, MODEL, option="-o")  # before fitting, not after
     require("skops.io", "writing the model file (-o)")
     store = CodeStore(args.store)
@@ -574,10 +582,14 @@ def _fit(args) -> int:
     if args.test_size is not None:
         rows, test = split_store(store, test_size=args.test_size, random_state=args.random_state)
     model = fit(store, classifier=args.classifier, layer=layer, C=C, n_neighbors=args.n_neighbors,
-                metric=args.metric, cv=args.cv, rows=rows, n_jobs=args.jobs, random_state=args.random_state)
+                metric=args.metric, cv=args.cv, rows=rows, n_jobs=args.jobs, random_state=args.random_state,
+                normalize=None if args.normalize == "none" else args.normalize, augment=args.augment)
     info, layer = model.cnncodes_["fit"], model.cnncodes_["layer"]
-    dims = store.codes_shape(layer)[1]
-    line = f"fit {args.classifier} on {info['n_train']} rows of {store.path.name} ({layer}, {dims} dims)"
+    layers = [layer] if isinstance(layer, str) else layer
+    dims = sum(store.codes_shape(name)[1] for name in layers)
+    line = f"fit {args.classifier} on {info['n_train']} rows of {store.path.name} ({'+'.join(layers)}, {dims} dims)"
+    if info.get("n_augment"):
+        line += f" and {info['n_augment']} mirror rows"
     if "C" in info:
         line += f", C={info['C']:g}"
         if "cv_scores" in info:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._backbones import check_pooling
+from ._backbones import SPP_LEVELS, check_pooling
 
 
 class _Autocast(nn.Module):
@@ -88,6 +88,36 @@ def fold_batchnorm(graph) -> int:
     return folded
 
 
+def pool(x: torch.Tensor, pooling: str, gem_p: float = 3.0, prefix_tokens: int = 0) -> torch.Tensor:
+    """A batch of layer outputs -> a batch of code vectors, in float32.
+
+    `x` is (B, C) vectors, (B, C, H, W) feature maps, or (B, N, C) tokens whose first
+    `prefix_tokens` are class / register tokens: ``cls`` takes the first token, the other
+    poolings read the patch tokens only (register tokens are dropped), ``cls+avg`` is the
+    class token followed by the patch tokens' mean. ``spp`` concatenates average pools over
+    1x1, 2x2 and 4x4 grids of a feature map.
+    """
+    x = x.float()  # under reduced precision, pool (and return) in float32
+    if x.ndim == 2:
+        return x
+    if x.ndim == 3:  # tokens: pool over the token axis, as a map's spatial axes
+        if pooling in ("cls", "cls+avg"):
+            cls = x[:, 0]
+            return cls if pooling == "cls" else torch.cat([cls, x[:, prefix_tokens:].mean(dim=1)], dim=1)
+        if pooling == "flatten":
+            return x[:, prefix_tokens:].flatten(1)
+        x = x[:, prefix_tokens:].transpose(1, 2).unsqueeze(-1)  # (B, C, N, 1)
+    if pooling == "avg":
+        return x.mean(dim=(2, 3))
+    if pooling == "max":
+        return x.amax(dim=(2, 3))
+    if pooling == "gem":
+        return x.clamp(min=1e-6).pow(gem_p).mean(dim=(2, 3)).pow(1.0 / gem_p)
+    if pooling == "spp":
+        return torch.cat([nn.functional.adaptive_avg_pool2d(x, k).flatten(1) for k in SPP_LEVELS], dim=1)
+    return x.flatten(1)
+
+
 class CodesModel(nn.Module):
     """A frozen backbone pruned after its deepest requested node, returning pooled codes.
 
@@ -138,18 +168,82 @@ class CodesModel(nn.Module):
         self.body = split
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()  # under reduced precision, pool (and return) in float32
-        if x.ndim == 2:
-            return x
-        if self.pooling == "avg":
-            return x.mean(dim=(2, 3))
-        if self.pooling == "max":
-            return x.amax(dim=(2, 3))
-        if self.pooling == "gem":
-            p = self.gem_p
-            return x.clamp(min=1e-6).pow(p).mean(dim=(2, 3)).pow(1.0 / p)
-        return x.flatten(1)
+        return pool(x, self.pooling, self.gem_p)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         out = self.body(x)
         return {k: self._pool(out[k]) for k in self.outputs}
+
+
+class _Reached(Exception):
+    """Raised by a forward hook once every requested layer has run: the rest is not computed."""
+
+
+class HookedCodesModel(nn.Module):
+    """Any network read at module paths by forward hooks, returning pooled codes.
+
+    For timm models and registered nn.Modules, whose forward passes FX may not trace (ViTs'
+    shape checks, data-dependent code): the network runs as it is, each requested module's
+    output is kept, and the pass stops once the last of them has run, so nothing deeper is
+    computed. With a reduced `precision` the whole network runs under autocast. Not compiled
+    (`compilable`): the early stop is an exception.
+    """
+
+    compilable = False
+
+    def __init__(self, model: nn.Module, nodes: dict[str, str], pooling: str, gem_p: float = 3.0, *,
+                 prefix_tokens: int = 0, precision: str = "float32", device_type: str = "cpu"):
+        super().__init__()
+        check_pooling(pooling)
+        self.model, self.nodes, self.pooling, self.gem_p = model, dict(nodes), pooling, gem_p
+        self.prefix_tokens = prefix_tokens
+        self.autocast = None if precision == "float32" else (
+            device_type, torch.bfloat16 if precision == "bfloat16" else torch.float16)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = run_hooked(self.model, list(self.nodes), x, self.autocast)
+        return {alias: pool(out[node], self.pooling, self.gem_p, self.prefix_tokens)
+                for node, alias in self.nodes.items()}
+
+
+def run_hooked(model: nn.Module, nodes: list[str], x: torch.Tensor, autocast=None) -> dict[str, torch.Tensor]:
+    """The outputs of the modules at `nodes` (module paths) for input `x`; stops after the last."""
+    import contextlib
+
+    out: dict[str, torch.Tensor] = {}
+
+    def keep(node):
+        def hook(module, args, result):
+            if node not in out:  # a module run twice: its first output
+                out[node] = result[0] if isinstance(result, (tuple, list)) else result
+            if len(out) == len(nodes):
+                raise _Reached
+        return hook
+
+    handles = [model.get_submodule(node).register_forward_hook(keep(node)) for node in nodes]
+    ctx = torch.autocast(device_type=autocast[0], dtype=autocast[1]) if autocast else contextlib.nullcontext()
+    try:
+        with ctx:
+            model(x)
+    except _Reached:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in nodes if n not in out]
+    if missing:
+        from ._errors import UnknownLayerError
+
+        raise UnknownLayerError(f"module {missing[0]!r} did not run in the forward pass of the network, "
+                                f"so it gives no codes; pick a module that runs (`cnncodes layers NAME --nodes`).")
+    return out
+
+
+def codes_model(spec_b, model: nn.Module, nodes: dict[str, str], pooling: str, *,
+                precision: str = "float32", device_type: str = "cpu") -> nn.Module:
+    """The codes model of a backbone: FX-traced for torchvision's, hooked for timm's and modules."""
+    if spec_b.traced:
+        return CodesModel(model, nodes, pooling, precision=precision, device_type=device_type,
+                          float32_until=spec_b.layers[0].node)
+    return HookedCodesModel(model, nodes, pooling, prefix_tokens=spec_b.prefix_tokens,
+                            precision=precision, device_type=device_type)

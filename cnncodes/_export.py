@@ -233,6 +233,9 @@ def _codes_network(model, codes_only: bool = False) -> tuple[nn.Module, dict, di
         raise ExportError("this model was fitted on arrays, not on a code store, so it has no backbone to "
                           "export; fit it from a store made by `cnncodes extract`.")
     head = nn.Identity() if codes_only else head_of(model.estimator)  # refuse a kNN before loading a backbone
+    if len(spec.layers) != 1:
+        raise ExportError(f"cannot export a model on several layers ({', '.join(spec.layers)}) yet: export "
+                          f"reads one layer. Fit on one layer (--layer block5) to export, or serve the .skops file.")
     (alias, node), = spec.layers.items()
     spec_b = get_backbone(spec.backbone)
     w = resolve(spec_b, spec.weights.extract_arg())

@@ -21,10 +21,9 @@ from ._backbones import (
     code_sizes,
     get_backbone,
     shallow_to_deep,
-    weights_names,
 )
 from ._accel import resolve_device, resolve_precision, reuse_freed_memory
-from ._codesmodel import CodesModel
+from ._codesmodel import codes_model
 from ._errors import CnnCodesError, StoreMismatchError
 from ._outputs import STORE, check_output
 from ._precision import measure_precision, resumed_choice, save_choice
@@ -32,10 +31,10 @@ from ._images import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocess, decode, r
 from ._sources import Item, change_key, data_root, read_bytes, read_source
 from ._spec import ExtractorSpec
 from ._store import FORMAT_VERSION, UNKNOWN_STAT, CodeStore, Journal, StoreLock, merge, remove_unmapped
-from ._weights import load_model, resolve
+from ._weights import load_model, preprocess_for, resolve
 
 DTYPES = ("float32", "float16")
-TTAS = ("none", "flip")
+TTAS = ("none", "flip", "mirror")  # mirror: the mirror image's codes alone (augmentation rows for fit)
 RESIZES = ("workers", "device")
 ON_OTHER_ROOT = ("refuse", "replace")
 HASH_CHUNK = 64
@@ -219,6 +218,9 @@ def extract(
     image_column: str | None = None,
     label_column: str | None = None,
     storage_options: dict | None = None,
+    model=None,
+    name: str | None = None,
+    preprocessing=None,
 ) -> ExtractResult:
     """Extract CNN codes of images into an HDF5 code store; resume and skip what is there.
 
@@ -234,12 +236,17 @@ def extract(
     out : path
         The ``.h5`` store to create or extend. Re-running extracts only new content.
     backbone : str
-        A registered backbone (``cnncodes.list_backbones()``).
+        A registered backbone (``cnncodes.list_backbones()``), a timm model as
+        ``"timm:<model name>"`` (``pip install 'cnncodes[timm]'``), or a name given to
+        :func:`cnncodes.register_backbone`.
     layers : str or list of str, optional
-        Aliases (``"block4"``) or raw FX node names; the backbone's pre-logits layer when
-        omitted. All layers are read in one forward pass.
-    pooling : {"avg", "max", "gem", "flatten"}
-        How a feature map becomes a vector.
+        Aliases (``"block4"``) or raw FX node names (module paths for timm models and your
+        own modules); the backbone's pre-logits layer when omitted. All layers are read in
+        one forward pass. With `model`: alias -> module path (``{"block4": "layer3"}``).
+    pooling : {"avg", "max", "gem", "flatten", "spp", "cls", "cls+avg"}
+        How a feature map becomes a vector: ``spp`` concatenates average pools over 1x1,
+        2x2 and 4x4 grids. Token outputs (ViT blocks): ``avg`` averages the patch tokens,
+        ``cls`` takes the class token, ``cls+avg`` both; register tokens are dropped.
     weights : str, path or None
         ``"imagenet"`` (the original IMAGENET1K_V1 weights, the best for transfer),
         ``"DEFAULT"`` (torchvision's default), a torchvision weights name, a local checkpoint
@@ -266,18 +273,20 @@ def extract(
         whose codes agree with float32's to cosine 0.999 in every row is kept (ResNet50 gains
         1.75x from bfloat16 on 2 AMD cores; MobileNetV2 may run faster in float32). A run too
         short to repay that (under 960 images on a CPU, 1,440 on a GPU) takes the rule
-        instead: bfloat16 where the hardware runs it natively, float32 elsewhere. The choice and its timings are printed and kept
-        in ``attrs["precision_choice"]``; the precision is recorded in the store's spec:
-        codes of different precision are never mixed. See docs/precision.md.
+        instead: bfloat16 where the hardware runs it natively, float32 elsewhere. The choice
+        and its timings are printed and kept in ``attrs["precision_choice"]``; the precision
+        is recorded in the store's spec: codes of different precision are never mixed. See
+        docs/precision.md.
     compile : bool or "auto"
         Run the model through ``torch.compile`` (20-35 s to compile on a CPU, a few seconds
         once its kernels are cached; then 1.05-1.2x faster). ``"auto"``, on a CPU: the first
         two batches run eagerly and are timed, and the model is compiled when the images
         left would take five minutes or more (MobileNetV2: ~130,000 images on 2 cores;
         ResNet50: ~27,000). The codes are the same either way.
-    tta : {"none", "flip"}, optional
+    tta : {"none", "flip", "mirror"}, optional
         Test-time augmentation: ``"flip"`` averages the codes of each image and its mirror
-        image (twice the compute). Follows an existing store when omitted, else ``"none"``.
+        image (twice the compute); ``"mirror"`` stores the mirror image's codes alone, for
+        training rows (``fit(..., augment=mirror_store)``). Follows an existing store when omitted, else ``"none"``.
     jpeg_draft : bool, optional
         Decode JPEGs at least 4x larger than the resize target at a reduced DCT scale
         (never below 2x the target), which makes large photos several times cheaper to
@@ -343,6 +352,15 @@ def extract(
         ``data_root`` becomes this run's root, the earlier ones listed in
         ``attrs["earlier_data_roots"]``.
 
+    model : torch.nn.Module, optional
+        Your own network instead of `backbone`: registered as `name` with
+        :func:`cnncodes.register_backbone` (`layers` a mapping alias -> module path,
+        `preprocessing`); the store records `name` and the sha256 of its state dict.
+    name : str, optional
+        With `model`: the backbone name recorded (required).
+    preprocessing : Preprocess or torchvision transform preset, optional
+        With `model`: what the network expects (ImageNet's 256 / 224 by default).
+
     Returns
     -------
     ExtractResult
@@ -376,7 +394,17 @@ def extract(
     resolve_precision(precision, dev)  # validate early, before any file is touched
     if batch_size < 1:
         raise CnnCodesError(f"batch_size must be >= 1, got {batch_size}.")
+    if model is not None:
+        from ._custom import register_backbone
+
+        if not name:
+            raise CnnCodesError("extract(model=...) needs name='my-net': the backbone name the store records.")
+        backbone = register_backbone(name, model, layers=layers, preprocessing=preprocessing)
+        layers = list(layers) if hasattr(layers, "items") else layers
     spec_b = get_backbone(backbone)
+    if engine == "ray" and spec_b.source == "module":
+        raise CnnCodesError(f"{backbone} is an nn.Module registered in this process; Ray's actors cannot "
+                            f"build it by name. Extract it with engine='local', or use a timm or built-in backbone.")
     if isinstance(layers, str):
         layers = [layers]
     infos = [spec_b.layer(name) for name in (layers or [spec_b.default_layer])]
@@ -414,8 +442,7 @@ def extract(
             resize = stored.preprocessing.resize if stored is not None else DEFAULT_RESIZE
         if image_size is None and w.image_size is not None:  # a fine-tuned network: its training crop
             image_size = w.image_size
-        prep = Preprocess.from_weights(weights_names(spec_b)[w.preprocessing_from], image_size,
-                                       jpeg_draft, resize)
+        prep = preprocess_for(spec_b, w, image_size, jpeg_draft, resize)
 
         def make_forward(p):  # eager: the probe times eager models, and compile=True starts in _run
             return CodesForward(spec_b, w, infos, pooling, prep, dev, p, tta, batch_size=batch_size)
@@ -790,9 +817,8 @@ class CodesForward:
 
     def __init__(self, spec_b, weights, infos, pooling, prep, device, precision, tta="none", *,
                  compile=False, batch_size=64):
-        model = CodesModel(load_model(spec_b, weights), {i.node: i.alias for i in infos}, pooling,
-                           precision=precision, device_type=device.type,
-                           float32_until=spec_b.layers[0].node)
+        model = codes_model(spec_b, load_model(spec_b, weights), {i.node: i.alias for i in infos}, pooling,
+                            precision=precision, device_type=device.type)
         self.model = model.to(device).eval().to(memory_format=torch.channels_last)
         self.prep, self.device, self.precision, self.tta = prep, device, precision, tta
         self.batch_size = batch_size
@@ -807,7 +833,7 @@ class CodesForward:
         `asked`: the user asked for it, so a failure to compile is an error, not a warning.
         """
         self.compile_asked = self.compile_asked or asked
-        if self.compiled is None:
+        if self.compiled is None and getattr(self.model, "compilable", True):
             self.compiled = torch.compile(self.model, dynamic=False)
 
     def _call(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -836,6 +862,8 @@ class CodesForward:
         if self.prep.resize == "device":
             batch = resize_batch(batch, self.prep, self.device)
         x = self.prep.normalize(batch.to(self.device, non_blocking=True), torch.channels_last)
+        if self.tta == "mirror":
+            x = x.flip(3).contiguous(memory_format=torch.channels_last)
         out = self._call(x)
         if self.tta == "flip":
             mirror = self._call(x.flip(3).contiguous(memory_format=torch.channels_last))

@@ -7,9 +7,11 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from sklearn.model_selection import StratifiedKFold, train_test_split
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
+from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ._errors import CnnCodesError
 from ._store import CodeStore
@@ -19,9 +21,38 @@ def _half_decades(lo: int, hi: int) -> tuple[float, ...]:
     return tuple(float(c) for c in np.round(np.logspace(lo, hi, 2 * (hi - lo) + 1), 12))
 
 
-# Where each model's optimum lies on standardised codes (measured on flowers5: the hinge
+# Where the linear SVM's optimum lies on standardised codes (measured on flowers5: the hinge
 # loss wants far stronger regularisation, and LinearSVC at C >= 0.1 is both slow and worse).
-C_GRIDS = {"logreg": _half_decades(-4, 1), "linear_svm": _half_decades(-5, -1)}
+C_GRIDS = {"linear_svm": _half_decades(-5, -1)}
+# Logistic regression: the literature's range (Kornblith et al. 2019, DINOv2: 10^-6 ... 10^5;
+# the best C of ImageNet features spans 0.006 to 1000 across data sets), searched coarse to
+# fine: every decade, then quarter decades around the best one.
+C_DECADES = (-6, 5)
+NORMALIZE = ("l2", "power")
+
+
+class CodeNormalizer(TransformerMixin, BaseEstimator):
+    """Normalise each code vector: ``"l2"`` to unit length, ``"power"`` signed square root then L2.
+
+    Stateless; a step of the fitted pipeline (before the scaler), so one store serves both.
+    """
+
+    def __init__(self, *, kind="power"):
+        self.kind = kind
+
+    def fit(self, X, y=None):
+        if self.kind not in NORMALIZE:
+            raise CnnCodesError(f"unknown normalize {self.kind!r}. Valid values: 'l2', 'power' or None.")
+        validate_data(self, X, reset=True)
+        return self
+
+    def transform(self, X):
+        check_is_fitted(self, "n_features_in_")
+        X = validate_data(self, X, reset=False, dtype=(np.float64, np.float32))
+        if self.kind == "power":
+            X = np.sign(X) * np.sqrt(np.abs(X))
+        norms = np.linalg.norm(X, axis=1, keepdims=True)
+        return X / np.maximum(norms, np.finfo(X.dtype).tiny)
 
 
 def split_store(store, *, test_size: float = 0.25, random_state: int | None = 0):
@@ -92,7 +123,10 @@ def _load_xy(codes, labels, layer, rows):
     if isinstance(codes, (str, Path, CodeStore)):
         store = _as_store(codes)
         layer = layer or store.layers[-1]
-        X = store.codes(layer)
+        if not isinstance(layer, str):
+            layer = list(dict.fromkeys(layer))
+            layer = layer[0] if len(layer) == 1 else layer
+        X = layer_codes(store, layer)
         names = np.array(store.class_names, dtype=object)
         idx = store.labels
         if rows is None:
@@ -109,28 +143,105 @@ def _load_xy(codes, labels, layer, rows):
     return X, np.asarray(labels), None, layer, rows
 
 
-def _best_c(classifier, X, y, cv, n_jobs):
-    from sklearn.model_selection import GridSearchCV
+def _folds(y, groups, cv, random_state):
+    """Stratified CV folds; rows of the same content (a group) never on both sides."""
+    smallest = int(np.unique(y, return_counts=True)[1].min())
+    if smallest < 2:
+        raise CnnCodesError("C='auto' cross-validates, so every class needs at least 2 "
+                            "training images; give C a number or add images.")
+    n = min(cv, smallest)
+    if groups is None or len(set(groups)) == len(groups):
+        return list(StratifiedKFold(n_splits=n, shuffle=True, random_state=random_state).split(y, y))
+    return list(StratifiedGroupKFold(n_splits=n, shuffle=True, random_state=random_state).split(y, y, groups))
 
+
+def _fold_path(X, y, train, test, Cs, state):
+    """Fit logreg on one fold at each C in turn, warm-starting from the previous C's solution."""
+    from sklearn.linear_model import LogisticRegression
+
+    if state is None:
+        state = LogisticRegression(max_iter=1000, warm_start=True)
+    scores = []
+    Xtr, ytr, Xte, yte = X[train], y[train], X[test], y[test]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ConvergenceWarning at the weak end of the range
+        for C in Cs:
+            state.set_params(C=C).fit(Xtr, ytr)
+            scores.append(float(state.score(Xte, yte)))
+    return scores, state
+
+
+def _search_logreg(X, y, folds, n_jobs):
+    """Coarse to fine C search: every decade, upwards, warm-started, stopped three decades past
+    the best; then quarter decades around the best. Returns (best C, {C: mean CV accuracy})."""
+    from joblib import Parallel, delayed
+
+    scores: dict[float, float] = {}
+    states = [None] * len(folds)
+    lo, hi = C_DECADES
+    with Parallel(n_jobs=n_jobs) as parallel:
+        def run(Cs, states):
+            out = parallel(delayed(_fold_path)(X, y, tr, te, Cs, st) for (tr, te), st in zip(folds, states))
+            for k, C in enumerate(Cs):
+                scores[float(C)] = float(np.mean([o[0][k] for o in out]))
+            return [o[1] for o in out]
+
+        for e in range(lo, hi + 1):  # one decade at a time, so the search can stop early
+            states = run([10.0 ** e], states)
+            best = max(scores, key=lambda c: (scores[c], -c))
+            if np.log10(10.0 ** e / best) >= 3 - 1e-9:
+                break
+        best = max(scores, key=lambda c: (scores[c], -c))
+        fine = [best * 10 ** q for q in (-0.75, -0.5, -0.25, 0.25, 0.5, 0.75)
+                if lo <= np.log10(best) + q <= hi]
+        below, above = [c for c in fine if c < best], [c for c in fine if c > best]
+        if below:
+            run(below, [None] * len(folds))
+        if above:
+            run(above, [None] * len(folds))
+    scores = dict(sorted(scores.items()))
+    return max(scores, key=lambda c: (scores[c], -c)), scores
+
+
+def _best_c(classifier, X, y, folds, n_jobs):
     if classifier == "logreg":
-        from sklearn.linear_model import LogisticRegressionCV
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # sklearn's transition notices
-            grid = C_GRIDS["logreg"]
-            search = LogisticRegressionCV(Cs=list(grid), cv=cv, max_iter=3000, n_jobs=n_jobs,
-                                          scoring="accuracy")
-            search.fit(X, y)
-        scores = np.mean([s.mean(axis=0) for s in search.scores_.values()], axis=0)
-        return float(search.C_[0]), dict(zip(grid, scores))
+        return _search_logreg(X, y, folds, n_jobs)
+    from sklearn.model_selection import GridSearchCV
     from sklearn.svm import LinearSVC
 
     grid = C_GRIDS["linear_svm"]
-    search = GridSearchCV(LinearSVC(dual=True, max_iter=5000), {"C": list(grid)}, cv=cv, n_jobs=n_jobs)
+    search = GridSearchCV(LinearSVC(dual=True, max_iter=5000), {"C": list(grid)}, cv=folds, n_jobs=n_jobs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # ConvergenceWarning at the weak end of a sweep
         search.fit(X, y)
     return float(search.best_params_["C"]), dict(zip(grid, search.cv_results_["mean_test_score"]))
+
+
+def layer_codes(store: CodeStore, layers) -> np.ndarray:
+    """The codes of one stored layer, or of several side by side (in the order given)."""
+    if isinstance(layers, str):
+        return store.codes(layers)
+    return np.hstack([store.codes(layer) for layer in layers]) if len(layers) > 1 else store.codes(layers[0])
+
+
+def _augment_rows(store: CodeStore, augment, layers, rows):
+    """Rows of the augmentation store (mirror images' codes) for the training rows' contents."""
+    aug = _as_store(augment)
+    if aug.spec.tta != "mirror":
+        raise CnnCodesError(f"augment={aug.path.name!r} holds tta {aug.spec.tta!r} codes; augmentation rows "
+                            f"are mirror images' codes: extract them with tta='mirror' (--tta mirror).")
+    from dataclasses import replace
+
+    aug.spec.check(replace(store.spec, tta="mirror"), aug.path.name,
+                   advice="extract the augmentation store with the training store's settings and --tta mirror.")
+    where = {sha: k for k, sha in enumerate(aug.sha256)}
+    shas = store.sha256[rows]
+    keep = [k for k, sha in enumerate(shas) if sha in where]
+    if not keep:
+        raise CnnCodesError(f"{aug.path.name} holds none of the training images: extract the same "
+                            f"folder into it with --tta mirror.")
+    X = layer_codes(aug, layers)[[where[shas[k]] for k in keep]]
+    return X, np.asarray(keep), shas[keep]
 
 
 def fit(
@@ -138,8 +249,10 @@ def fit(
     labels=None,
     *,
     classifier: str = "logreg",
-    layer: str | None = None,
+    layer: str | list[str] | None = None,
     C="auto",
+    normalize: str | None = None,
+    augment=None,
     n_neighbors: int = 10,
     metric: str = "cosine",
     cv: int = 5,
@@ -160,12 +273,22 @@ def fit(
         k-nearest neighbours through faiss, or ``"sgd"``: logistic regression by SGD over
         chunks of the store, for stores larger than memory (:func:`cnncodes.fit_streaming`
         with its defaults; `C`, `cv` and `n_jobs` do not apply).
-    layer : str, optional
-        Which stored layer to use (the deepest one by default).
+    layer : str or list of str, optional
+        Which stored layer to use (the deepest one by default); several are concatenated
+        (``["block4", "block5"]``), each normalised on its own first when `normalize` is set.
     C : "auto" or float
         Inverse regularisation of the linear models; ``"auto"`` picks it by stratified
-        `cv`-fold cross-validation on the training rows (warm-started for logreg), in
-        half-decade steps over ``1e-4 ... 10`` (logreg) or ``1e-5 ... 0.1`` (linear_svm).
+        `cv`-fold cross-validation on the training rows, rows of the same content never on
+        both sides of a fold, then refits on all of them. logreg: every decade of
+        ``1e-6 ... 1e5`` upwards (warm-started, stopped three decades past the best), then
+        quarter decades around the best; linear_svm: half decades of ``1e-5 ... 0.1``.
+    normalize : {"l2", "power"} or None
+        A first step of the pipeline: each code scaled to unit length (``"l2"``), or its
+        signed square root scaled so (``"power"``); then standardisation, as without.
+    augment : path or CodeStore, optional
+        A store of mirror-image codes of the same photos (``extract(..., tta="mirror")``,
+        otherwise the same settings): each training photo also gives its mirror's codes as
+        a training row (the CV folds keep both on one side).
     n_neighbors, metric
         For ``classifier="knn"``: neighbours and ``"cosine"`` | ``"l2"`` | ``"ip"``.
     rows : array of int, optional
@@ -195,26 +318,37 @@ def fit(
     if classifier == "sgd":
         from ._stream import fit_streaming
 
+        if normalize is not None or augment is not None or not (layer is None or isinstance(layer, str)):
+            raise CnnCodesError("classifier='sgd' streams one stored layer as it is: normalize, augment and "
+                                "several layers are for logreg, linear_svm and knn.")
         return fit_streaming(codes, labels, layer=layer, rows=rows, random_state=random_state)
     t0 = time.perf_counter()
+    if normalize not in (*NORMALIZE, None):
+        raise CnnCodesError(f"unknown normalize {normalize!r}. Valid values: 'l2', 'power' or None.")
     X, y, store, layer, rows = _load_xy(codes, labels, layer, rows)
     if len(np.unique(y)) < 2:
         raise CnnCodesError(f"fit needs at least 2 classes, got {len(np.unique(y))} ({np.unique(y)[:3]}).")
     info = {"classifier": classifier, "n_train": int(len(y))}
+    groups = None if store is None else store.sha256[rows]
+    if augment is not None:
+        if store is None:
+            raise CnnCodesError("augment= needs codes from a store (fit('codes.h5', augment='mirror.h5')).")
+        Xa, keep, shas = _augment_rows(store, augment, layer, rows)
+        X, y, groups = np.vstack([X, Xa]), np.concatenate([y, y[keep]]), np.concatenate([groups, shas])
+        info["n_augment"] = int(len(keep))
+    steps = []
+    if normalize is not None:
+        steps.append(("normalize", _normalizer(normalize, store, layer)))
     if classifier == "knn":
         from ._knn import FaissKNNClassifier
 
-        model = Pipeline([("knn", FaissKNNClassifier(n_neighbors=n_neighbors, metric=metric))])
+        model = Pipeline([*steps, ("knn", FaissKNNClassifier(n_neighbors=n_neighbors, metric=metric))])
         model.fit(X, y)
     else:
-        scaler = StandardScaler().fit(X)
-        Xs = scaler.transform(X)
+        prefix = Pipeline([*steps, ("scale", StandardScaler())]).fit(X)
+        Xs = prefix.transform(X)
         if C == "auto":
-            smallest = int(np.unique(y, return_counts=True)[1].min())
-            if smallest < 2:
-                raise CnnCodesError("C='auto' cross-validates, so every class needs at least 2 "
-                                    "training images; give C a number or add images.")
-            folds = StratifiedKFold(n_splits=min(cv, smallest), shuffle=True, random_state=random_state)
+            folds = _folds(y, groups, cv, random_state)
             C, scores = _best_c(classifier, Xs, y, folds, n_jobs)
             info["cv_scores"] = {f"{c:g}": float(s) for c, s in scores.items()}
         info["C"] = float(C)
@@ -230,10 +364,21 @@ def fit(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             head.fit(Xs, y)
-        model = Pipeline([("scale", scaler), (classifier, head)])
+        model = Pipeline([*prefix.steps, (classifier, head)])
     info["seconds"] = time.perf_counter() - t0
     model.cnncodes_ = fit_meta(info, layer, store, rows)
     return model
+
+
+def _normalizer(kind: str, store, layer):
+    """The normalisation step: per layer when several are concatenated (each to unit length)."""
+    if store is None or isinstance(layer, str):
+        return CodeNormalizer(kind=kind)
+    from sklearn.compose import ColumnTransformer
+
+    bounds = np.cumsum([0] + [store.codes_shape(name)[1] for name in layer])
+    return ColumnTransformer([(name, CodeNormalizer(kind=kind), list(range(a, b)))
+                              for name, a, b in zip(layer, bounds[:-1], bounds[1:])])
 
 
 def fit_meta(info: dict, layer, store: CodeStore | None, rows) -> dict:

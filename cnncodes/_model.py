@@ -21,6 +21,7 @@ MODEL_FORMAT = "cnncodes.model"
 MODEL_VERSION = 1
 # Types cnncodes writes besides the public scikit-learn ones skops trusts by itself.
 TRUSTED = [
+    "cnncodes._fit.CodeNormalizer",
     "cnncodes._knn.FaissKNNClassifier",
     "sklearn.calibration._CalibratedClassifier",
     "sklearn.calibration._SigmoidCalibration",
@@ -170,7 +171,7 @@ def _codes_for(model: Model, source, store=None, progress=False, run=None):
                             "know how to extract codes; fit it from a store made by `cnncodes extract`.")
     tmp = None if store else tempfile.mkdtemp(prefix="cnncodes-predict-")
     out = Path(store) if store else Path(tmp) / "codes.h5"
-    (layer,) = spec.layers
+    layer = list(spec.layers)  # one layer, or several concatenated
     if store and Path(store).is_file():
         # Checked here, not only by extract, for advice that fits predict: it has no -o.
         CodeStore(store).spec.check(spec, Path(store).name, advice=PREDICT_STORE_ADVICE)
@@ -191,14 +192,15 @@ PREDICT_STORE_ADVICE = ("give another store file (--store other.h5; store= in Py
 
 def _check_store(model: Model, store: CodeStore) -> str:
     spec = model.extractor
-    (layer,) = spec.layers
-    if layer not in store.spec.layers:
-        raise StoreMismatchError(
-            f"{store.path.name} holds layers {', '.join(store.layers)}; the model needs "
-            f"{layer} ({spec.layers[layer]}). Extract that layer, or pass a folder of photos."
-        )
-    store.spec.narrow(layer).check(spec, store.path.name, advice=EVALUATE_ADVICE)
-    return layer
+    layers = list(spec.layers)
+    for layer in layers:
+        if layer not in store.spec.layers:
+            raise StoreMismatchError(
+                f"{store.path.name} holds layers {', '.join(store.layers)}; the model needs "
+                f"{layer} ({spec.layers[layer]}). Extract that layer, or pass a folder of photos."
+            )
+    store.spec.narrow(layers).check(spec, store.path.name, advice=EVALUATE_ADVICE)
+    return layers
 
 
 @dataclass
@@ -280,8 +282,10 @@ def predict(model, images, *, top_k: int = 1, store=None, progress: bool = False
             raise CnnCodesError("store= is for models on codes; a fine-tuned network classifies the photos "
                                 "directly. Leave store out.")
         return predict_finetuned(model, images, top_k=top_k, progress=progress, **run)
+    from ._fit import layer_codes
+
     with _codes_for(model, images, store, progress, run) as (codes, layer, failures):
-        X, ids = codes.codes(layer), codes.ids
+        X, ids = layer_codes(codes, layer), codes.ids
     if len(ids) == 0:
         if failures:
             raise all_failed_error(failures)
@@ -461,7 +465,7 @@ def evaluate(model, data, *, progress: bool = False, batch_size: int | None = No
         return ev
 
 
-def _evaluate_store(model: Model, store: CodeStore, layer: str, path: Path, on: str, stats: dict) -> Evaluation:
+def _evaluate_store(model: Model, store: CodeStore, layer: list, path: Path, on: str, stats: dict) -> Evaluation:
     labels = store.labels
     rows = np.flatnonzero(labels >= 0)
     if model.train_sha256:
@@ -477,7 +481,9 @@ def _evaluate_store(model: Model, store: CodeStore, layer: str, path: Path, on: 
         raise CnnCodesError(f"nothing to evaluate in {path}: no labelled rows outside the training set.")
     names = np.array(store.class_names, dtype=object)
     y = names[labels[rows]].astype(str)
-    X = store.codes(layer)[rows]
+    from ._fit import layer_codes
+
+    X = layer_codes(store, layer)[rows]
     pred = np.asarray(model.estimator.predict(X)).astype(str)
     try:
         proba = np.asarray(model.predict_proba(X), dtype=np.float64)

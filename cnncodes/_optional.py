@@ -18,6 +18,7 @@ EXTRAS = {
     "starlette": "serve",
     "uvicorn": "serve",
     "multipart": "serve",
+    "timm": "timm",
 }
 
 

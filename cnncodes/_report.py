@@ -34,7 +34,7 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def provenance(model, store, layer: str) -> dict:
+def provenance(model, store, layer) -> dict:
     """What made an evaluation: model, classifier, extractor settings, store, library versions."""
     spec = model.extractor
     fit = model.fit or {}
@@ -47,7 +47,9 @@ def provenance(model, store, layer: str) -> dict:
     if spec is not None:
         w = spec.weights
         out.update({"backbone": spec.backbone, "weights": w.id, "weights sha256": w.sha256 or "-",
-                    "layer": f"{layer} ({spec.layers.get(layer, '?')})", "pooling": spec.pooling,
+                    "layer": " + ".join(f"{name} ({spec.layers.get(name, '?')})"
+                                        for name in ([layer] if isinstance(layer, str) else layer)),
+                    "pooling": spec.pooling,
                     "codes": f"{spec.dtype}, computed in {spec.precision}, tta {spec.tta}",
                     "preprocessing": spec.preprocessing.description})
     out["store"] = str(store.path)

@@ -136,7 +136,9 @@ def filesystem(url: str, storage_options: dict | None = None):
 
     fsspec = require("fsspec", f"reading {url[:60]!r}")
     protocol = url.split("://", 1)[0].lower()
-    key = (protocol, repr(sorted((storage_options or {}).items())))
+    # Per process: an async file system (s3fs) is bound to its event loop, which a forked
+    # decoding process does not share.
+    key = (os.getpid(), protocol, repr(sorted((storage_options or {}).items())))
     fs = _FS_CACHE.get(key)
     if fs is None:
         try:

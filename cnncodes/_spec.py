@@ -117,14 +117,15 @@ class WeightsRef:
 
     Parameters
     ----------
-    kind : {"torchvision", "file", "random"}
-        A torchvision weights enum member, a local checkpoint file, or random weights
-        drawn from cnncodes' fixed seed.
+    kind : {"torchvision", "file", "random", "timm", "module"}
+        A torchvision weights enum member, a local checkpoint file, random weights
+        drawn from cnncodes' fixed seed, timm's pretrained weights (a tag such as
+        ``"a1_in1k"``), or the parameters a registered nn.Module holds.
     name : str
-        The member name (``"IMAGENET1K_V1"``) or the checkpoint's file name (``"ft.pt"``);
-        ``""`` for random weights.
+        The member name (``"IMAGENET1K_V1"``), the checkpoint's file name (``"ft.pt"``) or
+        the timm tag; ``""`` for random weights and modules.
     sha256 : str
-        Of the checkpoint file; ``""`` for random weights.
+        Of the checkpoint file, or of a module's state dict; ``""`` for random weights.
     path : str
         Where the checkpoint was found on the machine that recorded it: a hint for
         extracting new photos, not part of the identity (never compared).
@@ -142,9 +143,11 @@ class WeightsRef:
     sha256: str = ""
     path: str = field(default="", compare=False, repr=False)
 
-    KINDS: ClassVar[tuple[str, ...]] = ("torchvision", "file", "random")
+    KINDS: ClassVar[tuple[str, ...]] = ("torchvision", "file", "random", "timm", "module")
     _FILE_PREFIX: ClassVar[str] = "file:"
+    _TIMM_PREFIX: ClassVar[str] = "timm:"
     _RANDOM_ID: ClassVar[str] = "random"
+    _MODULE_ID: ClassVar[str] = "module"
 
     def __post_init__(self):
         if self.kind not in self.KINDS:
@@ -155,6 +158,10 @@ class WeightsRef:
         """Parse the id a store records: ``"IMAGENET1K_V1"``, ``"file:ft.pt"`` or ``"random"``."""
         if weights_id == cls._RANDOM_ID:
             return cls("random", "", sha256, path)
+        if weights_id == cls._MODULE_ID:
+            return cls("module", "", sha256, path)
+        if weights_id.startswith(cls._TIMM_PREFIX):
+            return cls("timm", weights_id[len(cls._TIMM_PREFIX):], sha256, path)
         if weights_id.startswith(cls._FILE_PREFIX):
             return cls("file", weights_id[len(cls._FILE_PREFIX):], sha256, path)
         return cls("torchvision", weights_id, sha256, path)
@@ -162,8 +169,10 @@ class WeightsRef:
     @property
     def id(self) -> str:
         """The id stores record, as earlier versions wrote it."""
-        if self.kind == "random":
-            return self._RANDOM_ID
+        if self.kind in ("random", "module"):
+            return self._RANDOM_ID if self.kind == "random" else self._MODULE_ID
+        if self.kind == "timm":
+            return f"{self._TIMM_PREFIX}{self.name}"
         return f"{self._FILE_PREFIX}{self.name}" if self.kind == "file" else self.name
 
     @property
@@ -182,10 +191,13 @@ class WeightsRef:
         """The ``weights=`` of :func:`cnncodes.extract` that finds these weights again.
 
         The torchvision name, the checkpoint's path (its file name, relative to the working
-        directory, when the path is not known), or None for random weights.
+        directory, when the path is not known), or None for random weights. A registered
+        module runs with the parameters it holds (its sha256 is checked against the store's).
         """
         if self.is_random:
             return None
+        if self.kind == "module":
+            return self._MODULE_ID
         return (self.path or self.name) if self.is_file else self.name
 
 
@@ -218,7 +230,7 @@ class ExtractorSpec:
     layers : mapping of str to str
         Layer alias -> graph node, shallow to deep (held as a `FrozenMap`).
     pooling : str
-        ``"avg"``, ``"max"``, ``"gem"`` or ``"flatten"``.
+        ``"avg"``, ``"max"``, ``"gem"``, ``"flatten"``, ``"spp"``, ``"cls"`` or ``"cls+avg"``.
     preprocessing : mapping
         ``Preprocess.as_dict()`` and its ``description`` (held as a `Preprocessing`).
     precision : str
@@ -365,20 +377,23 @@ class ExtractorSpec:
             return layer
         return next((a for a, n in self.layers.items() if n == layer), None)
 
-    def narrow(self, layer: str) -> "ExtractorSpec":
-        """This spec with one layer (an alias or a graph node held).
+    def narrow(self, layer) -> "ExtractorSpec":
+        """This spec with one layer (an alias or a graph node held), or several (a list).
 
         Raises
         ------
         UnknownLayerError
-            If the layer is not held; the message names those that are.
+            If a layer is not held; the message names those that are.
         """
-        alias = self.find_layer(layer)
-        if alias is None:
-            held = ", ".join(f"{a} ({n})" for a, n in self.layers.items())
-            raise UnknownLayerError(f"no layer {layer!r} in these codes; they hold {held}. "
-                                    f"Use one of those, or extract that layer.")
-        return replace(self, layers={alias: self.layers[alias]})
+        aliases = []
+        for name in ([layer] if isinstance(layer, str) else layer):
+            alias = self.find_layer(name)
+            if alias is None:
+                held = ", ".join(f"{a} ({n})" for a, n in self.layers.items())
+                raise UnknownLayerError(f"no layer {name!r} in these codes; they hold {held}. "
+                                        f"Use one of those, or extract that layer.")
+            aliases.append(alias)
+        return replace(self, layers={alias: self.layers[alias] for alias in aliases})
 
     # ----------------------------------------------------------------- use
 

@@ -16,15 +16,14 @@ import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
-from ._backbones import check_pooling, code_sizes, get_backbone, weights_enum
+from ._backbones import check_pooling, code_sizes, get_backbone
 from ._errors import CnnCodesError, FailedImagesError, SourceError, StoreLockedError
 from ._accel import resolve_device, resolve_precision
 from ._extract import DEFAULT_RESIZE, DTYPES, TTAS, extract
-from ._images import Preprocess
 from ._spec import ExtractorSpec
 from ._sources import Item, ReadError, change_key, is_url, read_bytes
 from ._store import CodeStore
-from ._weights import resolve
+from ._weights import preprocess_for, resolve
 
 # How long transform waits for another writer (a parallel CV fold, another process) of the
 # same cache store before giving up. The lock is released when its holder dies, so a held
@@ -165,8 +164,7 @@ class CNNCodes(TransformerMixin, BaseEstimator):
         self.precision_ = resolve_precision(self.precision, device)
         w = resolve(spec, self.weights)
         self._resize = DEFAULT_RESIZE  # extract's own choice for a new store
-        prep = Preprocess.from_weights(weights_enum(spec)[w.preprocessing_from], self.image_size,
-                                       jpeg_draft=True, resize=self._resize)
+        prep = preprocess_for(spec, w, self.image_size, jpeg_draft=True, resize=self._resize)
         self.layer_ = info.alias
         self.n_features_out_ = int(code_sizes(spec, [info], self.pooling, prep.crop_size)[info.alias])
         # The store file is named by everything that makes codes comparable (what the

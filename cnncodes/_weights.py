@@ -105,6 +105,10 @@ def resolve(spec: BackboneSpec, weights=IMAGENET) -> Weights:
     torchvision weights name (``"IMAGENET1K_V2"``) or enum member, a path to a local
     checkpoint, or ``None`` for random weights (only on request).
     """
+    if not spec.traced:  # a timm model or a registered nn.Module
+        from ._custom import resolve_custom
+
+        return resolve_custom(spec, weights)
     default_id = _IMAGENET_MEMBER
     if weights is None:
         return Weights(WeightsRef("random").id, "", "", default_id)
@@ -189,12 +193,29 @@ def _state_dict(path: str) -> tuple[dict, str]:
 RANDOM_SEED = 0
 
 
+def preprocess_for(spec: BackboneSpec, weights: Weights, image_size: int | None, jpeg_draft: bool,
+                   resize: str):
+    """The preprocessing the resolved weights expect, at `image_size` (None: their own crop)."""
+    from ._images import Preprocess
+
+    if not spec.traced:
+        from ._custom import preprocess
+
+        return preprocess(spec, image_size, jpeg_draft, resize)
+    return Preprocess.from_weights(weights_names(spec)[weights.preprocessing_from], image_size,
+                                   jpeg_draft, resize)
+
+
 def load_model(spec: BackboneSpec, weights: Weights) -> torch.nn.Module:
     """Build the backbone and load the resolved checkpoint into it (eval mode).
 
     Random weights are drawn from a fixed seed (without touching the caller's generator), so
     every run of a store made with ``weights=None`` uses the same network.
     """
+    if not spec.traced:
+        from ._custom import load_custom
+
+        return load_custom(spec, weights)
     if weights.ref.is_random:
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(RANDOM_SEED)  # built on the CPU

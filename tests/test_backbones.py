@@ -283,7 +283,7 @@ def test_raw_node_has_a_shape():
 )
 def test_unknown_pooling_lists_the_valid_ones(call):
     """Check that an unknown pooling raises with the valid poolings."""
-    with pytest.raises(CnnCodesError, match=re.escape("unknown pooling 'mean'. Valid poolings: avg, max, gem, flatten.")):
+    with pytest.raises(CnnCodesError, match=re.escape("unknown pooling 'mean'. Valid poolings: avg, max, gem, flatten, spp, cls, cls+avg.")):
         call()
 
 

@@ -27,6 +27,7 @@ from cnncodes import (
 )
 from cnncodes import _finetune
 from cnncodes._backbones import get_backbone, weights_enum
+from cnncodes._sources import read_bytes
 from cnncodes._cli import main
 from cnncodes._finetune import build_net, head_from_logreg, param_groups
 from cnncodes._images import Preprocess, decode
@@ -359,7 +360,7 @@ def test_only_the_training_split_is_augmented(data, tmp_path, monkeypatch):
     a, b = augmented[0][0][1], augmented[0][0][1]
     assert a.shape == (3, 64, 64) and a.dtype == torch.uint8 and not torch.equal(a, b)
     val = next(d for d in plain if len(d) == r.n_val)
-    assert torch.equal(val[0][1], decode(open(val.paths[0], "rb").read(), val.prep))
+    assert torch.equal(val[0][1], decode(read_bytes(val.paths[0]), val.prep))
 
 
 def test_checkpoint_is_a_backbone_for_extract(trained, data, store, tmp_path):

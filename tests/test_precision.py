@@ -228,9 +228,9 @@ def test_auto_workers_decode_in_process_when_decoding_is_cheap(sample_dir, monke
     loaders = []
     real = ex._loader
 
-    def spy(items, prep, max_pixels, batch_size, workers, pin, start=0):
+    def spy(items, prep, max_pixels, batch_size, workers, pin, start=0, storage_options=None):
         loaders.append((len(items), workers, start))
-        return real(items, prep, max_pixels, batch_size, workers, pin, start)
+        return real(items, prep, max_pixels, batch_size, workers, pin, start, storage_options)
 
     monkeypatch.setattr(ex, "_loader", spy)
     items = read_source(sample_dir).items

@@ -155,16 +155,10 @@ def test_ray_bad_arguments(cluster, sample_dir, tmp_path):
 
 def test_ray_missing_is_explained(monkeypatch, sample_dir, tmp_path):
     """Check that engine='ray' without Ray installed says how to install it."""
-    import builtins
+    import sys
 
-    real_import = builtins.__import__
-
-    def no_ray(name, *args, **kwargs):
-        if name == "ray" or name.startswith("ray."):
-            raise ImportError(f"No module named {name!r}")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_ray)
+    monkeypatch.setitem(sys.modules, "ray", None)  # what an environment without Ray imports
+    monkeypatch.setitem(sys.modules, "ray.data", None)
     with pytest.raises(CnnCodesError, match=r"pip install 'cnncodes\[ray\]'"):
         extract(str(sample_dir), out=tmp_path / "x.h5", engine="ray", **SMALL)
     assert not (tmp_path / "x.h5").exists()

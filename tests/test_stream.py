@@ -57,7 +57,7 @@ def test_accuracy_close_to_in_memory_fit(store):
     """Check that streamed SGD classifies held-out photos about as well as in-memory logreg.
 
     40 photos are few, so the accuracies are averaged over three 50/50 splits; on flowers5
-    (4,317 photos) the two reach 0.751 and 0.742 (README, "Scaling out").
+    (4,317 photos) the two reach 0.751 and 0.742 (docs/guide.md, "Large stores").
     """
     X, names = store.codes("block5"), np.array(store.class_names)
     y = names[store.labels]
