@@ -161,8 +161,8 @@ def _spread(xs, fmt="{:.2f}"):
 
 
 def main():
-    from cnncodes import extract
-    from cnncodes._accel import release_freed_memory
+    from cnncodes import CodeStore, extract
+    from cnncodes._accel import cpu_has_fast_bf16, release_freed_memory
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", type=Path, help="a folder of class subfolders, e.g. ../shared/datasets/flowers5")
@@ -187,17 +187,20 @@ def main():
     spec = get_backbone(args.backbone)
     layer = args.layer or spec.default_layer
     node = spec.layer(layer).node
-    precision = resolve_precision(args.precision, resolve_device("auto"))
+    dev = resolve_device("auto")
+    # With "auto" a new store's precision is measured by extract: the model-only rows follow
+    # what the first end-to-end run chose (the rule's answer until then).
+    precision = resolve_precision(args.precision, dev)
     work = Path(tempfile.mkdtemp(prefix="cnncodes-bench-"))
     # Every compilation here starts cold (see compiled_extract), as a user's first one does.
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(work / "inductor-model-only")
     rest = subset(args.data, work / "data", None if args.n == "all" else int(args.n))
     n = sum(1 for _ in (work / "data").rglob("*.*"))
     print(f"# {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.backbone} {layer} "
-          f"({node}), weights {args.weights}, {n} images, batch {args.batch_size}, precision {precision}, "
+          f"({node}), weights {args.weights}, {n} images, batch {args.batch_size}, precision {args.precision}, "
           f"{args.rounds} interleaved rounds (medians)")
     print(f"# command: python benchmarks/bench_extract.py {args.data} --n {args.n} --backbone {args.backbone} "
-          f"--weights {args.weights}" + (" --compile" if args.compile else ""))
+          f"--weights {args.weights} --precision {args.precision}" + (" --compile" if args.compile else ""))
     settings = dict(backbone=args.backbone, layers=[layer], weights=weights, batch_size=args.batch_size,
                     progress=False, precision=args.precision)
     rows = []
@@ -215,17 +218,21 @@ def main():
     models, firsts = [], []
     for r in range(args.rounds):
         release_freed_memory()
-        models.append(model_only(batches, args.backbone, weights, layer, precision, False, args.batch_size)[0])
-        release_freed_memory()
         target = out if r == 0 else work / f"first-{r}.h5"
         t0 = time.perf_counter()
-        extract(work / "data", out=target, compile=False, **settings)
+        result = extract(work / "data", out=target, compile=False, **settings)
         firsts.append(time.perf_counter() - t0)
+        precision = CodeStore(target).spec["precision"]
+        if result.precision_choice:
+            print(f"# round {r + 1}: {result.precision_choice}")
         if target != out:
             target.unlink()
+        release_freed_memory()
+        models.append(model_only(batches, args.backbone, weights, layer, precision, False, args.batch_size)[0])
     t_model, t_first = _median(models), _median(firsts)
     ratios = [m / f * 100 for m, f in zip(models, firsts)]
-    rows.append((f"model only, {precision} (extract's default)", t_model, n, _spread(models)))
+    rows.append((f"model only, {precision} (extract's {'choice' if args.precision == 'auto' else 'setting'})",
+                 t_model, n, _spread(models)))
     release_freed_memory()
     t_faults, _ = model_only(batches, args.backbone, weights, layer, precision, False, args.batch_size,
                              reuse=False)
@@ -234,17 +241,23 @@ def main():
     if args.compile:
         t_cmodel, warm = model_only(batches, args.backbone, weights, layer, precision, True, args.batch_size)
         rows.append((f"model only, {precision} + torch.compile", t_cmodel, n, f"cold compile {warm:.0f} s"))
+    others = ["float32", "bfloat16"] if dev.type == "cuda" or cpu_has_fast_bf16() else ["float32"]
+    t_others = {"float32": t_fp32}
+    for other in [p for p in others if p not in (precision, "float32")]:
+        release_freed_memory()
+        t_others[other] = model_only(batches, args.backbone, weights, layer, other, False, args.batch_size)[0]
+        rows.append((f"model only, {other}", t_others[other], n, ""))
     del batches
     rows.append(("cnncodes extract --no-compile (first run, end to end)", t_first, n,
                  f"**{_median(ratios):.0f} %** of model-only's rate (median of the rounds' ratios; "
                  f"{_spread(ratios, '{:.0f} %')}); {_spread(firsts)}"))
-    if precision != "float32":
+    for other in [p for p in others if p != precision]:  # what auto did not choose, end to end
         release_freed_memory()
         t0 = time.perf_counter()
-        extract(work / "data", out=work / "float32.h5", compile=False, **{**settings, "precision": "float32"})
-        t_f32 = time.perf_counter() - t0
-        rows.append(("cnncodes extract --precision float32 (end to end)", t_f32, n,
-                     f"{t_fp32 / t_f32 * 100:.0f} % of float32 model-only's rate"))
+        extract(work / "data", out=work / f"{other}.h5", compile=False, **{**settings, "precision": other})
+        t_other = time.perf_counter() - t0
+        rows.append((f"cnncodes extract --precision {other} (end to end)", t_other, n,
+                     f"{t_others[other] / t_other * 100:.0f} % of {other} model-only's rate"))
     if args.compile:
         # The defaults: compile="auto" times two eager batches, then compiles when the rest
         # would take five minutes or more. A user's first run: fresh process, empty cache.

@@ -26,6 +26,7 @@ from ._accel import resolve_device, resolve_precision, reuse_freed_memory
 from ._codesmodel import codes_model
 from ._errors import CnnCodesError, StoreMismatchError
 from ._outputs import STORE, check_output
+from ._precision import measure_precision, resumed_choice, save_choice
 from ._images import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocess, decode, resize_batch
 from ._sources import Item, change_key, data_root, read_bytes, read_source
 from ._spec import ExtractorSpec
@@ -73,6 +74,7 @@ class ExtractResult:
     seconds: float = 0.0
     compute_seconds: float = 0.0
     layers: dict[str, int] = field(default_factory=dict)  # alias -> code size
+    precision_choice: str = ""  # how precision="auto" chose a new store's precision
 
     @property
     def images_per_second(self) -> float:
@@ -89,6 +91,8 @@ class ExtractResult:
             f"{self.path}: {self.n_rows} rows; "
             + ", ".join(f"{a} ({d})" for a, d in self.layers.items()) + ".",
         ]
+        if self.precision_choice:
+            lines.append(self.precision_choice)
         if self.converted_from is not None:
             lines.append(f"converted {Path(self.path).name} from store format {self.converted_from} to "
                          f"{FORMAT_VERSION} (once): its rows now live in {Path(self.path).name}.d/, and "
@@ -261,11 +265,18 @@ def extract(
     dtype : {"float32", "float16"}
         Storage type of the codes.
     precision : {"auto", "float32", "bfloat16", "float16"}
-        Arithmetic of the forward pass. ``"auto"`` follows an existing store, else picks
-        bfloat16 autocast where the hardware runs it natively (CUDA GPUs, CPUs with AVX-512
-        BF16 or AMX: ResNet50 1.75x faster on 2 cores, MobileNetV2 about as fast as float32
-        with its BatchNorm folded; codes within cosine 0.999 of float32) and float32
-        elsewhere. Recorded in the store: codes of different precision are never mixed.
+        Arithmetic of the forward pass. ``"auto"`` follows an existing store (or the
+        interrupted first run being resumed). For a new store it measures, before anything is
+        written: where the device offers more than float32 (a CPU with AVX-512 BF16 or AMX:
+        float32 with BatchNorm folded and bfloat16; CUDA: float32, bfloat16, float16), each
+        candidate runs the first 16 images once untimed and twice timed, and the fastest
+        whose codes agree with float32's to cosine 0.999 in every row is kept (ResNet50 gains
+        1.75x from bfloat16 on 2 AMD cores; MobileNetV2 may run faster in float32). A run too
+        short to repay that (under 960 images on a CPU, 1,440 on a GPU) takes the rule
+        instead: bfloat16 where the hardware runs it natively, float32 elsewhere. The choice
+        and its timings are printed and kept in ``attrs["precision_choice"]``; the precision
+        is recorded in the store's spec: codes of different precision are never mixed. See
+        docs/precision.md.
     compile : bool or "auto"
         Run the model through ``torch.compile`` (20-35 s to compile on a CPU, a few seconds
         once its kernels are cached; then 1.05-1.2x faster). ``"auto"``, on a CPU: the first
@@ -419,27 +430,44 @@ def extract(
         stored = store.spec if store is not None else None
         if precision == "auto" and stored is not None:
             precision = stored.precision
+        journal = Journal(out)
+        choice = resumed_choice(journal) if precision == "auto" and stored is None else None
+        if choice is not None:  # an interrupted first run chose it: the journal holds its codes
+            precision = choice.precision
         if tta is None:
             tta = stored.tta if stored is not None else "none"
         if jpeg_draft is None:
             jpeg_draft = stored.preprocessing.jpeg_draft if stored is not None else True
         if resize is None:
             resize = stored.preprocessing.resize if stored is not None else DEFAULT_RESIZE
-        precision = resolve_precision(precision, dev)
         if image_size is None and w.image_size is not None:  # a fine-tuned network: its training crop
             image_size = w.image_size
         prep = preprocess_for(spec_b, w, image_size, jpeg_draft, resize)
+
+        def make_forward(p):  # eager: the probe times eager models, and compile=True starts in _run
+            return CodesForward(spec_b, w, infos, pooling, prep, dev, p, tta, batch_size=batch_size)
+
+        if precision == "auto" and engine == "local":  # a new store: measured before any write
+            def first_images(n):
+                return next(iter(_loader(src.items[:n], prep, max_pixels, n, 0, False,
+                                         storage_options=src.storage_options)))[1]
+
+            choice = measure_precision(first_images, make_forward, dev, len(src.items))
+            precision = choice.precision
+        precision = resolve_precision(precision, dev)
         code_dims = code_sizes(spec_b, infos, pooling, prep.crop_size)
         spec = ExtractorSpec(
             backbone=backbone, weights=w.ref, layers={i.alias: i.node for i in infos}, pooling=pooling,
             preprocessing={**prep.as_dict(), "description": prep.describe()},
             precision=precision, tta=tta, dtype=dtype,
         )
-        result = ExtractResult(str(out), len(src.items), skipped_files=src.skipped, layers=code_dims)
+        result = ExtractResult(str(out), len(src.items), skipped_files=src.skipped, layers=code_dims,
+                               precision_choice=choice.describe() if choice is not None else "")
         if store is not None:
             store.spec.check(spec, out.name)
-        journal = Journal(out)
         journal.open(spec)
+        if choice is not None:
+            save_choice(journal, choice)
         journal.clean()
         # Remote data, and every image of a Ray run, is read once, where it is decoded: the
         # plan decides from the listing's keys and never reads an image to hash it.
@@ -464,8 +492,9 @@ def extract(
                 address=ray_address, workers=ray_workers, gpus_per_worker=gpus_per_worker)
             result.compute_seconds = time.perf_counter() - t1
         elif plan.compute:
-            forward = CodesForward(spec_b, w, infos, pooling, prep, dev, precision, tta,
-                                   compile=compile is True, batch_size=batch_size)
+            forward = make_forward(precision) if choice is None or choice.forward is None else choice.forward
+            if compile is True:
+                forward.enable_compile(asked=True)
             with reuse_freed_memory():  # activations reused, not faulted in anew each batch
                 failed_shas, index = _run(plan.compute, forward, prep, dtype, journal, index, batch_size,
                                           num_workers, max_pixels, progress, result, plan.stat_of,
@@ -490,8 +519,10 @@ def extract(
         if journal.files():
             if store is not None and store.format_version < FORMAT_VERSION:
                 result.converted_from = store.format_version
-            written = merge(out, journal, spec, code_dims, _provenance(src, w), store=store,
-                            new_root=new_root)
+            attrs = _provenance(src, w)
+            if choice is not None:
+                attrs["precision_choice"] = choice.to_json()
+            written = merge(out, journal, spec, code_dims, attrs, store=store, new_root=new_root)
         else:
             journal.remove()
             written = set()
@@ -792,12 +823,16 @@ class CodesForward:
         self.prep, self.device, self.precision, self.tta = prep, device, precision, tta
         self.batch_size = batch_size
         self.compiled = None
-        self.compile_asked = bool(compile)
+        self.compile_asked = False
         if compile:
-            self.enable_compile()
+            self.enable_compile(asked=True)
 
-    def enable_compile(self) -> None:
-        """Run the following batches through ``torch.compile`` (compiled at the next call)."""
+    def enable_compile(self, asked: bool = False) -> None:
+        """Run the following batches through ``torch.compile`` (compiled at the next call).
+
+        `asked`: the user asked for it, so a failure to compile is an error, not a warning.
+        """
+        self.compile_asked = self.compile_asked or asked
         if self.compiled is None and getattr(self.model, "compilable", True):
             self.compiled = torch.compile(self.model, dynamic=False)
 

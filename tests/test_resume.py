@@ -17,7 +17,7 @@ from cnncodes._store import Journal
 def _start(data, out, *extra, workers=0):
     cmd = [sys.executable, "-m", "cnncodes", "extract", str(data), "-o", str(out), "--quiet",
            "--image-size", "64", "--batch-size", "1", "--workers", str(workers), "--layer", "block4",
-           "--layer", "block5", *extra]
+           "--layer", "block5", "--precision", "float32", *extra]  # auto would choose by timing, run by run
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
@@ -41,7 +41,7 @@ def reference(tmp_path_factory, sample_dir):
     """An uninterrupted run over the 40 bundled photos."""
     out = tmp_path_factory.mktemp("ref") / "ref.h5"
     extract(sample_dir, out=out, layers=["block4", "block5"], image_size=64, batch_size=1,
-            num_workers=0, progress=False)
+            num_workers=0, precision="float32", progress=False)
     return CodeStore(out)
 
 
