@@ -9,7 +9,7 @@ import threading
 
 import torch
 
-from ._errors import CnnCodesError
+from ._errors import CnnCodesError, InvalidParameterError
 
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 
@@ -21,7 +21,7 @@ def resolve_device(device) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise CnnCodesError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'.") from None
+        raise InvalidParameterError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'.") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CnnCodesError(f"device {device!r} was asked for but CUDA is not available here; use device='cpu'.")
     return dev
@@ -48,7 +48,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     emulated and slower than float32.
     """
     if precision not in PRECISIONS:
-        raise CnnCodesError(f"unknown precision {precision!r}. Valid precisions: {', '.join(PRECISIONS)}.")
+        raise InvalidParameterError(f"unknown precision {precision!r}. Valid precisions: {', '.join(PRECISIONS)}.")
     if precision == "auto":
         if device.type == "cuda":
             return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
-from ._errors import CnnCodesError, UnknownBackboneError, UnknownLayerError
+from ._errors import CnnCodesError, InvalidParameterError, UnknownBackboneError, UnknownLayerError
 
 if TYPE_CHECKING:
     from torch import nn
@@ -379,5 +379,5 @@ def layer_table(name: str, *, pooling: str = "avg", image_size: int | None = Non
 
 def check_pooling(pooling: str) -> str:
     if pooling not in POOLINGS:
-        raise CnnCodesError(f"unknown pooling {pooling!r}. Valid poolings: {', '.join(POOLINGS)}.")
+        raise InvalidParameterError(f"unknown pooling {pooling!r}. Valid poolings: {', '.join(POOLINGS)}.")
     return pooling

@@ -7,6 +7,8 @@ import difflib
 import sys
 import textwrap
 
+from ._errors import InvalidParameterError
+
 EXIT_OK, EXIT_FAILURES, EXIT_ERROR = 0, 1, 2
 EXIT_SIGPIPE = 141  # 128 + SIGPIPE, as a shell reports a command whose reader closed the pipe
 
@@ -563,7 +565,6 @@ def _demo(args) -> int:
 
 
 def _fit(args) -> int:
-    from ._errors import CnnCodesError
     from ._fit import fit, split_store
     from ._model import evaluate, save
     from ._optional import require
@@ -577,7 +578,7 @@ def _fit(args) -> int:
     try:
         C = args.C if args.C == "auto" else float(args.C)
     except ValueError:
-        raise CnnCodesError(f"--C must be 'auto' or a number, got {args.C!r}.") from None
+        raise InvalidParameterError(f"--C must be 'auto' or a number, got {args.C!r}.") from None
     rows = None
     if args.test_size is not None:
         rows, test = split_store(store, test_size=args.test_size, random_state=args.random_state)
@@ -607,12 +608,11 @@ def _fit(args) -> int:
 
 def _run_kwargs(args) -> dict:
     """The --batch-size, --device and --workers of predict and evaluate, as library keywords."""
-    from ._errors import CnnCodesError
 
     try:
         workers = args.workers if args.workers == "auto" else int(args.workers)
     except ValueError:
-        raise CnnCodesError(f"--workers must be 'auto' or a number, got {args.workers!r}.") from None
+        raise InvalidParameterError(f"--workers must be 'auto' or a number, got {args.workers!r}.") from None
     return dict(batch_size=args.batch_size, device=args.device, num_workers=workers)
 
 
@@ -626,7 +626,7 @@ def _predict(args) -> int:
     from ._outputs import PREDICTIONS, check_output
 
     if args.top_k < 1:
-        raise CnnCodesError(f"--top-k must be 1 or more, got {args.top_k}.")
+        raise InvalidParameterError(f"--top-k must be 1 or more, got {args.top_k}.")
     if args.csv:
         check_output(args.csv, PREDICTIONS, option="--csv")
         folder = Path(args.csv).parent
@@ -819,11 +819,10 @@ def _export(args) -> int:
 
 
 def _serve(args) -> int:
-    from ._errors import CnnCodesError
     from ._serve import serve
 
     if args.max_batch < 1 or args.window_ms < 0 or args.max_upload_mb <= 0:
-        raise CnnCodesError("--max-batch must be >= 1, --window-ms >= 0 and --max-upload-mb > 0.")
+        raise InvalidParameterError("--max-batch must be >= 1, --window-ms >= 0 and --max-upload-mb > 0.")
 
     def ready(url):
         print(f"cnncodes serve: {args.model} on {url} (POST /predict, GET /health); Ctrl-C to stop.", flush=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._errors import CnnCodesError
+from ._errors import CnnCodesError, InvalidParameterError
 from ._outputs import PNG, check_output
 from ._stats import CONFIDENCE, N_RESAMPLES, Interval, accuracy_intervals, check_resampling
 
@@ -207,7 +207,7 @@ def learning_curve(store, sizes=SIZES, *, repeats: int = 5, layer: str | None = 
         raise CnnCodesError(f"learning_curve fits classifier='logreg' (a calibrated SVM needs 3 images per "
                             f"class to fit), got {classifier!r}.")
     if not isinstance(repeats, (int, np.integer)) or isinstance(repeats, bool) or repeats < 1:
-        raise CnnCodesError(f"repeats must be an integer >= 1 (training draws per size), got {repeats!r}.")
+        raise InvalidParameterError(f"repeats must be an integer >= 1 (training draws per size), got {repeats!r}.")
     sizes = _check_sizes(sizes)
     codes = _as_store(store)
     layer = layer or codes.layers[-1]

@@ -66,3 +66,8 @@ class ImageDecodeError(Exception):
 
     Internal: a decoding failure is recorded with the image, never raised to the user.
     """
+
+
+class InvalidParameterError(CnnCodesError, ValueError):
+    """An argument has a value cnncodes cannot use (an unknown name, a number out of range);
+    the message names the valid values. A ValueError too, as scikit-learn's estimators raise."""

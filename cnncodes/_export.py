@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._errors import CnnCodesError, ExportError
+from ._errors import ExportError, InvalidParameterError
 from ._outputs import EXPORT, check_output
 
 FORMATS = ("onnx", "torchscript")
@@ -305,7 +305,7 @@ def export(model, path, *, format: str | None = None, opset: int = 17) -> Path:
     path = Path(path)
     format = format or ("onnx" if path.suffix.lower() == ".onnx" else "torchscript")
     if format not in FORMATS:
-        raise CnnCodesError(f"unknown export format {format!r}. Valid formats: {', '.join(FORMATS)}.")
+        raise InvalidParameterError(f"unknown export format {format!r}. Valid formats: {', '.join(FORMATS)}.")
     check_output(path, EXPORT)
     if format == "onnx":
         onnx = _need("onnx")

@@ -24,7 +24,7 @@ from ._backbones import (
 )
 from ._accel import resolve_device, resolve_precision, reuse_freed_memory
 from ._codesmodel import codes_model
-from ._errors import CnnCodesError, StoreMismatchError
+from ._errors import CnnCodesError, InvalidParameterError, StoreMismatchError
 from ._outputs import STORE, check_output
 from ._precision import measure_precision, resumed_choice, save_choice
 from ._images import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocess, decode, resize_batch
@@ -375,25 +375,25 @@ def extract(
     t0 = time.perf_counter()
     check_pooling(pooling)
     if dtype not in DTYPES:
-        raise CnnCodesError(f"unknown dtype {dtype!r}. Valid dtypes: {', '.join(DTYPES)}.")
+        raise InvalidParameterError(f"unknown dtype {dtype!r}. Valid dtypes: {', '.join(DTYPES)}.")
     if tta is not None and tta not in TTAS:
-        raise CnnCodesError(f"unknown tta {tta!r}. Valid values: {', '.join(TTAS)}.")
+        raise InvalidParameterError(f"unknown tta {tta!r}. Valid values: {', '.join(TTAS)}.")
     if engine not in ("local", "ray"):
-        raise CnnCodesError(f"unknown engine {engine!r}. Valid engines: 'local', 'ray'.")
+        raise InvalidParameterError(f"unknown engine {engine!r}. Valid engines: 'local', 'ray'.")
     if engine == "ray":
         from ._ray import import_ray
 
         import_ray()  # fail before any file is touched
     if compile not in ("auto", True, False):
-        raise CnnCodesError(f"compile must be True, False or 'auto', got {compile!r}.")
+        raise InvalidParameterError(f"compile must be True, False or 'auto', got {compile!r}.")
     if resize is not None and resize not in RESIZES:
-        raise CnnCodesError(f"unknown resize {resize!r}. Valid values: {', '.join(RESIZES)} "
+        raise InvalidParameterError(f"unknown resize {resize!r}. Valid values: {', '.join(RESIZES)} "
                             f"(where images are resized: in the decoding processes, or on the "
                             f"model's device).")
     dev = resolve_device(device)
     resolve_precision(precision, dev)  # validate early, before any file is touched
     if batch_size < 1:
-        raise CnnCodesError(f"batch_size must be >= 1, got {batch_size}.")
+        raise InvalidParameterError(f"batch_size must be >= 1, got {batch_size}.")
     if model is not None:
         from ._custom import register_backbone
 
@@ -413,7 +413,7 @@ def extract(
         by_node.setdefault(info.node, info)
     infos = shallow_to_deep(spec_b, list(by_node.values()))
     if on_other_root not in ON_OTHER_ROOT:
-        raise CnnCodesError(f"unknown on_other_root {on_other_root!r}. Valid values: "
+        raise InvalidParameterError(f"unknown on_other_root {on_other_root!r}. Valid values: "
                             f"{', '.join(ON_OTHER_ROOT)}.")
     out = Path(out)
     check_output(out, STORE, option="out")  # a model, a photo, a folder ... is never overwritten

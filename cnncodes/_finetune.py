@@ -18,7 +18,7 @@ from torch import nn
 
 from ._accel import autocast, resolve_device, resolve_precision, reuse_freed_memory
 from ._backbones import build_model, finish_model, get_backbone, graph_nodes, weights_enum
-from ._errors import CnnCodesError, SourceError, WeightsError
+from ._errors import CnnCodesError, InvalidParameterError, SourceError, WeightsError
 from ._images import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocess, decode
 from ._outputs import CHECKPOINT, check_output
 from ._sources import Item, Source, read_bytes, read_source
@@ -206,7 +206,7 @@ def _boundary(spec, unfreeze) -> tuple[int, str]:
     hint = (f"Use a layer alias of {spec.name} ({', '.join(aliases)}): that block and every deeper "
             f"one are trained; or a number of top blocks, 0 (the head only) to {len(aliases)}; or 'all'.")
     if isinstance(unfreeze, bool):
-        raise CnnCodesError(f"unfreeze must be an alias, a number or 'all', got {unfreeze!r}. {hint}")
+        raise InvalidParameterError(f"unfreeze must be an alias, a number or 'all', got {unfreeze!r}. {hint}")
     if isinstance(unfreeze, str) and unfreeze.isdigit():
         unfreeze = int(unfreeze)
     if isinstance(unfreeze, (int, np.integer)):
@@ -823,11 +823,11 @@ def finetune(
     _check_args(epochs, lr, head_lr, batch_size, dropout, val_fraction, test_size, early_stopping,
                 target_accuracy, weight_decay)
     if not 0 <= label_smoothing < 1:
-        raise CnnCodesError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}.")
+        raise InvalidParameterError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}.")
     if optimizer not in OPTIMIZERS:
-        raise CnnCodesError(f"unknown optimizer {optimizer!r}. Valid optimizers: {', '.join(OPTIMIZERS)}.")
+        raise InvalidParameterError(f"unknown optimizer {optimizer!r}. Valid optimizers: {', '.join(OPTIMIZERS)}.")
     if tta not in TTAS:
-        raise CnnCodesError(f"unknown tta {tta!r}. Valid values: {', '.join(TTAS)}.")
+        raise InvalidParameterError(f"unknown tta {tta!r}. Valid values: {', '.join(TTAS)}.")
     spec = get_backbone(backbone)
     if isinstance(unfreeze, str) and unfreeze.isdigit():
         unfreeze = int(unfreeze)

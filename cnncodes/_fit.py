@@ -13,7 +13,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from ._errors import CnnCodesError
+from ._errors import CnnCodesError, InvalidParameterError
 from ._store import CodeStore
 
 CLASSIFIERS = ("logreg", "linear_svm", "knn", "sgd")
@@ -43,7 +43,7 @@ class CodeNormalizer(TransformerMixin, BaseEstimator):
 
     def fit(self, X, y=None):
         if self.kind not in NORMALIZE:
-            raise CnnCodesError(f"unknown normalize {self.kind!r}. Valid values: 'l2', 'power' or None.")
+            raise InvalidParameterError(f"unknown normalize {self.kind!r}. Valid values: 'l2', 'power' or None.")
         validate_data(self, X, reset=True)
         return self
 
@@ -90,7 +90,7 @@ def split_groups(labels, sha256, *, test_size: float = 0.25, random_state: int |
     labels, shas = np.asarray(labels), np.asarray(sha256, dtype=object)
     rows = np.flatnonzero(labels >= 0)
     if not 0 < test_size < 1:
-        raise CnnCodesError(f"test_size must be between 0 and 1, got {test_size}.")
+        raise InvalidParameterError(f"test_size must be between 0 and 1, got {test_size}.")
     first = {}
     for r in rows:  # one representative per content, labelled with its first label
         first.setdefault(shas[r], r)
@@ -334,11 +334,11 @@ def fit(
     >>> model = fit("codes.h5", layer="block5", rows=train)          # doctest: +SKIP
     """
     if classifier not in CLASSIFIERS:
-        raise CnnCodesError(f"unknown classifier {classifier!r}. Valid classifiers: {', '.join(CLASSIFIERS)}.")
+        raise InvalidParameterError(f"unknown classifier {classifier!r}. Valid classifiers: {', '.join(CLASSIFIERS)}.")
     if not (C == "auto" or isinstance(C, (int, float)) and C > 0):
-        raise CnnCodesError(f"C must be 'auto' or a positive number, got {C!r}.")
+        raise InvalidParameterError(f"C must be 'auto' or a positive number, got {C!r}.")
     if not (isinstance(cv, (int, np.integer)) and not isinstance(cv, bool) and cv >= 2):
-        raise CnnCodesError(f"cv must be an integer >= 2 (the folds of the cross-validation that picks "
+        raise InvalidParameterError(f"cv must be an integer >= 2 (the folds of the cross-validation that picks "
                             f"C='auto'), got {cv!r}. Pass cv=2 or more (--cv on the command line).")
     if classifier == "sgd":
         from ._stream import fit_streaming
@@ -349,7 +349,7 @@ def fit(
         return fit_streaming(codes, labels, layer=layer, rows=rows, random_state=random_state)
     t0 = time.perf_counter()
     if normalize not in (*NORMALIZE, None):
-        raise CnnCodesError(f"unknown normalize {normalize!r}. Valid values: 'l2', 'power' or None.")
+        raise InvalidParameterError(f"unknown normalize {normalize!r}. Valid values: 'l2', 'power' or None.")
     X, y, store, layer, rows = _load_xy(codes, labels, layer, rows)
     if len(np.unique(y)) < 2:
         raise CnnCodesError(f"fit needs at least 2 classes, got {len(np.unique(y))} ({np.unique(y)[:3]}).")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._errors import CnnCodesError, FailedImagesError, ModelFileError, StoreMismatchError
+from ._errors import CnnCodesError, FailedImagesError, InvalidParameterError, ModelFileError, StoreMismatchError
 from ._outputs import MODEL as MODEL_FILE
 from ._outputs import PNG, check_output
 from ._spec import ExtractorSpec
@@ -268,7 +268,7 @@ def predict(model, images, *, top_k: int = 1, store=None, progress: bool = False
         When every photo failed (its ``failures`` lists them).
     """
     if not isinstance(top_k, (int, np.integer)) or isinstance(top_k, bool) or top_k < 1:
-        raise CnnCodesError(f"top_k must be an integer >= 1, got {top_k!r}.")
+        raise InvalidParameterError(f"top_k must be an integer >= 1, got {top_k!r}.")
     run = _run_options(batch_size, device, num_workers)
     model = _as_model(model)
     from ._finetune import FineTunedModel, predict_finetuned

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from ._accel import reuse_freed_memory
-from ._errors import CnnCodesError
+from ._errors import CnnCodesError, InvalidParameterError
 from ._sources import Item, is_url
 
 # Fault injection for the tests: {"actor_exit_after": n} makes every actor process exit
@@ -196,9 +196,9 @@ def run_ray(items: list[Item], *, backbone, weights, infos, pooling, prep, preci
     from tqdm.auto import tqdm
 
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-        raise CnnCodesError(f"ray_workers must be an integer >= 1 or None, got {workers!r}.")
+        raise InvalidParameterError(f"ray_workers must be an integer >= 1 or None, got {workers!r}.")
     if not isinstance(gpus_per_worker, (int, float)) or gpus_per_worker < 0:
-        raise CnnCodesError(f"gpus_per_worker must be a number >= 0, got {gpus_per_worker!r}.")
+        raise InvalidParameterError(f"gpus_per_worker must be a number >= 0, got {gpus_per_worker!r}.")
     ray = import_ray()
     started = not ray.is_initialized()
     if started:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._errors import CnnCodesError
+from ._errors import InvalidParameterError
 
 DEFAULT_MAX_UPLOAD_MB = 20.0
 MULTIPART_SLACK = 64 * 1024  # form boundaries and headers around the photo itself
@@ -334,7 +334,7 @@ def serve(model, *, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 
     import uvicorn
 
     if not 0 <= int(port) <= 65535:
-        raise CnnCodesError(f"port must be in 0..65535, got {port}.")
+        raise InvalidParameterError(f"port must be in 0..65535, got {port}.")
     app = make_app(model, max_batch=max_batch, window_ms=window_ms, max_upload_mb=max_upload_mb, threads=threads)
     if ready is not None:
         ready(f"http://{host}:{port}/")

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._errors import CnnCodesError
+from ._errors import CnnCodesError, InvalidParameterError
 
 N_RESAMPLES = 1000
 CONFIDENCE = 0.95
@@ -52,10 +52,10 @@ class Interval:
 def check_resampling(n_resamples, confidence) -> None:
     """Refuse a number of resamples or a confidence level that cannot make an interval."""
     if not isinstance(n_resamples, (int, np.integer)) or isinstance(n_resamples, bool) or n_resamples < 100:
-        raise CnnCodesError(f"n_resamples must be an integer >= 100 (the bootstrap resamples of the "
+        raise InvalidParameterError(f"n_resamples must be an integer >= 100 (the bootstrap resamples of the "
                             f"confidence interval; 1000 is usual), got {n_resamples!r}.")
     if not 0 < confidence < 1:
-        raise CnnCodesError(f"confidence must be between 0 and 1 (0.95 for a 95 % interval), got {confidence!r}.")
+        raise InvalidParameterError(f"confidence must be between 0 and 1 (0.95 for a 95 % interval), got {confidence!r}.")
 
 
 def stratum_means(values, strata, *, n_resamples: int = N_RESAMPLES, random_state=0):

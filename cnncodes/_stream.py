@@ -11,7 +11,7 @@ from sklearn.linear_model import SGDClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from ._errors import CnnCodesError
+from ._errors import CnnCodesError, InvalidParameterError
 from ._store import CodeStore
 
 LOSSES = ("log_loss", "hinge", "modified_huber")
@@ -107,12 +107,12 @@ def fit_streaming(
     >>> model = fit_streaming("big.h5", rows=train, chunk_rows=100_000)     # doctest: +SKIP
     """
     if loss not in LOSSES:
-        raise CnnCodesError(f"unknown loss {loss!r} for the streaming fit. Valid losses: {', '.join(LOSSES)}.")
+        raise InvalidParameterError(f"unknown loss {loss!r} for the streaming fit. Valid losses: {', '.join(LOSSES)}.")
     for name, value in (("chunk_rows", chunk_rows), ("epochs", epochs)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise CnnCodesError(f"{name} must be an integer >= 1, got {value!r}.")
+            raise InvalidParameterError(f"{name} must be an integer >= 1, got {value!r}.")
     if not (isinstance(alpha, (int, float)) and alpha > 0):
-        raise CnnCodesError(f"alpha must be a positive number, got {alpha!r}.")
+        raise InvalidParameterError(f"alpha must be a positive number, got {alpha!r}.")
     t0 = time.perf_counter()
     store = None
     if isinstance(codes, (str, Path, CodeStore)):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._errors import CnnCodesError, UnknownLayerError
+from ._errors import CnnCodesError, InvalidParameterError, UnknownLayerError
 from ._outputs import PNG, check_output
 
 PROBES = ("logreg", "linear_svm")
@@ -447,11 +447,11 @@ def sweep(
 
     t0 = time.perf_counter()
     if classifier not in PROBES:
-        raise CnnCodesError(f"unknown probe classifier {classifier!r}. Valid: {', '.join(PROBES)}.")
+        raise InvalidParameterError(f"unknown probe classifier {classifier!r}. Valid: {', '.join(PROBES)}.")
     if not isinstance(cv, (int, np.integer)) or cv < 2:
-        raise CnnCodesError(f"cv must be an integer >= 2 (the number of folds), got {cv!r}.")
+        raise InvalidParameterError(f"cv must be an integer >= 2 (the number of folds), got {cv!r}.")
     if max_images is not None and max_images < 2 * MIN_PER_CLASS:
-        raise CnnCodesError(f"max_images must be at least {2 * MIN_PER_CLASS}, got {max_images}.")
+        raise InvalidParameterError(f"max_images must be at least {2 * MIN_PER_CLASS}, got {max_images}.")
     if plot is not None:  # before the extraction and the probes, not after
         from ._optional import require_pyplot
 

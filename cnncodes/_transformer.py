@@ -17,7 +17,7 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
 from ._backbones import check_pooling, code_sizes, get_backbone
-from ._errors import CnnCodesError, FailedImagesError, SourceError, StoreLockedError
+from ._errors import CnnCodesError, FailedImagesError, InvalidParameterError, SourceError, StoreLockedError
 from ._accel import resolve_device, resolve_precision
 from ._extract import DEFAULT_RESIZE, DTYPES, TTAS, extract
 from ._spec import ExtractorSpec
@@ -150,7 +150,7 @@ class CNNCodes(TransformerMixin, BaseEstimator):
         info = spec.layer(self.layer)
         check_pooling(self.pooling)
         if self.dtype not in DTYPES:
-            raise CnnCodesError(f"unknown dtype {self.dtype!r}. Valid dtypes: {', '.join(DTYPES)}.")
+            raise InvalidParameterError(f"unknown dtype {self.dtype!r}. Valid dtypes: {', '.join(DTYPES)}.")
         if self.image_size is not None and (
             isinstance(self.image_size, bool) or not isinstance(self.image_size, (int, np.integer))
             or self.image_size < 1
@@ -159,7 +159,7 @@ class CNNCodes(TransformerMixin, BaseEstimator):
                 f"image_size must be a positive int or None, got {self.image_size!r}."
             )
         if self.tta not in TTAS:
-            raise CnnCodesError(f"unknown tta {self.tta!r}. Valid values: {', '.join(TTAS)}.")
+            raise InvalidParameterError(f"unknown tta {self.tta!r}. Valid values: {', '.join(TTAS)}.")
         device = resolve_device(self.device)
         self.precision_ = resolve_precision(self.precision, device)
         w = resolve(spec, self.weights)

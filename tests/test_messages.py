@@ -1,10 +1,13 @@
 """Messages a new user met (issue 21, items 8 and 10): each says what was wrong and what to do."""
 
+import re
 import shutil
 
+import numpy as np
 import pytest
 from PIL import Image
 
+import cnncodes
 from cnncodes import CodeStore, StoreMismatchError, evaluate, extract, predict, split_store
 from cnncodes._cli import main
 from cnncodes._errors import CnnCodesError, SourceError, StoreError
@@ -109,3 +112,18 @@ def test_test_size_names_classes_with_too_few_images(tmp_path, sample_dir, capsy
     assert main(["fit", str(out), "--test-size", "0.5", "--C", "1", "-o", str(tmp_path / "m.skops")]) != 0
     err = capsys.readouterr().err
     assert "'tulip' (1)" in err and "[2]" not in err
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda tmp: cnncodes.extract(tmp, out=tmp / "x.h5", dtype="float64"), "unknown dtype 'float64'. Valid dtypes: float32, float16."),
+    (lambda tmp: cnncodes.extract(tmp, out=tmp / "x.h5", batch_size=0), "batch_size must be >= 1, got 0."),
+    (lambda tmp: cnncodes.fit(np.eye(4), ["a", "b", "a", "b"], classifier="forest"),
+     "unknown classifier 'forest'. Valid classifiers: logreg, linear_svm, knn"),
+    (lambda tmp: cnncodes.CNNCodes(dtype="float64").fit([str(tmp / "a.jpg")]), "unknown dtype 'float64'"),
+], ids=["extract-dtype", "extract-batch", "fit-classifier", "transformer-dtype"])
+def test_bad_parameters_are_value_errors(tmp_path, call, words):
+    """Check that a bad argument raises InvalidParameterError, a CnnCodesError and a ValueError
+    (what scikit-learn's own estimators raise), with its valid values."""
+    with pytest.raises(cnncodes.InvalidParameterError, match=re.escape(words)) as info:
+        call(tmp_path)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, cnncodes.CnnCodesError)
