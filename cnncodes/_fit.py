@@ -14,6 +14,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ._errors import CnnCodesError, InvalidParameterError
+from ._fitmeta import fit_meta
 from ._store import CodeStore
 
 CLASSIFIERS = ("logreg", "linear_svm", "knn", "sgd")
@@ -408,22 +409,3 @@ def _normalizer(kind: str, store, layer):
                               for name, a, b in zip(layer, bounds[:-1], bounds[1:])])
 
 
-def fit_meta(info: dict, layer, store: CodeStore | None, rows) -> dict:
-    """What a fitted model carries for `save`: fit details, layer, extractor spec, training rows."""
-    return {
-        "fit": info,
-        "layer": layer,
-        "extractor": None if store is None else _extractor_spec(store, layer),
-        "train_ids": None if store is None else [str(i) for i in store.ids[rows]],
-        "train_sha256": None if store is None else sorted({str(h) for h in store.sha256[rows]}),
-        "store": None if store is None else str(store.path),
-    }
-
-
-def _extractor_spec(store: CodeStore, layer: str) -> dict:
-    """The store's settings narrowed to one layer: what extracting new photos needs.
-
-    A model file's dict (`ExtractorSpec.to_model_json`): the estimator carries it, and skops
-    files hold no cnncodes types.
-    """
-    return store.spec.narrow(layer).to_model_json()

@@ -19,148 +19,26 @@ rows by their shard's or file's key and their position. No image byte is read fo
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import os
-import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from ._errors import SourceError
 from ._images import IMAGE_EXTENSIONS
-
-UNKNOWN_KEY = (-1, -1, -1)
-
-
-@dataclass(frozen=True)
-class Item:
-    """One image: its id, where its bytes are, its label name, and its change key.
-
-    `path` is a local path or an fsspec URL: the image file itself, or the tar shard or
-    table that holds it, `part` then saying where (``"tar:<offset>:<size>"``,
-    ``"parquet:<row group>:<row>:<column>"``, ``"arrow:<batch>:<row>:<column>"``).
-    `key` is the change key the listing gave, (size, mtime_ns, token); None for a local
-    file, whose key is its stat when the run plans.
-    """
-
-    id: str
-    path: str
-    label: str | None
-    key: tuple | None = None
-    part: str = ""
-
-
-@dataclass
-class Source:
-    """The listed images of a source, in a stable order, and what was left out.
-
-    `remote` is true when the bytes come through fsspec (object storage, HTTP, memory):
-    a run then does not read them to plan, and `storage_options` go to every reader.
-    """
-
-    root: str
-    items: list[Item]
-    kind: str  # "class-folders" | "flat-folder" | "csv" | "paths" | "shards" | "table"
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (id, reason)
-    remote: bool = False
-    storage_options: dict = field(default_factory=dict)
-
-    @property
-    def class_names(self) -> list[str]:
-        return sorted({i.label for i in self.items if i.label is not None})
-
-
-# --------------------------------------------------------------------------- URLs and keys
-
-_URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
-
-
-def is_url(source) -> bool:
-    """True for ``scheme://...`` strings other than ``file://`` (which are local paths)."""
-    return isinstance(source, str) and bool(_URL.match(source)) and not source.lower().startswith("file://")
-
-
-def _local(source):
-    """A ``file://`` URL as a local path; anything else unchanged."""
-    if isinstance(source, str) and source.lower().startswith("file://"):
-        from urllib.parse import unquote, urlparse
-
-        return unquote(urlparse(source).path)
-    return source
-
-
-def token(*parts) -> int:
-    """A 64-bit int of some strings: the third column of a change key for non-local data."""
-    text = "\x00".join(str(p) for p in parts).encode()
-    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little", signed=True)
-
-
-def _ns(value) -> int:
-    """A listing's modification time (datetime, seconds, ISO string) as ns; -1 unknown."""
-    import datetime as dt
-
-    if value is None:
-        return -1
-    if isinstance(value, dt.datetime):
-        return int(value.timestamp() * 1e9)
-    if isinstance(value, (int, float)):
-        return int(value * 1e9) if value < 1e12 else int(value)
-    try:
-        return int(dt.datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp() * 1e9)
-    except ValueError:
-        return -1
-
-
-def remote_key(info: dict) -> tuple[int, int, int]:
-    """(size, mtime_ns, token of ETag / version / checksum) of an fsspec listing entry.
-
-    Unknown when the listing gives neither a time nor a tag: such an object is read again
-    by every run.
-    """
-    size = int(info.get("size") or 0)
-    mtime = _ns(next((info[k] for k in ("LastModified", "last_modified", "mtime", "updated", "created")
-                      if info.get(k) is not None), None))
-    tag = next((info[k] for k in ("ETag", "etag", "VersionId", "version_id", "md5Hash", "md5", "crc32c",
-                                  "content_md5") if info.get(k)), None)
-    if tag is None and mtime < 0:
-        return UNKNOWN_KEY
-    return size, mtime, token(tag) if tag is not None else -1
-
-
-_FS_CACHE: dict = {}
-
-
-def filesystem(url: str, storage_options: dict | None = None):
-    """(fsspec filesystem, path inside it) of a URL, the filesystem cached per process."""
-    from ._optional import require
-
-    fsspec = require("fsspec", f"reading {url[:60]!r}")
-    protocol = url.split("://", 1)[0].lower()
-    # Per process: an async file system (s3fs) is bound to its event loop, which a forked
-    # decoding process does not share.
-    key = (os.getpid(), protocol, repr(sorted((storage_options or {}).items())))
-    fs = _FS_CACHE.get(key)
-    if fs is None:
-        try:
-            fs, _ = fsspec.core.url_to_fs(url, **(storage_options or {}))
-        except (ImportError, ValueError) as exc:
-            raise SourceError(
-                f"cannot open {url[:80]!r}: {exc}. Install the fsspec implementation of "
-                f"{protocol}:// (s3fs, gcsfs, adlfs ...; pip install 'cnncodes[sources]' has s3fs)."
-            ) from None
-        _FS_CACHE[key] = fs
-    return fs, fs._strip_protocol(url)
-
-
-def _url_of(fs, path: str) -> str:
-    return fs.unstrip_protocol(path)
-
-
-# --------------------------------------------------------------------------- reading bytes
-
-class ReadError(OSError):
-    """An item's bytes could not be read; its message is the failure recorded."""
-
+from ._items import (  # noqa: F401 - the source layer's names, imported from here by the commands
+    UNKNOWN_KEY,
+    Item,
+    ReadError,
+    Source,
+    _local,
+    _url_of,
+    filesystem,
+    is_url,
+    read_file,
+    remote_key,
+    token,
+)
+from ._tables import SHARD_SUFFIXES, TABLE_SUFFIXES, from_dataset, from_shards, from_table, read_cell
 
 def read_bytes(item, storage_options: dict | None = None) -> bytes:
     """The encoded image of `item` (a file, an object, a tar member or a table cell).
@@ -170,41 +48,9 @@ def read_bytes(item, storage_options: dict | None = None) -> bytes:
     """
     if not isinstance(item, Item):
         item = Item(str(item), _local(os.fspath(item)), None)
-    try:
-        if item.part.startswith(("parquet:", "arrow:")):
-            from ._tables import read_cell
-
-            return read_cell(item, storage_options)
-        start = size = None
-        if item.part.startswith("tar:"):
-            _, start, size = item.part.split(":")
-            start, size = int(start), int(size)
-        if is_url(item.path):
-            fs, path = filesystem(item.path, storage_options)
-            if start is None:
-                return fs.cat_file(path)
-            data = fs.cat_file(path, start=start, end=start + size)
-            if len(data) != size:
-                raise ReadError(f"the shard {path.rsplit('/', 1)[-1]} ends inside this member "
-                                f"(truncated: {len(data)} of {size} bytes)")
-            return data
-        with open(item.path, "rb") as fh:
-            if start is None:
-                return fh.read()
-            fh.seek(start)
-            data = fh.read(size)
-            if len(data) != size:
-                raise ReadError(f"the shard {os.path.basename(item.path)} ends inside this member "
-                                f"(truncated: {len(data)} of {size} bytes)")
-            return data
-    except ReadError:
-        raise
-    except FileNotFoundError as exc:
-        raise ReadError(f"cannot read file: {exc.strerror or 'no such object'} ({item.path})") from None
-    except OSError as exc:
-        raise ReadError(f"cannot read file: {exc.strerror or exc}") from None
-    except Exception as exc:  # botocore, aiohttp, pyarrow ...: one line, the run goes on
-        raise ReadError(f"cannot read {item.path}: {type(exc).__name__}: {str(exc)[:200]}") from None
+    if item.part.startswith(("parquet:", "arrow:")):
+        return read_cell(item, storage_options)
+    return read_file(item, storage_options)
 
 
 def change_key(item: Item, storage_options: dict | None = None) -> tuple[int, int, int]:
@@ -426,8 +272,6 @@ def _from_paths(paths, labels, root=None) -> Source:
     return Source(str(root), items, "paths")
 
 
-TABLE_SUFFIXES = (".parquet", ".pq", ".arrow")
-SHARD_SUFFIXES = (".tar",)
 
 
 def read_source(source, labels=None, root=None, *, image_column=None, label_column=None, id_column=None,
@@ -452,16 +296,12 @@ def read_source(source, labels=None, root=None, *, image_column=None, label_colu
         return source
     table_opts = dict(image_column=image_column, label_column=label_column, id_column=id_column)
     if hasattr(source, "cache_files") and hasattr(source, "features"):  # a datasets.Dataset
-        from ._tables import from_dataset
-
         return from_dataset(source, **table_opts)
     if not isinstance(source, (list, tuple)):
         source = _local(source if isinstance(source, str) else os.fspath(source)
                         if isinstance(source, os.PathLike) else source)
     if isinstance(source, (list, tuple)) and source and all(
             str(s).lower().endswith(SHARD_SUFFIXES) for s in source):
-        from ._tables import from_shards
-
         return from_shards([str(s) for s in source], label_column=label_column, storage_options=storage_options)
     if isinstance(source, (list, tuple)):
         return _from_paths([_local(str(s)) if isinstance(s, str) else s for s in source], labels, root)
@@ -472,12 +312,8 @@ def read_source(source, labels=None, root=None, *, image_column=None, label_colu
     text = str(source)
     lowered = text.lower().rstrip("/")
     if lowered.endswith(SHARD_SUFFIXES):
-        from ._tables import from_shards
-
         return from_shards([text], label_column=label_column, storage_options=storage_options)
     if lowered.endswith(TABLE_SUFFIXES) or _is_dataset_folder(text, storage_options):
-        from ._tables import from_table
-
         return from_table(text, storage_options=storage_options, **table_opts)
     if is_url(text):
         if lowered.endswith(".csv"):

@@ -12,6 +12,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from ._errors import CnnCodesError, InvalidParameterError
+from ._fitmeta import fit_meta
 from ._store import CodeStore
 
 LOSSES = ("log_loss", "hinge", "modified_huber")
@@ -181,7 +182,5 @@ def fit_streaming(
     info = {"classifier": "sgd", "n_train": int(len(rows)), "loss": loss, "alpha": float(alpha),
             "epochs": int(epochs), "chunk_rows": int(chunk_rows), **stats,
             "seconds": time.perf_counter() - t0}
-    from ._fit import fit_meta
-
     model.cnncodes_ = fit_meta(info, layer, store, rows)
     return model

@@ -20,13 +20,15 @@ from pathlib import Path
 
 from ._errors import SourceError
 from ._images import IMAGE_EXTENSIONS
-from ._sources import Item, ReadError, Source, filesystem, is_url, remote_key, token
+from ._items import Item, ReadError, Source, as_read_error, filesystem, is_url, read_file, remote_key, token
 
 # --------------------------------------------------------------------------- tar shards
 
 _BRACE_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 _BRACE_LIST = re.compile(r"\{([^{}]*,[^{}]*)\}")
 _IMAGE_EXTS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
+TABLE_SUFFIXES = (".parquet", ".pq", ".arrow")
+SHARD_SUFFIXES = (".tar",)
 LABEL_EXTENSIONS = ("cls", "txt", "json")
 
 
@@ -424,7 +426,17 @@ def from_dataset(ds, *, image_column=None, label_column=None, id_column=None) ->
 
 
 def read_cell(item: Item, storage_options=None) -> bytes:
-    """The encoded image in a table cell: bytes, an HF ``{bytes, path}`` struct, or a path."""
+    """The encoded image in a table cell: bytes, an HF ``{bytes, path}`` struct, or a path.
+
+    `ReadError` with a one-line reason when it cannot be read.
+    """
+    try:
+        return _read_cell(item, storage_options)
+    except Exception as exc:  # noqa: BLE001 - pyarrow, fsspec ...: the recorded reason
+        raise as_read_error(exc, item.path) from None
+
+
+def _read_cell(item: Item, storage_options) -> bytes:
     fmt, group, row, column = item.part.split(":", 3)
     group, row = int(group), int(row)
     cache_key = (item.path, fmt, group, column)
@@ -457,9 +469,7 @@ def read_cell(item: Item, storage_options=None) -> bytes:
 
 def _cell_path(item: Item, path: str, storage_options) -> bytes:
     """Bytes of an image a table cell names by path (relative to the table's folder)."""
-    from ._sources import read_bytes
-
     if not is_url(path) and not os.path.isabs(path):
         base = item.path.rsplit("/", 1)[0]
         path = f"{base}/{path}" if is_url(item.path) else os.path.join(base, path)
-    return read_bytes(Item(item.id, path, item.label), storage_options)
+    return read_file(Item(item.id, path, item.label), storage_options)
