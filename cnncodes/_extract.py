@@ -30,7 +30,7 @@ from ._precision import measure_precision, resumed_choice, save_choice
 from ._images import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocess, decode, resize_batch
 from ._sources import Item, change_key, data_root, read_bytes, read_source
 from ._spec import ExtractorSpec
-from ._store import FORMAT_VERSION, UNKNOWN_STAT, CodeStore, Journal, StoreLock, merge, remove_unmapped
+from ._store import FORMAT_VERSION, UNKNOWN_STAT, CodeStore, Journal, StoreLock, merge, remove_unmapped, store_path
 from ._weights import load_model, preprocess_for, resolve
 
 DTYPES = ("float32", "float16")
@@ -415,7 +415,7 @@ def extract(
     if on_other_root not in ON_OTHER_ROOT:
         raise InvalidParameterError(f"unknown on_other_root {on_other_root!r}. Valid values: "
                             f"{', '.join(ON_OTHER_ROOT)}.")
-    out = Path(out)
+    out = store_path(out)
     check_output(out, STORE, option="out")  # a model, a photo, a folder ... is never overwritten
     w = resolve(spec_b, weights)
     src = read_source(source, labels, root=root, image_column=image_column, label_column=label_column,

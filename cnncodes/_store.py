@@ -21,6 +21,7 @@ import h5py
 import numpy as np
 
 from ._errors import StoreError, StoreLockedError, StoreWriteError
+from ._items import _local, is_url
 from ._spec import SPEC_KEYS, ExtractorSpec, check_spec, normalize_spec  # noqa: F401 - re-exported
 
 FORMAT = "cnncodes.codes"
@@ -487,6 +488,18 @@ def sha_keys(shas) -> np.ndarray:
     """The first 8 bytes of each sha256 (hex str or bytes) as an int64: the content index."""
     hexes = b"".join((h if isinstance(h, bytes) else h.encode())[:16] for h in shas)
     return np.frombuffer(bytes.fromhex(hexes.decode("ascii")), dtype=">i8").astype(np.int64)
+
+
+def store_path(path) -> Path:
+    """A store's path; a ``file://`` URL as its path. Object storage is refused in one line:
+    the store is one root file over segment files that h5py maps locally."""
+    text = os.fspath(path) if isinstance(path, os.PathLike) else str(path)
+    if is_url(text):
+        raise StoreError(
+            f"a code store must be on a local or shared file system, not {text!r}: writing and "
+            f"reading a store in object storage is not built yet. Write it locally (-o codes.h5; "
+            f"the images may stay in object storage) and copy codes.h5 with its folder codes.h5.d/.")
+    return Path(_local(text))
 
 
 def segment_folder(path: Path) -> Path:
@@ -979,7 +992,7 @@ class CodeStore:
     """
 
     def __init__(self, path):
-        self.path = Path(path)
+        self.path = store_path(path)
         if self.path.is_dir():
             raise StoreError(_folder_not_store(self.path))
         if not self.path.is_file():

@@ -6,6 +6,7 @@ unchanged re-run reads no image byte; bad members are recorded failures with the
 """
 
 import io
+import re
 import json
 import os
 import subprocess
@@ -334,3 +335,20 @@ def test_objects_decode_in_worker_processes(tmp_path, s3_folder, folder_store):
     got, ref = by_content(tmp_path / "w.h5"), by_content(folder_store)
     assert got.keys() == ref.keys()
     assert max(np.abs(got[s][1] - ref[s][1]).max() for s in ref) <= 1e-6
+
+
+def test_a_store_in_object_storage_is_refused_in_one_line(tmp_path, folder, capsys):
+    """Check that -o s3://... is refused before any work (not written as a local folder
+    named 's3:'), saying to write the store locally; and CodeStore('s3://...') alike."""
+    from cnncodes._cli import main
+    from cnncodes._errors import StoreError
+
+    words = "a code store must be on a local or shared file system, not 's3://photos/codes.h5'"
+    with pytest.raises(StoreError, match=re.escape(words)):
+        extract(folder, out="s3://photos/codes.h5", **FAST)
+    with pytest.raises(StoreError, match=re.escape(words)):
+        CodeStore("s3://photos/codes.h5")
+    assert main(["extract", str(folder), "-o", "s3://photos/codes.h5", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Write it locally (-o codes.h5" in err
+    assert not (tmp_path / "s3:").exists() and not os.path.exists("s3:")
