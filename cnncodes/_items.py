@@ -140,6 +140,17 @@ def _url_of(fs, path: str) -> str:
 
 # --------------------------------------------------------------------------- reading bytes
 
+def path_key(path: str, storage_options: dict | None = None) -> tuple[int, int, int]:
+    """The change key of a file (size, mtime_ns, inode) or an object (`remote_key` of its info,
+    listed now, not from an earlier listing this process cached). Raises FileNotFoundError."""
+    if is_url(path):
+        fs, inner = filesystem(path, storage_options)
+        fs.invalidate_cache(inner)
+        return remote_key(fs.info(inner))
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
 class ReadError(OSError):
     """An item's bytes could not be read; its message is the failure recorded."""
 

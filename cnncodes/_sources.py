@@ -25,8 +25,7 @@ from pathlib import Path
 
 from ._errors import SourceError
 from ._images import IMAGE_EXTENSIONS
-from ._items import (  # noqa: F401 - the source layer's names, imported from here by the commands
-    UNKNOWN_KEY,
+from ._items import (  # Item, ReadError, Source, is_url: imported from here by the commands too
     Item,
     ReadError,
     Source,
@@ -34,9 +33,9 @@ from ._items import (  # noqa: F401 - the source layer's names, imported from he
     _url_of,
     filesystem,
     is_url,
+    path_key,
     read_file,
     remote_key,
-    token,
 )
 from ._tables import SHARD_SUFFIXES, TABLE_SUFFIXES, from_dataset, from_shards, from_table, read_cell
 
@@ -57,17 +56,14 @@ def change_key(item: Item, storage_options: dict | None = None) -> tuple[int, in
     """The item's change key: from its listing, else the local file's stat, else the object's info."""
     if item.key is not None:
         return item.key
-    if is_url(item.path):
-        fs, path = filesystem(item.path, storage_options)
-        try:
-            fs.invalidate_cache(path)
-            return remote_key(fs.info(path))
-        except FileNotFoundError:
-            raise ReadError(f"no such object ({item.path})") from None
-        except Exception as exc:  # botocore, aiohttp ...: one line
-            raise ReadError(f"cannot list {item.path}: {type(exc).__name__}: {str(exc)[:200]}") from None
-    st = os.stat(item.path)
-    return st.st_size, st.st_mtime_ns, st.st_ino
+    if not is_url(item.path):
+        return path_key(item.path)  # OSError as it is: the plan records its strerror
+    try:
+        return path_key(item.path, storage_options)
+    except FileNotFoundError:
+        raise ReadError(f"no such object ({item.path})") from None
+    except Exception as exc:  # botocore, aiohttp ...: one line
+        raise ReadError(f"cannot list {item.path}: {type(exc).__name__}: {str(exc)[:200]}") from None
 
 
 def data_root(source) -> str:

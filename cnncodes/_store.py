@@ -416,11 +416,10 @@ class Journal:
                 out.update({f"codes/{a}": None for a in f["codes"]} if "codes" in f else {})
                 return out
         with np.load(path, allow_pickle=False) as npz:  # codes named, not read (_journal_codes)
-            return {k: None if k.startswith("codes/") else npz[k] for k in npz.files}
-
-    @staticmethod
-    def _stat(npz, key: str, n: int) -> np.ndarray:
-        return npz[key] if key in npz.files else np.full((n, 3), -1, dtype=np.int64)
+            out = {k: None if k.startswith("codes/") else npz[k] for k in npz.files}
+        for key, n in (("stat", len(out["ids"])), ("fail_stat", len(out["fail_ids"]))):
+            out.setdefault(key, _stat_array(None, n))  # a journal of a version without stat keys
+        return out
 
     def done(self) -> tuple[dict, dict, dict]:
         """Return (id -> (sha, stat), sha -> has codes, id -> (sha, reason, stat)) of the journal."""
@@ -428,14 +427,12 @@ class Journal:
         for path in self.files():
             npz = self.read(path)
             has_codes = any(k.startswith("codes/") for k in npz)
-            stat = npz["stat"] if "stat" in npz else np.full((len(npz["ids"]), 3), -1, dtype=np.int64)
-            for rid, sha, st in zip(npz["ids"], npz["sha256"], stat.tolist()):
+            for rid, sha, st in zip(npz["ids"], npz["sha256"], npz["stat"].tolist()):
                 ids[str(rid)] = (sha.decode(), tuple(st))
                 if has_codes:
                     shas[sha.decode()] = True
-            fstat = npz["fail_stat"] if "fail_stat" in npz else np.full((len(npz["fail_ids"]), 3), -1)
             for rid, sha, why, st in zip(npz["fail_ids"], npz["fail_sha256"], npz["fail_reasons"],
-                                         fstat.tolist()):
+                                         npz["fail_stat"].tolist()):
                 fails[str(rid)] = (sha.decode(), str(why), tuple(st))
         return ids, shas, fails
 
@@ -771,12 +768,11 @@ def merge(path: Path, journal: Journal, spec: ExtractorSpec, code_dims: dict[str
                 classes.append(lab)
     rows_in = []  # (id, sha, label, stat, source) in journal order
     for bi, npz in enumerate(files):
-        n = len(npz["ids"])
         has_codes = any(k.startswith("codes/") for k in npz)
         adopt = "classes" in npz and npz["classes"] == classes[:len(npz["classes"])]
-        stat = (npz["stat"] if "stat" in npz else np.full((n, 3), -1, dtype=np.int64)).tolist()
-        fstat = npz["fail_stat"] if "fail_stat" in npz else np.full((len(npz["fail_ids"]), 3), -1)
-        for rid, sha, why, st in zip(npz["fail_ids"], npz["fail_sha256"], npz["fail_reasons"], fstat.tolist()):
+        stat = npz["stat"].tolist()
+        for rid, sha, why, st in zip(npz["fail_ids"], npz["fail_sha256"], npz["fail_reasons"],
+                                     npz["fail_stat"].tolist()):
             failures[str(rid)] = (bytes(sha), str(why), tuple(st))
         for k, (rid, sha, lab) in enumerate(zip(npz["ids"].tolist(), npz["sha256"].tolist(),
                                                 npz["labels"].tolist())):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ._errors import SourceError
 from ._images import IMAGE_EXTENSIONS
-from ._items import Item, ReadError, Source, as_read_error, filesystem, is_url, read_file, remote_key, token
+from ._items import Item, ReadError, Source, as_read_error, filesystem, is_url, path_key, read_file, token
 
 # --------------------------------------------------------------------------- tar shards
 
@@ -98,8 +98,8 @@ def _label_of(ext: str, data: bytes, label_column: str | None) -> str | None:
     return text or None
 
 
-def _index_shard(fh, label_column: str | None) -> tuple[list, list, int]:
-    """(samples, skipped, bytes of labels read) of an open shard: its member headers only.
+def _index_shard(fh, label_column: str | None) -> tuple[list, list]:
+    """(samples, skipped) of an open shard: its member headers (and small label members) only.
 
     A sample is [key, image member name, offset, size, label]. The image is the member with
     an image extension (the first, when there are several); the label its ``cls``, ``txt``
@@ -124,7 +124,6 @@ def _index_shard(fh, label_column: str | None) -> tuple[list, list, int]:
             groups[key] = {}
             order.append(key)
         groups[key][ext] = (member.offset_data, member.size)
-    label_bytes = 0
     for key in order:
         group = groups[key]
         image = next((e for e in group if e.rsplit(".", 1)[-1] in _IMAGE_EXTS), None)
@@ -139,7 +138,6 @@ def _index_shard(fh, label_column: str | None) -> tuple[list, list, int]:
                     if size <= 65536:
                         fh.seek(off)
                         label = _label_of(have, fh.read(size), label_column)
-                        label_bytes += size
                     break
             if label is not None:
                 break
@@ -147,7 +145,7 @@ def _index_shard(fh, label_column: str | None) -> tuple[list, list, int]:
         samples.append([key, f"{key}.{image}", offset, size, label])
     if error:
         skipped.append(("", error))
-    return samples, skipped, label_bytes
+    return samples, skipped
 
 
 def _shard_listing(url: str, storage_options, label_column) -> tuple[list, list, tuple]:
@@ -155,8 +153,7 @@ def _shard_listing(url: str, storage_options, label_column) -> tuple[list, list,
     if is_url(url):
         fs, inner = filesystem(url, storage_options)
         try:
-            fs.invalidate_cache(inner)
-            key = remote_key(fs.info(inner))
+            key = path_key(url, storage_options)
         except FileNotFoundError:
             raise SourceError(f"shard {url!r} does not exist. Check the URL or pattern.") from None
         cache = _cache_dir() / f"{token(url, key, label_column) & 0xFFFFFFFFFFFF:012x}.json"
@@ -168,7 +165,7 @@ def _shard_listing(url: str, storage_options, label_column) -> tuple[list, list,
                 pass
         # Headers only: ranged reads of 512 bytes, no read-ahead into the images.
         with fs.open(inner, "rb", cache_type="none") as fh:
-            samples, skipped, _ = _index_shard(fh, label_column)
+            samples, skipped = _index_shard(fh, label_column)
         if key[1] >= 0:
             try:
                 cache.parent.mkdir(parents=True, exist_ok=True)
@@ -179,14 +176,14 @@ def _shard_listing(url: str, storage_options, label_column) -> tuple[list, list,
                 pass  # no cache: the next listing reads the headers again
         return samples, skipped, key
     try:
-        st = os.stat(url)
+        key = path_key(url)
         with open(url, "rb") as fh:
-            samples, skipped, _ = _index_shard(fh, label_column)
+            samples, skipped = _index_shard(fh, label_column)
     except FileNotFoundError:
         raise SourceError(f"shard {url!r} does not exist. Check the path or pattern.") from None
     except OSError as exc:
         raise SourceError(f"cannot read shard {url!r}: {exc.strerror or exc}.") from None
-    return samples, skipped, (st.st_size, st.st_mtime_ns, st.st_ino)
+    return samples, skipped, key
 
 
 def from_shards(patterns: list[str], *, label_column=None, storage_options=None) -> Source:
@@ -300,15 +297,6 @@ def _table_files(path: str, storage_options) -> tuple[list[str], str, str | None
     return [path], ("arrow" if path.lower().endswith(".arrow") else "parquet"), os.path.dirname(path)
 
 
-def _file_key(path: str, storage_options) -> tuple[int, int, int]:
-    if is_url(path):
-        fs, inner = filesystem(path, storage_options)
-        fs.invalidate_cache(inner)
-        return remote_key(fs.info(inner))
-    st = os.stat(path)
-    return st.st_size, st.st_mtime_ns, st.st_ino
-
-
 def _open(path: str, storage_options):
     """A file object of a remote table; a local one's path (pyarrow opens and closes it)."""
     if is_url(path):
@@ -352,7 +340,7 @@ def from_table(path: str, *, image_column=None, label_column=None, id_column=Non
     for file in files:
         where = file if len(files) == 1 else f"{path} ({os.path.basename(file)})"
         try:
-            key = _file_key(file, storage_options)
+            key = path_key(file, storage_options)
             if fmt == "parquet":
                 pf = pq.ParquetFile(_open(file, storage_options))
                 schema = pf.schema_arrow
