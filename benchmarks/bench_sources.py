@@ -147,7 +147,14 @@ def main() -> None:
     args = ap.parse_args()
     if args.ray_child:
         return ray_child(args.ray_child, args.work / "ray.h5")
+    # The work folder is this benchmark's: it replaces its stores there on every run, so a
+    # folder holding anything else (a typo for one's own data) is refused.
+    marker = args.work / ".bench-sources"
+    if args.work.is_dir() and any(args.work.iterdir()) and not marker.exists():
+        sys.exit(f"{args.work} is not empty and was not made by this benchmark; give a new folder "
+                 f"(--work), it rewrites the stores in it.")
     args.work.mkdir(parents=True, exist_ok=True)
+    marker.touch()
     print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; {args.folder}")
     pattern, parquet, items = write_copies(args.folder, args.work, args.shards)
     server, endpoint = start_s3(args.work)
