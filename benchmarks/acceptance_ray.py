@@ -78,6 +78,7 @@ def main(argv=None):
     parser.add_argument("--kill", action="store_true", help="kill one actor mid-run")
     parser.add_argument("--kill-after", type=int, default=10, help="shards written before the kill")
     parser.add_argument("--kill-driver-after", type=int, help="journal files written before the driver is killed")
+    parser.add_argument("--replace", action="store_true", help="delete an existing --out store first")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     common = dict(layers=["block5"], precision="float32", progress=False)
@@ -87,13 +88,19 @@ def main(argv=None):
         extract(args.data, out=ref_path, **common)
         print(f"single-process reference: {time.perf_counter() - t0:.0f} s")
     out = Path(args.out)
-    for p in (out, Path(f"{out}.partial")):
-        if p.is_dir():
-            import shutil
+    if args.child:
+        pass  # the parent made the way clear
+    elif out.exists() and not args.replace:
+        raise SystemExit(f"{out} exists; give a new --out, or --replace to delete it (and its "
+                         f"{out.name}.d/ and {out.name}.partial/) first.")
+    else:
+        import shutil
 
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
+        for p in (out, Path(f"{out}.d"), Path(f"{out}.partial")):
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
 
     if args.child:  # the driver to be killed
         ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
