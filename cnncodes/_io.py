@@ -1,0 +1,143 @@
+"""Shared low-level pieces, written once: content hashing, read → hash → decode, atomic
+writes, the stratified sampler and top-k.
+
+Everything above the data layer that hashes an image, writes a file that must never be seen
+half written, samples per class or ranks class probabilities comes here.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from ._errors import ImageDecodeError
+from ._items import Item, read_bytes
+
+
+def sha256_bytes(data: bytes) -> str:
+    """The content key of an image: the hex sha256 of its bytes."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def hash_item(item: Item | str, storage_options=None) -> tuple[str | None, str | None]:
+    """``(sha256, None)`` of an item's bytes, or ``(None, why)`` when they cannot be read."""
+    try:
+        return sha256_bytes(read_bytes(item, storage_options)), None
+    except OSError as exc:  # ReadError is an OSError with a readable message
+        return None, str(exc)
+
+
+def read_hash_decode(item: Item | str, prep, max_pixels: int, storage_options=None):
+    """Read an item once, hash and decode it: ``(image, sha256, why)``.
+
+    ``image`` is None when the bytes cannot be read (``sha256`` is then ``""``) or do not
+    decode (``sha256`` is the content's); ``why`` says which, in words.
+    """
+    from ._images import decode  # PIL and torch load where images are decoded, not on import
+
+    try:
+        data = read_bytes(item, storage_options)
+    except OSError as exc:
+        return None, "", str(exc)
+    sha = sha256_bytes(data)
+    try:
+        return decode(data, prep, max_pixels), sha, None
+    except ImageDecodeError as exc:
+        return None, sha, str(exc)
+
+
+@lru_cache(maxsize=32)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a (large) local file, read in 1 MiB blocks, cached per (path, size, mtime)."""
+    st = os.stat(path)
+    return _file_sha256(os.fspath(path), st.st_size, st.st_mtime_ns)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Make a rename in `folder` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_quietly(path: str | os.PathLike) -> None:
+    with contextlib.suppress(OSError):
+        os.remove(path)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, *, fsync: bool = True):
+    """Write a file so that readers see the old one or the whole new one, never a torn one.
+
+    Yields a binary file object on a temporary file in the same folder; on a clean exit the
+    temporary file is flushed, fsynced (unless ``fsync=False``: caches others can rebuild),
+    given the permissions a plain ``open`` would give and renamed over `path`. On an error the
+    temporary file is removed and `path` is untouched.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; files we write are shared as open() makes them
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
+            fh.flush()
+            if fsync:
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        remove_quietly(tmp)
+        raise
+    if fsync:
+        fsync_dir(path.parent)
+
+
+def stratified_sample(labels, n: int, random_state=None, *, at_least: int = 0) -> np.ndarray:
+    """Sorted positions of at most about `n` rows drawn per class in proportion to its size.
+
+    Each class keeps ``round(n * size / total)`` rows, but no fewer than ``at_least`` (nor
+    more than it has). With ``n >= len(labels)`` every row is kept.
+    """
+    labels = np.asarray(labels)
+    total = len(labels)
+    if n >= total:
+        return np.arange(total)
+    rng = np.random.default_rng(random_state)
+    keep = []
+    for c in sorted(set(labels.tolist())):  # sorted: the draw does not depend on row order of classes
+        group = np.flatnonzero(labels == c)
+        k = min(len(group), max(at_least, int(round(n * len(group) / total))))
+        keep.append(rng.choice(group, k, replace=False))
+    return np.sort(np.concatenate(keep)) if keep else np.arange(0)
+
+
+def top_k(proba, k: int) -> np.ndarray:
+    """Column indices of the `k` largest values per row, largest first; ties keep column order."""
+    proba = np.asarray(proba)
+    k = max(1, min(int(k), proba.shape[-1]))
+    return np.argsort(-proba, axis=-1, kind="stable")[..., :k]
