@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from ._errors import ImageDecodeError
-from ._items import Item, read_bytes
+from ._items import Item
+from ._sources import read_bytes
 
 
 def sha256_bytes(data: bytes) -> str:
