@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
@@ -30,7 +31,8 @@ from ._precision import measure_precision, resumed_choice, save_choice
 from ._images import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocess, decode, resize_batch
 from ._sources import Item, change_key, data_root, read_bytes, read_source
 from ._spec import ExtractorSpec
-from ._store import FORMAT_VERSION, UNKNOWN_STAT, CodeStore, Journal, StoreLock, merge, remove_unmapped, store_path
+from ._store import (FORMAT_VERSION, UNKNOWN_STAT, CodeStore, Journal, StoreLock, merge, remote_store, remove_unmapped,
+                     store_path)
 from ._weights import load_model, preprocess_for, resolve
 
 DTYPES = ("float32", "float16")
@@ -75,6 +77,8 @@ class ExtractResult:
     compute_seconds: float = 0.0
     layers: dict[str, int] = field(default_factory=dict)  # alias -> code size
     precision_choice: str = ""  # how precision="auto" chose a new store's precision
+    # a store in object storage: {"segments": names uploaded, "bytes": bytes sent}
+    uploaded: dict | None = None
 
     @property
     def images_per_second(self) -> float:
@@ -93,6 +97,9 @@ class ExtractResult:
         ]
         if self.precision_choice:
             lines.append(self.precision_choice)
+        if self.uploaded is not None:
+            lines.append(f"uploaded {len(self.uploaded['segments'])} segment(s) and the root "
+                         f"({self.uploaded['bytes'] / 1e6:.1f} MB) to {self.path}.")
         if self.converted_from is not None:
             lines.append(f"converted {Path(self.path).name} from store format {self.converted_from} to "
                          f"{FORMAT_VERSION} (once): its rows now live in {Path(self.path).name}.d/, and "
@@ -415,14 +422,18 @@ def extract(
     if on_other_root not in ON_OTHER_ROOT:
         raise InvalidParameterError(f"unknown on_other_root {on_other_root!r}. Valid values: "
                             f"{', '.join(ON_OTHER_ROOT)}.")
-    out = store_path(out)
-    check_output(out, STORE, option="out")  # a model, a photo, a folder ... is never overwritten
+    remote = remote_store(out, storage_options)  # a store in object storage: a working copy here
+    out = remote.local if remote is not None else store_path(out)
+    if remote is None:
+        check_output(out, STORE, option="out")  # a model, a photo, a folder ... is never overwritten
     w = resolve(spec_b, weights)
     src = read_source(source, labels, root=root, image_column=image_column, label_column=label_column,
                       storage_options=storage_options)
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    with StoreLock(out):
+    with StoreLock(out), (remote.lock() if remote is not None else contextlib.nullcontext()):
+        if remote is not None:
+            remote.pull()
         remove_unmapped(out)  # what a killed run left half written: temporaries, orphan segments
         store = CodeStore(out) if out.exists() else None
         # Settings left open follow the store being extended, so that adding images to a
@@ -430,7 +441,7 @@ def extract(
         stored = store.spec if store is not None else None
         if precision == "auto" and stored is not None:
             precision = stored.precision
-        journal = Journal(out)
+        journal = Journal(out, remote, next_segment=int(store.attrs.get("next_segment", 0)) if store else 0)
         choice = resumed_choice(journal) if precision == "auto" and stored is None else None
         if choice is not None:  # an interrupted first run chose it: the journal holds its codes
             precision = choice.precision
@@ -461,7 +472,7 @@ def extract(
             preprocessing={**prep.as_dict(), "description": prep.describe()},
             precision=precision, tta=tta, dtype=dtype,
         )
-        result = ExtractResult(str(out), len(src.items), skipped_files=src.skipped, layers=code_dims,
+        result = ExtractResult(remote.url if remote is not None else str(out), len(src.items), skipped_files=src.skipped, layers=code_dims,
                                precision_choice=choice.describe() if choice is not None else "")
         if store is not None:
             store.spec.check(spec, out.name)
@@ -484,10 +495,12 @@ def extract(
         if plan.compute and engine == "ray":
             from ._ray import run_ray
 
+            if remote is not None:  # the actors' segments there are this run's until it commits
+                remote.mark(spec.to_json())
             failed_shas, index = run_ray(
                 plan.compute, backbone=backbone, weights=w, infos=infos, pooling=pooling, prep=prep,
                 precision=precision, tta=tta, dtype=dtype, journal=journal, index=index, stat_of=plan.stat_of,
-                storage_options=src.storage_options, classes=_class_table(store, plan.compute),
+                storage_options=src.storage_options, classes=_class_table(store, src.items),
                 batch_size=batch_size, max_pixels=max_pixels, progress=progress, result=result,
                 address=ray_address, workers=ray_workers, gpus_per_worker=gpus_per_worker)
             result.compute_seconds = time.perf_counter() - t1
@@ -522,19 +535,22 @@ def extract(
             attrs = _provenance(src, w)
             if choice is not None:
                 attrs["precision_choice"] = choice.to_json()
-            written = merge(out, journal, spec, code_dims, attrs, store=store, new_root=new_root)
+            commit = merge(out, journal, spec, code_dims, attrs, store=store, new_root=new_root)
+            if remote is not None:
+                result.uploaded = remote.push()
+            result.n_rows, result.conflicts = commit.rows, commit.conflicts
         else:
             journal.remove()
-            written = set()
-        final = CodeStore(out)
-        result.n_rows = len(final)
-        result.conflicts = final.conflicts(among=written) if written else []
+            result.n_rows = len(store) if store is not None else 0
     result.seconds = time.perf_counter() - t0
     return result
 
 
 def _class_table(store: CodeStore | None, items: list[Item]) -> list[str]:
-    """The classes the store will have: its own, then the new labels (what Ray actors index)."""
+    """The classes the store will have: its own, then the source's new labels (what Ray actors
+    index). All of the source's, not only those of the images left to compute, so that a
+    re-run after a kill plans the table the killed run's segments index, and they are mapped
+    as they are."""
     classes = list(store.class_names) if store is not None else []
     return classes + sorted({i.label for i in items if i.label is not None} - set(classes))
 

@@ -8,10 +8,19 @@ import hashlib
 import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ._errors import SourceError
 
 UNKNOWN_KEY = (-1, -1, -1)
+
+
+def cache_root() -> Path:
+    """cnncodes' cache folder: ``$CNNCODES_CACHE_DIR``, else ``$XDG_CACHE_HOME/cnncodes``
+    (``~/.cache/cnncodes``): tar-shard indexes, working copies of remote stores."""
+    base = os.environ.get("CNNCODES_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "cnncodes")
+    return Path(base)
 
 
 @dataclass(frozen=True)

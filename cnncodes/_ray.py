@@ -110,7 +110,7 @@ class _CodesWorker:
     """One frozen backbone per Ray actor: decoded batch in, shard file out, statuses back."""
 
     def __init__(self, *, backbone, weights, layers, pooling, prep, precision, tta, dtype, store,
-                 base, use_gpu, cpus, faults, classes, batch_size):
+                 base, use_gpu, cpus, faults, classes, batch_size, remote=None):
         from dataclasses import replace
 
         import torch
@@ -134,7 +134,13 @@ class _CodesWorker:
         self.dtype, self.base, self.faults = dtype, base, faults
         self.classes, self.batch_size = list(classes), batch_size
         self.class_index = {c: i for i, c in enumerate(self.classes)}
+        self.remote = remote
+        if remote is not None:  # a store in object storage: each segment uploaded as written
+            import tempfile
+
+            store = Path(tempfile.mkdtemp(prefix="cnncodes-actor-")) / "codes.h5"
         self.journal = Journal(Path(store))
+        self.journal.folder.mkdir(parents=True, exist_ok=True)
         self.written = 0
 
     def __call__(self, batch: dict) -> dict:
@@ -154,17 +160,32 @@ class _CodesWorker:
             codes = {a: c[finite].astype(self.dtype) for a, c in codes.items()}
             ok = ok[finite]
         bad = np.flatnonzero(reasons != "")
-        self.journal.write_segment(
-            self.base + int(pos.min()), ids=[str(ids[k]) for k in ok],
+        index = self.base + int(pos.min())
+        written = self.journal.write_segment(
+            index, ids=[str(ids[k]) for k in ok],
             sha256=[str(shas[k]) for k in ok],
             labels=[self.class_index[str(labels[k])] if str(labels[k]) else -1 for k in ok], classes=self.classes,
             codes=codes if len(ok) else {}, stat=batch["stat"][ok],
             failures=[(str(ids[k]), str(shas[k]), str(reasons[k])) for k in bad], fail_stat=batch["stat"][bad],
         )
+        if self.remote is not None:
+            self._upload(written, index)
         self.written += 1
         if self.faults.get("actor_exit_after") and self.written >= self.faults["actor_exit_after"]:
             os._exit(1)  # a crash after the shard is written, before Ray hears of it
         return {"pos": pos, "sha256": shas, "reason": reasons.astype(str)}
+
+
+    def _upload(self, path: Path, index: int) -> None:
+        """Put a segment into the store's folder in object storage, under the name the commit
+        keeps (``segment-<N>-<n>.h5``; one PUT: whole or absent), then drop the local file."""
+        from ._items import filesystem
+
+        fs, inner = filesystem(self.remote["url"], self.remote["storage_options"])
+        try:
+            fs.put_file(str(path), f"{inner}.d/segment-{self.remote['next_segment']:06d}-{index:06d}.h5")
+        finally:
+            path.unlink(missing_ok=True)
 
 
 def _resources(ray, workers, gpus_per_worker):
@@ -246,6 +267,9 @@ def _pipeline(ray, items, *, backbone, weights, infos, pooling, prep, precision,
             "backbone": backbone, "weights": weights, "layers": [i.alias for i in infos],
             "pooling": pooling, "prep": prep, "precision": precision, "tta": tta, "dtype": dtype,
             "store": str(journal.folder)[: -len(".partial")], "base": index,
+            "remote": None if journal.remote is None else {
+                "url": journal.remote.url, "storage_options": dict(journal.remote.storage_options),
+                "next_segment": journal.next_segment},
             "use_gpu": bool(gpus_per_worker), "cpus": actor_cpus, "faults": dict(_FAULTS),
             "classes": list(classes), "batch_size": batch_size,
         },

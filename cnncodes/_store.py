@@ -280,9 +280,11 @@ def _atomic_savez(path: Path, arrays: dict) -> None:
 UNKNOWN_STAT = (-1, -1, -1)
 
 
-def _journal_index(path: Path) -> int:
-    """The number of a journal file (batch-<n>.npz, segment-<n>.h5)."""
-    return int(path.name.split(".")[0].split("-")[1])
+def _journal_index(path) -> int:
+    """The number of a journal file (batch-<n>.npz, segment-<n>.h5; an actor's segment of a
+    store in object storage, segment-<N>-<n>.h5, by its URL)."""
+    name = path.rsplit("/", 1)[-1] if isinstance(path, str) else path.name
+    return int(name.split(".")[0].split("-")[-1])
 
 
 def _stat_array(stat, n: int) -> np.ndarray:
@@ -300,15 +302,21 @@ class Journal:
     the old store intact and the journal to resume from.
     """
 
-    def __init__(self, store_path: Path):
+    def __init__(self, store_path: Path, remote=None, next_segment: int = 0):
         self.store_path = Path(store_path)
         self.folder = Path(f"{store_path}.partial")
+        # A store in object storage (a `RemoteStore`): its Ray actors' segments are in its
+        # folder there, named for the commit that maps them (the root's `next_segment`).
+        self.remote, self.next_segment = remote, next_segment
 
     def exists(self) -> bool:
         return self.folder.is_dir()
 
     def open(self, spec: ExtractorSpec) -> None:
         """Create the journal, or check that an existing one was made with the same spec."""
+        marker = self.remote.marker() if self.remote is not None else None
+        if marker is not None:
+            ExtractorSpec.from_json(marker).check(spec, f"the interrupted run at {self.remote.url}.partial")
         meta = self.folder / "spec.json"
         if meta.is_file():
             ExtractorSpec.from_json(json.loads(meta.read_text())).check(
@@ -340,9 +348,14 @@ class Journal:
         paths = self.folder.glob("segment-*.h5") if self.exists() else []
         return sorted(paths, key=_journal_index)
 
-    def files(self) -> list[Path]:
-        """Batches and segments, in the order they were numbered (a later one wins an id)."""
-        return sorted([*self.batches(), *self.segments()], key=_journal_index)
+    def remote_segments(self) -> list[str]:
+        """URLs of the segments Ray actors uploaded to a store in object storage, not yet mapped."""
+        return self.remote.pending(self.next_segment) if self.remote is not None else []
+
+    def files(self) -> list:
+        """Batches and segments (Paths; URLs for a remote store's actor segments), in the order
+        they were numbered (a later one wins an id)."""
+        return sorted([*self.batches(), *self.segments(), *self.remote_segments()], key=_journal_index)
 
     def next_index(self) -> int:
         files = self.files()
@@ -374,7 +387,7 @@ class Journal:
             raise _write_error(exc, target, _kept(self.store_path, self)) from None
 
     def write_segment(self, index: int, *, ids, sha256, labels, classes, codes: dict, stat, failures=(),
-                      fail_stat=None) -> None:
+                      fail_stat=None) -> Path:
         """Write rows with their codes as a segment file of the store's format (a Ray actor).
 
         `labels` index `classes`, the class table the run planned; the commit maps the file
@@ -400,12 +413,25 @@ class Journal:
         except (OSError, RuntimeError) as exc:
             _remove_quietly(tmp)
             raise _write_error(exc, target, _kept(self.store_path, self)) from None
+        return target
 
-    def read(self, path: Path) -> dict:
+    def _open_segment(self, path):
+        return self.remote.open_segment(path) if isinstance(path, str) else h5py.File(path, "r")
+
+    def codes(self, path, alias: str) -> np.ndarray:
+        """The codes of one layer in a journal batch (.npz) or an actor's segment (.h5)."""
+        if isinstance(path, str) or path.suffix == ".h5":
+            with self._open_segment(path) as f:
+                return f[f"codes/{alias}"][:]
+        with np.load(path, allow_pickle=False) as npz:
+            return npz[f"codes/{alias}"]
+
+    def read(self, path) -> dict:
         """A journal file's row tables: ids, sha256, labels (names), stat, failures; its
-        ``codes/<alias>`` keys name the layers it holds (None: read by `_journal_codes`)."""
-        if path.suffix == ".h5":
-            with h5py.File(path, "r") as f:
+        ``codes/<alias>`` keys name the layers it holds (None: read by `codes`). An actor's
+        segment in object storage is read where it is: its row tables, not its codes."""
+        if isinstance(path, str) or path.suffix == ".h5":
+            with self._open_segment(path) as f:
                 table = json.loads(f.attrs["classes"])
                 g = f["failures"]
                 out = {"ids": f["ids"].asstr()[:].astype(str), "sha256": f["sha256"][:],
@@ -448,6 +474,8 @@ class Journal:
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+        if self.remote is not None:
+            self.remote.unmark()
 
 
 # --------------------------------------------------------------------------- segments
@@ -487,15 +515,20 @@ def sha_keys(shas) -> np.ndarray:
     return np.frombuffer(bytes.fromhex(hexes.decode("ascii")), dtype=">i8").astype(np.int64)
 
 
-def store_path(path) -> Path:
-    """A store's path; a ``file://`` URL as its path. Object storage is refused in one line:
-    the store is one root file over segment files that h5py maps locally."""
+def remote_store(path, storage_options=None):
+    """A `RemoteStore` for a store at an object-storage URL (``s3://``, ``memory://`` ...),
+    else None (a path, or a ``file://`` URL)."""
     text = os.fspath(path) if isinstance(path, os.PathLike) else str(path)
-    if is_url(text):
-        raise StoreError(
-            f"a code store must be on a local or shared file system, not {text!r}: writing and "
-            f"reading a store in object storage is not built yet. Write it locally (-o codes.h5; "
-            f"the images may stay in object storage) and copy codes.h5 with its folder codes.h5.d/.")
+    if is_url(text) and not text.lower().startswith("file://"):
+        from ._remote import RemoteStore
+
+        return RemoteStore(text, storage_options)
+    return None
+
+
+def store_path(path) -> Path:
+    """A local store's path; a ``file://`` URL as its path."""
+    text = os.fspath(path) if isinstance(path, os.PathLike) else str(path)
     return Path(_local(text))
 
 
@@ -613,17 +646,8 @@ def _segment_rows(f, *, ids, sha, labels, stat) -> None:
                                  "table rows their listing's key)"
 
 
-def _journal_codes(path: Path, alias: str) -> np.ndarray:
-    """The codes of one layer in a journal batch (.npz) or an actor's segment (.h5)."""
-    if path.suffix == ".h5":
-        with h5py.File(path, "r") as f:
-            return f[f"codes/{alias}"][:]
-    with np.load(path, allow_pickle=False) as npz:
-        return npz[f"codes/{alias}"]
-
-
-def _write_segment(tmp: Path, *, ids, sha, labels, stat, sources: _Sources, batch_paths, old_path,
-                   aliases, code_dims, dtype) -> None:
+def _write_segment(tmp: Path, *, ids, sha, labels, stat, sources: _Sources, journal: Journal, batch_paths,
+                   old_path, aliases, code_dims, dtype) -> None:
     n = len(ids)
     kind, a, b = sources.arrays()
     with _h5_create(tmp) as f:
@@ -650,13 +674,22 @@ def _write_segment(tmp: Path, *, ids, sha, labels, stat, sources: _Sources, batc
                     for index in np.unique(ra[k == 1]):
                         if index not in cached:
                             cached.clear()
-                            cached[index] = _journal_codes(batch_paths[index], alias)
+                            cached[index] = journal.codes(batch_paths[index], alias)
                         pick = np.flatnonzero((k == 1) & (ra == index))
                         out[pick] = cached[index][rb[pick]]
                     ds[lo:hi] = out
         finally:
             if old is not None:
                 old.close()
+
+
+def _map_adopted(segments: list, runs: list, name: str, n_rows: int, rows) -> None:
+    """Map an actor's segment where it is: its rows this commit keeps, as runs."""
+    rows = np.sort(np.asarray(rows, dtype=np.int64))
+    segments.append((name, n_rows))
+    edges = np.flatnonzero(np.diff(rows) != 1) + 1
+    for lo, hi in zip(np.r_[0, edges], np.r_[edges, len(rows)]):
+        runs.append((len(segments) - 1, int(rows[lo]), int(rows[hi - 1]) + 1))
 
 
 def _layout(f, name: str, dtype, tail: tuple, folder: str, segments, runs, total: int) -> None:
@@ -846,6 +879,7 @@ def merge(path: Path, journal: Journal, spec: ExtractorSpec, code_dims: dict[str
             sources.old(src[1])
         else:
             sources.batch(src[1], src[2])
+    conflicts = _conflicts(new, old, dead, classes)  # read from the old root, before it is replaced
     # Write: the segment (if any row), then the root, each to a temporary file replaced at once.
     old_segments = [(name, rows) for name, rows in zip(old.segments, old.segment_rows)] if old else []
     next_segment = old.next_segment if old else 0
@@ -865,7 +899,8 @@ def merge(path: Path, journal: Journal, spec: ExtractorSpec, code_dims: dict[str
             _check_room(folder, nbytes)
             tmp_seg = folder / f".{name}.tmp"
             _write_segment(tmp_seg, ids=seg_ids, sha=seg_sha, labels=seg_labels, stat=seg_stat,
-                           sources=sources, batch_paths=batch_paths, old_path=path if old else None,
+                           sources=sources, journal=journal, batch_paths=batch_paths,
+                           old_path=path if old else None,
                            aliases=list(code_dims), code_dims=code_dims, dtype=spec.dtype)
             os.replace(tmp_seg, folder / name)
             tmp_seg = None
@@ -874,6 +909,11 @@ def merge(path: Path, journal: Journal, spec: ExtractorSpec, code_dims: dict[str
             segments.append((name, len(seg_ids)))
             runs.append((len(segments) - 1, 0, len(seg_ids)))
         for bi in sorted(adopted):  # the actors' segments join the store as they are: no copy
+            if isinstance(batch_paths[bi], str):  # in object storage, under the name it keeps
+                name = batch_paths[bi].rsplit("/", 1)[-1]
+                next_segment = max(next_segment, journal.next_segment + 1)
+                _map_adopted(segments, runs, name, len(files[bi]["ids"]), adopted[bi])
+                continue
             folder.mkdir(exist_ok=True)
             name = f"segment-{next_segment:06d}.h5"
             next_segment += 1
@@ -884,12 +924,8 @@ def merge(path: Path, journal: Journal, spec: ExtractorSpec, code_dims: dict[str
             except OSError:  # no hard links here (some network file systems): moved, and back on failure
                 os.replace(batch_paths[bi], target)
                 moved.append((target, batch_paths[bi]))
-            rows = np.sort(np.asarray(adopted[bi], dtype=np.int64))
-            segments.append((name, len(files[bi]["ids"])))
-            edges = np.flatnonzero(np.diff(rows) != 1) + 1
-            for lo, hi in zip(np.r_[0, edges], np.r_[edges, len(rows)]):
-                runs.append((len(segments) - 1, int(rows[lo]), int(rows[hi - 1]) + 1))
-        if adopted:
+            _map_adopted(segments, runs, name, len(files[bi]["ids"]), adopted[bi])
+        if adopted and folder.is_dir():
             _fsync_dir(folder)
         fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
@@ -914,7 +950,35 @@ def merge(path: Path, journal: Journal, spec: ExtractorSpec, code_dims: dict[str
     # The new root is in place: what it no longer maps goes (compacted segments, orphans).
     remove_unmapped(path)
     journal.remove()
-    return {bytes(v[0]) for v in new.values()}
+    return Commit(rows=sum(hi - lo for _, lo, hi in runs), written={bytes(v[0]) for v in new.values()},
+                  conflicts=conflicts)
+
+
+@dataclass
+class Commit:
+    """What a commit wrote: the store's rows now, the contents of this run's rows, and the
+    groups of rows with one of those contents under different labels ((id, label) lists)."""
+
+    rows: int
+    written: set
+    conflicts: list
+
+
+def _conflicts(new: dict, old: "_Old | None", dead: np.ndarray, classes: list) -> list:
+    """Conflict groups among the contents a commit wrote: its rows and the old rows it kept
+    (read from the rows' tables, not from the new root: an actor's segment in object storage
+    stays there)."""
+    groups = defaultdict(list)
+    for key, (sha, label, _, _) in new.items():
+        groups[bytes(sha)].append((key.decode(), classes[label] if label >= 0 else None))
+    if old is not None and groups:
+        rows = old.store.rows_with_sha(sorted(groups))
+        rows = rows[~dead[rows]] if len(rows) else rows
+        if len(rows):
+            for sha, rid, lab in zip(old.store._sha_at(rows).tolist(), old.store._ids_at_rows(rows).tolist(),
+                                     old.store._labels_at(rows).tolist()):
+                groups[bytes(sha)].append((rid.decode(), classes[lab] if lab >= 0 else None))
+    return sorted(sorted(g) for g in groups.values() if len({lab for _, lab in g}) > 1)
 
 
 def _umask() -> int:
@@ -979,7 +1043,12 @@ class CodeStore:
     Parameters
     ----------
     path : str or Path
-        An HDF5 file written by :func:`cnncodes.extract`.
+        An HDF5 file written by :func:`cnncodes.extract`, or the URL of one in object
+        storage (``s3://bucket/codes.h5``): read from a local working copy that is brought
+        up to date first, moving only the segments it lacks.
+    storage_options : dict, optional
+        fsspec options for a store URL (endpoint, credentials); the usual environment
+        variables otherwise.
 
     Examples
     --------
@@ -987,12 +1056,15 @@ class CodeStore:
     >>> X, y = store.codes("block5"), store.labels          # doctest: +SKIP
     """
 
-    def __init__(self, path):
-        self.path = store_path(path)
+    def __init__(self, path, storage_options=None):
+        remote = remote_store(path, storage_options)
+        self.url = remote.url if remote is not None else None
+        self.path = remote.pull() if remote is not None else store_path(path)
         if self.path.is_dir():
             raise StoreError(_folder_not_store(self.path))
         if not self.path.is_file():
-            raise StoreError(f"code store {str(self.path)!r} does not exist. Create it with `cnncodes extract`.")
+            raise StoreError(f"code store {self.url or str(self.path)!r} does not exist. Create it with "
+                             f"`cnncodes extract`.")
         self._key = self._stat_key()
         try:
             with h5py.File(self.path, "r") as f:
@@ -1137,7 +1209,7 @@ class CodeStore:
         return rows
 
     def __repr__(self) -> str:
-        return (f"CodeStore({str(self.path)!r}, rows={len(self)}, backbone={self.backbone!r}, "
+        return (f"CodeStore({self.url or str(self.path)!r}, rows={len(self)}, backbone={self.backbone!r}, "
                 f"layers={self.layers}, pooling={self.spec.pooling!r})")
 
     @property

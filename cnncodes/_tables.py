@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ._errors import SourceError
 from ._images import IMAGE_EXTENSIONS
-from ._items import Item, ReadError, Source, as_read_error, filesystem, is_url, path_key, read_file, token
+from ._items import Item, ReadError, Source, as_read_error, cache_root, filesystem, is_url, path_key, read_file, token
 
 # --------------------------------------------------------------------------- tar shards
 
@@ -74,9 +74,7 @@ def _shard_urls(patterns: list[str], storage_options) -> list[str]:
 
 
 def _cache_dir() -> Path:
-    base = os.environ.get("CNNCODES_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "cnncodes")
-    return Path(base) / "tar-index"
+    return cache_root() / "tar-index"
 
 
 def _webdataset_key(name: str) -> tuple[str, str]:

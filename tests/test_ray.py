@@ -207,3 +207,38 @@ def test_ray_reads_objects_on_the_workers_only(cluster, reference, s3, sample_di
     assert CodeStore(out).attrs["data_root"] == "s3://photos/ray/"
     again = extract("s3://photos/ray/", out=out, engine="ray", ray_workers=2, storage_options=opts, **SMALL)
     assert again.n_extracted == 0 and again.n_unchanged == 40 and driver_reads == []
+
+
+def test_ray_writes_a_store_in_object_storage(cluster, reference, s3, sample_dir, tmp_path, monkeypatch):
+    """Check a Ray run whose store is itself in S3: the actors upload their segments into the
+    store's folder there; a driver stopped mid-run leaves them and a marker; the re-run resumes
+    them and commits by mapping them where they are (the driver downloads none: its working
+    copy has none of them), every image exactly once, the store equal to the single-process
+    one, the marker gone."""
+    from cnncodes._remote import PENDING, mapped_segments
+
+    fs, endpoint = s3
+    for f in sorted(sample_dir.rglob("*.jpg")):
+        fs.pipe(f"photos/ray-store/{f.relative_to(sample_dir).as_posix()}", f.read_bytes())
+    opts = {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
+    url, small = "s3://photos/stores/ray.h5", dict(SMALL, batch_size=4)
+    monkeypatch.setenv("CNNCODES_CACHE_DIR", str(tmp_path / "driver"))
+    monkeypatch.setattr(cray, "SEGMENT_ROWS", 4)
+    monkeypatch.setitem(cray._FAULTS, "driver_abort_after", 1)
+    with pytest.raises(KeyboardInterrupt, match="driver stops"):
+        extract("s3://photos/ray-store/", out=url, engine="ray", ray_workers=2, storage_options=opts, **small)
+    monkeypatch.delitem(cray._FAULTS, "driver_abort_after")
+    pending = [p.rsplit("/", 1)[-1] for p in fs.ls("photos/stores/ray.h5.d")]
+    assert pending and all(PENDING.match(n) for n in pending)
+    assert fs.exists("photos/stores/ray.h5.partial/spec.json") and not fs.exists("photos/stores/ray.h5")
+    result = extract("s3://photos/ray-store/", out=url, engine="ray", ray_workers=2, storage_options=opts, **small)
+    assert result.n_resumed >= 4 and result.n_resumed + result.n_extracted == 40
+    assert result.uploaded["segments"] == []  # the actors' segments are there already
+    copy = tmp_path / "driver" / "stores"
+    working = next(copy.iterdir()) / "ray.h5"
+    names = mapped_segments(working)
+    assert set(pending) <= set(names) and all(PENDING.match(n) for n in names)
+    assert not any(p.suffix == ".h5" for p in working.parent.rglob("segment-*"))  # none came to the driver
+    assert not fs.exists("photos/stores/ray.h5.partial/spec.json")
+    monkeypatch.setenv("CNNCODES_CACHE_DIR", str(tmp_path / "reader"))
+    assert_same_store(CodeStore(url, storage_options=opts), reference)

@@ -6,9 +6,10 @@ unchanged re-run reads no image byte; bad members are recorded failures with the
 """
 
 import io
-import re
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -337,18 +338,82 @@ def test_objects_decode_in_worker_processes(tmp_path, s3_folder, folder_store):
     assert max(np.abs(got[s][1] - ref[s][1]).max() for s in ref) <= 1e-6
 
 
-def test_a_store_in_object_storage_is_refused_in_one_line(tmp_path, folder, capsys):
-    """Check that -o s3://... is refused before any work (not written as a local folder
-    named 's3:'), saying to write the store locally; and CodeStore('s3://...') alike."""
-    from cnncodes._cli import main
-    from cnncodes._errors import StoreError
+def _copy_state(folder):
+    """(name -> inode, mtime_ns) of a working copy's files: what a pull replaced or added."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*.h5"))}
 
-    words = "a code store must be on a local or shared file system, not 's3://photos/codes.h5'"
-    with pytest.raises(StoreError, match=re.escape(words)):
-        extract(folder, out="s3://photos/codes.h5", **FAST)
-    with pytest.raises(StoreError, match=re.escape(words)):
-        CodeStore("s3://photos/codes.h5")
-    assert main(["extract", str(folder), "-o", "s3://photos/codes.h5", "--quiet"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Write it locally (-o codes.h5" in err
-    assert not (tmp_path / "s3:").exists() and not os.path.exists("s3:")
+
+def test_a_store_in_object_storage_moves_only_what_is_new(tmp_path, folder, files, folder_store, s3,
+                                                         monkeypatch, capsys):
+    """Check a store at an s3:// URL: the first run uploads one segment and the root; an
+    unchanged re-run moves no byte either way; another machine (another cache) reads the
+    folder's codes; one more photo uploads one segment, and that machine then downloads that
+    segment only; `cnncodes info` reads the URL."""
+    from cnncodes._cli import main
+
+    fs, _ = s3
+    url = "s3://photos/stores/codes.h5"
+    monkeypatch.setenv("CNNCODES_CACHE_DIR", str(tmp_path / "here"))
+    first = extract(folder, out=url, **FAST)
+    assert first.n_extracted == 9 and first.uploaded["segments"] == ["segment-000000.h5"]
+    assert first.path == url and url in first.summary()
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.find("photos/stores")) == ["codes.h5", "segment-000000.h5"]
+    stamp = fs.info("photos/stores/codes.h5")["LastModified"]
+    here = next((tmp_path / "here" / "stores").iterdir())
+    before = _copy_state(here)
+    again = extract(folder, out=url, **FAST)
+    assert again.n_unchanged == 9 and again.uploaded is None
+    assert _copy_state(here) == before and fs.info("photos/stores/codes.h5")["LastModified"] == stamp
+
+    monkeypatch.setenv("CNNCODES_CACHE_DIR", str(tmp_path / "there"))
+    got, ref = by_content(url), by_content(folder_store)
+    assert got.keys() == ref.keys()
+    assert max(np.abs(got[s][1] - ref[s][1]).max() for s in ref) <= 1e-6
+    there = next((tmp_path / "there" / "stores").iterdir())
+    seen = _copy_state(there)
+
+    monkeypatch.setenv("CNNCODES_CACHE_DIR", str(tmp_path / "here"))
+    grown = tmp_path / "grown"
+    shutil.copytree(folder, grown)
+    cls, name, data = files[0]
+    from PIL import Image
+
+    Image.open(io.BytesIO(data)).transpose(Image.Transpose.ROTATE_90).save(grown / cls / f"new-{name}")
+    more = extract(grown, out=url, on_other_root="replace", **FAST)
+    assert more.n_extracted == 1 and more.uploaded["segments"] == ["segment-000001.h5"]
+
+    monkeypatch.setenv("CNNCODES_CACHE_DIR", str(tmp_path / "there"))
+    store = CodeStore(url)
+    assert len(store) == 10 and store.url == url
+    now = _copy_state(there)
+    changed = {n for n in now if now[n] != seen.get(n)}
+    assert changed == {"codes.h5", "segment-000001.h5"}  # the root and the new segment, no more
+    assert main(["info", url]) == 0
+    assert "10 rows" in capsys.readouterr().out.replace(",", "")
+
+
+def test_a_store_in_object_storage_names_what_is_wrong(tmp_path, folder, s3, monkeypatch):
+    """Check the one-line errors of a store in object storage: a writer on another host holds
+    it (say who, and what to delete when that run is dead); a segment object is missing; a
+    bucket given instead of a file; no store there."""
+    from cnncodes._errors import StoreError, StoreLockedError
+
+    fs, _ = s3
+    monkeypatch.setenv("CNNCODES_CACHE_DIR", str(tmp_path / "cache"))
+    url = "s3://photos/errors/codes.h5"
+    with pytest.raises(StoreError, match=re.escape("code store 's3://photos/errors/codes.h5' does not exist")):
+        CodeStore(url)
+    fs.pipe("photos/errors/codes.h5.lock", json.dumps({"host": "elsewhere", "pid": 1, "since": "then"}).encode())
+    with pytest.raises(StoreLockedError, match=re.escape("(host elsewhere, pid 1, since then). Wait for it to "
+                                                         "finish; if that run is dead, delete s3://photos/errors/"
+                                                         "codes.h5.lock and re-run")):
+        extract(folder, out=url, **FAST)
+    fs.rm("photos/errors/codes.h5.lock")
+    extract(folder, out=url, **FAST)
+    assert not fs.exists("photos/errors/codes.h5.lock")
+    fs.rm("photos/errors/codes.h5.d/segment-000000.h5")
+    monkeypatch.setenv("CNNCODES_CACHE_DIR", str(tmp_path / "fresh"))
+    with pytest.raises(StoreError, match=re.escape("is incomplete: 1 segment object(s) it maps are missing")):
+        CodeStore(url)
+    with pytest.raises(StoreError, match="names a bucket or folder, not a store file"):
+        CodeStore("s3://photos/")
