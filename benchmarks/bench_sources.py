@@ -10,7 +10,13 @@ process) and uploads the photos, then for each source:
 - re-runs it unchanged and counts the image bytes read (through ``read_bytes``).
 
 With ``--ray`` it also extracts the S3 copy with ``engine="ray"`` (2 workers) and reports the
-driver's image bytes read, its peak memory, and whether the store equals the folder's.
+driver's image bytes read, its peak memory, and whether the store equals the folder's; the
+Ray run writes its store into S3 too, and reports the segment bytes its driver downloaded.
+
+With ``--remote-store`` it writes the folder's store into S3 (``s3://bench/stores/codes.h5``):
+95 % of the photos first, an unchanged re-run, then all of them; and reads it from a second
+working copy before and after the growth. It reports the bytes each step moved each way,
+against the store's size.
 
     python benchmarks/bench_sources.py /work/shared/datasets/flowers5 --work /tmp/bench-sources --ray
 """
@@ -137,12 +143,98 @@ def ray_child(url: str, out: Path) -> None:
                       "driver_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
 
 
+class Moved:
+    """Bytes a remote store's working copy downloaded (RemoteStore._get) in this process."""
+
+    def __init__(self):
+        from cnncodes import _remote
+
+        self.bytes, self.files, real = 0, [], _remote.RemoteStore._get
+
+        def get(store, remote, local):
+            real(store, remote, local)
+            self.bytes += Path(local).stat().st_size
+            self.files.append(Path(local).name)
+
+        _remote.RemoteStore._get = get
+
+    def take(self) -> tuple[int, list]:
+        out = (self.bytes, self.files)
+        self.bytes, self.files = 0, []
+        return out
+
+
+def remote_store_rows(folder: Path, work: Path) -> list[dict]:
+    """Grow a store in S3 from 95 % of the photos to all; what each step moved."""
+    moved = Moved()
+    grow = work / "grow"
+    if grow.exists():
+        import shutil
+
+        shutil.rmtree(grow)
+    photos = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    held = set(photos[::20])  # every 20th photo comes in the second run
+
+    def link(keep):
+        for p in photos:
+            if p in keep:
+                target = grow / p.relative_to(folder)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if not target.exists():
+                    target.symlink_to(p.resolve())
+
+    url = f"s3://bench/stores/codes-{os.getpid()}.h5"
+    from cnncodes._items import filesystem
+
+    filesystem(url)[0].mkdir("bench")
+    rows = []
+
+    def step(name, run):
+        t = time.perf_counter()
+        out = run()
+        down, files = moved.take()
+        up = out.uploaded["bytes"] if getattr(out, "uploaded", None) else 0
+        size = sum(int(v) for v in _sizes(url).values())
+        rows.append({"step": name, "seconds": round(time.perf_counter() - t, 2), "uploaded_bytes": up,
+                     "downloaded_bytes": down, "downloaded_files": len(files), "store_bytes": size})
+        print(json.dumps(rows[-1]), flush=True)
+
+    link(set(photos) - held)
+    os.environ["CNNCODES_CACHE_DIR"] = str(work / "cache-writer")
+    step("first run, 95 % of the photos", lambda: extract(str(grow), out=url, **SETTINGS))
+    step("unchanged re-run", lambda: extract(str(grow), out=url, **SETTINGS))
+    os.environ["CNNCODES_CACHE_DIR"] = str(work / "cache-reader")
+    step("a second machine reads it", lambda: CodeStore(url))
+    link(held)
+    os.environ["CNNCODES_CACHE_DIR"] = str(work / "cache-writer")
+    step(f"{len(held)} photos added", lambda: extract(str(grow), out=url, **SETTINGS))
+    os.environ["CNNCODES_CACHE_DIR"] = str(work / "cache-reader")
+    step("the second machine reads it again", lambda: CodeStore(url))
+    return rows
+
+
+def _print_remote(rows) -> None:
+    print(f"\n{'store in S3 (moto)':<36} {'time':>9}  {'uploaded':>10}  {'downloaded':>10}  store")
+    for r in rows:
+        print(f"{r['step']:<36} {r['seconds']:>7.1f} s  {r['uploaded_bytes'] / 1e6:>7.2f} MB  "
+              f"{r['downloaded_bytes'] / 1e6:>7.2f} MB  {r['store_bytes'] / 1e6:.1f} MB")
+
+
+def _sizes(url: str) -> dict:
+    from cnncodes._items import filesystem
+
+    fs, inner = filesystem(url)
+    return {p: fs.info(p)["size"] for p in fs.find(inner.rsplit("/", 1)[0]) if p.startswith(inner)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("folder", type=Path)
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench-sources"))
     ap.add_argument("--shards", type=int, default=10)
     ap.add_argument("--ray", action="store_true", help="also the Ray engine (2 workers) on the S3 copy")
+    ap.add_argument("--remote-store", action="store_true", help="also a store in S3, grown by 5 %%")
+    ap.add_argument("--remote-store-only", action="store_true", help="only the store in S3")
     ap.add_argument("--ray-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.ray_child:
@@ -156,8 +248,14 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     marker.touch()
     print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; {args.folder}")
-    pattern, parquet, items = write_copies(args.folder, args.work, args.shards)
     server, endpoint = start_s3(args.work)
+    if args.remote_store_only:
+        try:
+            _print_remote(remote_store_rows(args.folder, args.work))
+        finally:
+            server.terminate()
+        return
+    pattern, parquet, items = write_copies(args.folder, args.work, args.shards)
     counter = Counter()
     rows = []
     try:
@@ -206,6 +304,8 @@ def main() -> None:
                 print(run.stderr[-3000:])
             row = json.loads(run.stdout.strip().splitlines()[-1])
             print(json.dumps({**row, **compare(out, ref)}), flush=True)
+        if args.remote_store:
+            _print_remote(remote_store_rows(args.folder, args.work))
     finally:
         server.terminate()
 

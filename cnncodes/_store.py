@@ -1390,7 +1390,8 @@ def check(path, *, rehash: bool = False, root=None, progress: bool = False) -> C
     Parameters
     ----------
     path : str or Path
-        The store (``codes.h5``).
+        The store (``codes.h5``), or its URL in object storage (a missing segment object is
+        then a problem found).
     rehash : bool
         Also re-read every row's image and compare its sha256 with the stored one.
     root : path, optional
@@ -1401,8 +1402,14 @@ def check(path, *, rehash: bool = False, root=None, progress: bool = False) -> C
     CheckResult
         ``ok``, ``problems`` (one line each, naming the segment or the row) and ``summary()``.
     """
+    remote = remote_store(path)
+    if remote is not None:  # the working copy, brought up to date, is what is checked
+        try:
+            path = remote.pull()
+        except StoreError as exc:
+            return CheckResult(remote.url, problems=[str(exc)])
     path = Path(path)
-    result = CheckResult(str(path))
+    result = CheckResult(remote.url if remote is not None else str(path))
     if path.is_dir():
         raise StoreError(_folder_not_store(path))
     if not path.is_file():
