@@ -27,6 +27,7 @@ from ._rules import (
     recommend,
 )
 
+
 @dataclass
 class AdviceRun:
     """What :meth:`Advice.run` did."""
