@@ -224,10 +224,10 @@ def test_ray_writes_a_store_in_object_storage(cluster, reference, s3, sample_dir
     url, small = "s3://photos/stores/ray.h5", dict(SMALL, batch_size=4)
     monkeypatch.setenv("CNNCODES_CACHE_DIR", str(tmp_path / "driver"))
     monkeypatch.setattr(cray, "SEGMENT_ROWS", 4)
-    monkeypatch.setitem(cray._FAULTS, "driver_abort_after", 1)
+    monkeypatch.setattr(cray, "_faults", lambda: cray._Faults(driver_abort_after=1))
     with pytest.raises(KeyboardInterrupt, match="driver stops"):
         extract("s3://photos/ray-store/", out=url, engine="ray", ray_workers=2, storage_options=opts, **small)
-    monkeypatch.delitem(cray._FAULTS, "driver_abort_after")
+    monkeypatch.setattr(cray, "_faults", lambda: cray._Faults())  # no faults from here on
     pending = [p.rsplit("/", 1)[-1] for p in fs.ls("photos/stores/ray.h5.d")]
     assert pending and all(PENDING.match(n) for n in pending)
     assert fs.exists("photos/stores/ray.h5.partial/spec.json") and not fs.exists("photos/stores/ray.h5")
