@@ -26,7 +26,7 @@ from ._errors import (  # dependency-free, so eager: `except cnncodes.StoreError
 # The rest of the public API is imported on first use (PEP 562): `import cnncodes` and the
 # command line start without torch, torchvision, faiss or scikit-learn (seconds each).
 _LAZY_MODULES = {
-    "_advise": ("Advice", "AdviceRun", "Measurements", "Recommendation", "Scenario", "advise"),
+    "_advise": ("Advice", "AdviceRun", "advise"),
     "_backbones": ("layer_table", "list_backbones"),
     "_custom": ("register_backbone",),
     "_images": ("Preprocess",),
@@ -41,6 +41,7 @@ _LAZY_MODULES = {
     "_onnxrun": ("OnnxModel",),
     "_outputs": ("OutputExistsError",),
     "_report": ("report",),
+    "_rules": ("Measurements", "Recommendation", "Scenario"),
     "_serve": ("make_app", "serve"),
     "_spec": ("ExtractorSpec", "WeightsRef"),
     "_stats": ("Interval",),

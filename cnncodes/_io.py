@@ -118,23 +118,43 @@ def atomic_write(path: str | os.PathLike, *, fsync: bool = True):
         fsync_dir(path.parent)
 
 
-def stratified_sample(labels, n: int, random_state=None, *, at_least: int = 0) -> np.ndarray:
-    """Sorted positions of at most about `n` rows drawn per class in proportion to its size.
+def stratified_sample(labels, n: int, random_state=None, *, at_least: int = 0,
+                      balanced: bool = False) -> np.ndarray:
+    """Sorted positions of at most about `n` rows, drawn per class.
 
-    Each class keeps ``round(n * size / total)`` rows, but no fewer than ``at_least`` (nor
-    more than it has). With ``n >= len(labels)`` every row is kept.
+    By default each class keeps rows in proportion to its size, ``round(n * size / total)``,
+    but no fewer than ``at_least`` (nor more than it has). With ``balanced=True`` exactly
+    ``min(n, len(labels))`` rows are spread as evenly over the classes as their sizes allow
+    (round robin over the classes in sorted order: a class too small for its share gives all
+    it has, and the first classes get one more when `n` does not divide evenly); ``at_least``
+    does not apply. With ``n >= len(labels)`` every row is kept.
     """
     labels = np.asarray(labels)
     total = len(labels)
     if n >= total:
         return np.arange(total)
     rng = np.random.default_rng(random_state)
-    keep = []
-    for c in sorted(set(labels.tolist())):  # sorted: the draw does not depend on row order of classes
-        group = np.flatnonzero(labels == c)
-        k = min(len(group), max(at_least, int(round(n * len(group) / total))))
-        keep.append(rng.choice(group, k, replace=False))
+    # sorted: the draw does not depend on the order in which the classes first appear
+    groups = [np.flatnonzero(labels == c) for c in sorted(set(labels.tolist()))]
+    if balanced:
+        orders = [g[rng.permutation(len(g))] for g in groups]  # every class shuffled, then dealt
+        keep = [order[:k] for order, k in zip(orders, _even_shares(n, [len(g) for g in groups]))]
+    else:
+        keep = [rng.choice(g, min(len(g), max(at_least, int(round(n * len(g) / total)))), replace=False)
+                for g in groups]
     return np.sort(np.concatenate(keep)) if keep else np.arange(0)
+
+
+def _even_shares(n: int, sizes: list[int]) -> list[int]:
+    """How many of `n` rows each class gives when they are dealt one per class in turn."""
+    shares, left, k = [0] * len(sizes), n, 0
+    while left > 0 and any(k < s for s in sizes):
+        for i, s in enumerate(sizes):
+            if k < s and left > 0:
+                shares[i] += 1
+                left -= 1
+        k += 1
+    return shares
 
 
 def top_k(proba, k: int) -> np.ndarray:

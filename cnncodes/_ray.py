@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,10 +36,25 @@ from ._accel import reuse_freed_memory
 from ._errors import CnnCodesError, InvalidParameterError
 from ._sources import Item, is_url
 
-# Fault injection for the tests: {"actor_exit_after": n} makes every actor process exit
-# (os._exit, as a crash would) right after writing its n-th shard, before returning it;
-# {"driver_abort_after": n} makes the driver raise KeyboardInterrupt after n result batches.
-_FAULTS: dict = {}
+
+@dataclass(frozen=True)
+class _Faults:
+    """Faults a test injects into a run (none in production); see `_faults`.
+
+    ``actor_exit_after=n`` makes every actor process exit (os._exit, as a crash would) right
+    after writing its n-th segment, before returning it; ``driver_abort_after=n`` makes the
+    driver raise KeyboardInterrupt after n result batches. 0: never.
+    """
+
+    actor_exit_after: int = 0
+    driver_abort_after: int = 0
+
+
+def _faults() -> _Faults:
+    """The faults for the run about to start: none. The test hook: tests monkeypatch this function."""
+    return _Faults()
+
+
 # Rows an actor takes per call and writes as one segment of the store (its forward passes run
 # batch_size rows at a time): fewer, larger segments for the store to map.
 SEGMENT_ROWS = 1024
@@ -171,7 +187,7 @@ class _CodesWorker:
         if self.remote is not None:
             self._upload(written, index)
         self.written += 1
-        if self.faults.get("actor_exit_after") and self.written >= self.faults["actor_exit_after"]:
+        if self.faults.actor_exit_after and self.written >= self.faults.actor_exit_after:
             os._exit(1)  # a crash after the shard is written, before Ray hears of it
         return {"pos": pos, "sha256": shas, "reason": reasons.astype(str)}
 
@@ -247,6 +263,7 @@ def _pipeline(ray, items, *, backbone, weights, infos, pooling, prep, precision,
               index, stat_of, batch_size, max_pixels, progress, result, workers, gpus_per_worker, tqdm,
               storage_options=None, classes=()):
     workers, actor_cpus, decode_cpus = _resources(ray, workers, gpus_per_worker)
+    faults = _faults()
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the driver shows one bar of its own
     ctx.print_on_execution_start = False
@@ -270,7 +287,7 @@ def _pipeline(ray, items, *, backbone, weights, infos, pooling, prep, precision,
             "remote": None if journal.remote is None else {
                 "url": journal.remote.url, "storage_options": dict(journal.remote.storage_options),
                 "next_segment": journal.next_segment},
-            "use_gpu": bool(gpus_per_worker), "cpus": actor_cpus, "faults": dict(_FAULTS),
+            "use_gpu": bool(gpus_per_worker), "cpus": actor_cpus, "faults": faults,
             "classes": list(classes), "batch_size": batch_size,
         },
     )  # Ray Data restarts dead actors and retries their batches (max_restarts=-1)
@@ -290,7 +307,7 @@ def _pipeline(ray, items, *, backbone, weights, infos, pooling, prep, precision,
                 else:
                     result.n_extracted += 1
             bar.update(len(out["pos"]))
-            if _FAULTS.get("driver_abort_after") and n >= _FAULTS["driver_abort_after"]:
+            if faults.driver_abort_after and n >= faults.driver_abort_after:
                 raise KeyboardInterrupt("fault injection: the driver stops here")
     except (KeyboardInterrupt, CnnCodesError):
         raise

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._cache import session_cache
 from ._errors import CnnCodesError, InvalidParameterError, UnknownLayerError
 from ._outputs import PNG, check_output
 
@@ -220,27 +221,10 @@ def is_store_path(x) -> bool:
 
 def _default_store(source, backbone, weights, pooling, image_size, layers) -> Path:
     """A store in this process's temporary cache, one per (source, settings): deleted at exit."""
-    from ._transformer import _session_cache
-
     key = json.dumps([str(Path(str(source)).resolve()) if not isinstance(source, (list, tuple))
                       else sorted(map(str, source)), backbone, str(weights), pooling, image_size,
                       layers], sort_keys=True)
-    return _session_cache() / f"sweep-{backbone}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.h5"
-
-
-def _sample_items(items, max_images, need, random_state):
-    """A stratified sample of at most `max_images` labelled items, every class kept in proportion."""
-    by_class: dict[str, list] = {}
-    for it in items:
-        by_class.setdefault(it.label, []).append(it)
-    total = len(items)
-    rng = np.random.default_rng(random_state)
-    keep = []
-    for label in sorted(by_class):
-        group = by_class[label]
-        n = min(len(group), max(need, int(round(max_images * len(group) / total))))
-        keep += [group[i] for i in sorted(rng.choice(len(group), n, replace=False))]
-    return keep
+    return session_cache() / f"sweep-{backbone}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.h5"
 
 
 def _distinct_per_class(labels, groups) -> dict[int, int]:
@@ -443,6 +427,7 @@ def sweep(
     >>> print(result.table()); result.best_layer                     # doctest: +SKIP
     'block5'
     """
+    from ._io import stratified_sample
     from ._store import CodeStore
 
     t0 = time.perf_counter()
@@ -470,7 +455,7 @@ def sweep(
         rows = np.flatnonzero(codes.labels >= 0)
         where = codes.path.name
         if max_images is not None and len(rows) > max_images:
-            rows = _sample_rows(codes, rows, max_images, need, random_state)
+            rows = rows[stratified_sample(codes.labels[rows], max_images, random_state, at_least=need)]
     else:
         where = str(data) if not isinstance(data, (list, tuple)) else f"the list of {len(data)} paths"
         codes, rows, chosen, extracted = _extract_for_sweep(
@@ -512,6 +497,7 @@ def _extract_for_sweep(data, where, *, backbone, layers, store, cv, need, max_im
     """Extract the labelled images of `data` for the sweep; return (store, rows, layers, result)."""
     from ._backbones import get_backbone
     from ._extract import extract
+    from ._io import stratified_sample
     from ._sources import Source, read_source
     from ._store import CodeStore
 
@@ -525,7 +511,10 @@ def _extract_for_sweep(data, where, *, backbone, layers, store, cv, need, max_im
                    np.arange(len(labelled)), names, cv, where)
     items = labelled
     if max_images is not None and len(items) > max_images:
-        items = _sample_items(items, max_images, need, random_state)
+        labels = [it.label for it in items]
+        keep = stratified_sample(labels, max_images, random_state, at_least=need)
+        # class by class, as the store's rows (and so the folds) always came
+        items = [items[k] for k in sorted(keep, key=lambda k: labels[k])]
     held = CodeStore(store).spec.layers if store is not None and Path(store).exists() else None
     if held is not None and layers is None:
         layers = list(held)  # extend the store with the layers it holds
@@ -619,14 +608,3 @@ def _stored_layers(codes, layers) -> list[tuple[str, str]]:
             out.append((alias, stored[alias]))
     order = list(stored)
     return sorted(out, key=lambda an: order.index(an[0]))
-
-
-def _sample_rows(codes, rows, max_images, need, random_state) -> np.ndarray:
-    labels = codes.labels[rows]
-    rng = np.random.default_rng(random_state)
-    keep = []
-    for c in np.unique(labels):
-        group = rows[labels == c]
-        n = min(len(group), max(need, int(round(max_images * len(group) / len(rows)))))
-        keep.append(np.sort(rng.choice(group, n, replace=False)))
-    return np.sort(np.concatenate(keep))

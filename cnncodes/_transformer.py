@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import atexit
 import hashlib
 import io
 import os
@@ -17,6 +16,7 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
 from ._backbones import check_pooling, code_sizes, get_backbone
+from ._cache import session_cache as _session_cache
 from ._errors import CnnCodesError, FailedImagesError, InvalidParameterError, SourceError, StoreLockedError
 from ._accel import resolve_device, resolve_precision
 from ._extract import DEFAULT_RESIZE, DTYPES, TTAS, extract
@@ -490,22 +490,3 @@ def _failed_images_error(kind, images, failures) -> FailedImagesError:
         "codes per input, and cnncodes never fills in zero vectors.",
         named,
     )
-
-
-# ---------------------------------------------------------------------- private cache
-
-_SESSION: dict[str, object] = {}
-
-
-def _session_cache() -> Path:
-    """A temporary cache folder shared by this process's transformers, deleted at exit."""
-    if _SESSION.get("pid") != os.getpid():  # a forked child makes its own
-        folder = Path(tempfile.mkdtemp(prefix="cnncodes-cache-"))
-        _SESSION.update(pid=os.getpid(), folder=folder)
-        atexit.register(_remove_session_cache, os.getpid(), folder)
-    return _SESSION["folder"]
-
-
-def _remove_session_cache(pid: int, folder: Path) -> None:
-    if os.getpid() == pid:
-        shutil.rmtree(folder, ignore_errors=True)

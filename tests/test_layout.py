@@ -11,7 +11,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "cnncodes"
 KNOWN_TANGLE = {"_backbones", "_codesmodel", "_custom", "_extract", "_finetune", "_model", "_ray",
-                "_report", "_sweep", "_transformer", "_tvweights", "_weights"}
+                "_report", "_sweep", "_tvweights", "_weights"}
 
 
 def import_graph() -> dict[str, set[str]]:

@@ -109,7 +109,7 @@ def test_ray_records_failures_and_extends(cluster, reference, sample_dir, tmp_pa
 
 def test_ray_crashed_actors_then_rerun(cluster, reference, sample_dir, tmp_path, monkeypatch):
     """Check that actors crashing after each shard, then a re-run, leave every image exactly once."""
-    monkeypatch.setitem(cray._FAULTS, "actor_exit_after", 2)
+    monkeypatch.setattr(cray, "_faults", lambda: cray._Faults(actor_exit_after=2))
     monkeypatch.setattr(cray, "SEGMENT_ROWS", 8)  # several calls per actor, so that they crash
     out = tmp_path / "crash.h5"
     try:
@@ -117,7 +117,7 @@ def test_ray_crashed_actors_then_rerun(cluster, reference, sample_dir, tmp_path,
         extract(str(sample_dir), out=out, engine="ray", ray_workers=2, **SMALL)
     except CnnCodesError as exc:
         assert "re-run" in str(exc)
-    monkeypatch.delitem(cray._FAULTS, "actor_exit_after")
+    monkeypatch.setattr(cray, "_faults", lambda: cray._Faults())  # no faults from here on
     result = extract(str(sample_dir), out=out, engine="ray", ray_workers=2, **SMALL)
     assert result.n_extracted + result.n_unchanged + result.n_resumed == 40
     assert_same_store(CodeStore(out), reference)
@@ -125,7 +125,7 @@ def test_ray_crashed_actors_then_rerun(cluster, reference, sample_dir, tmp_path,
 
 def test_ray_killed_driver_then_rerun(cluster, reference, sample_dir, tmp_path, monkeypatch):
     """Check that a driver stopped mid-run keeps its shards, and a re-run resumes them exactly once."""
-    monkeypatch.setitem(cray._FAULTS, "driver_abort_after", 1)
+    monkeypatch.setattr(cray, "_faults", lambda: cray._Faults(driver_abort_after=1))
     monkeypatch.setattr(cray, "SEGMENT_ROWS", 4)
     out = tmp_path / "driver.h5"
     small = dict(SMALL, batch_size=4)
@@ -136,7 +136,7 @@ def test_ray_killed_driver_then_rerun(cluster, reference, sample_dir, tmp_path, 
     # at least the batch the driver saw; the actors may have finished more (or all) of them,
     # and tasks already running may still write their shards after this count
     assert 4 <= done <= 40
-    monkeypatch.delitem(cray._FAULTS, "driver_abort_after")
+    monkeypatch.setattr(cray, "_faults", lambda: cray._Faults())  # no faults from here on
     result = extract(str(sample_dir), out=out, engine="ray", ray_workers=2, **small)
     # every image exactly once: what was written is resumed, the rest extracted
     assert result.n_resumed >= done and result.n_resumed + result.n_extracted == 40
@@ -224,10 +224,10 @@ def test_ray_writes_a_store_in_object_storage(cluster, reference, s3, sample_dir
     url, small = "s3://photos/stores/ray.h5", dict(SMALL, batch_size=4)
     monkeypatch.setenv("CNNCODES_CACHE_DIR", str(tmp_path / "driver"))
     monkeypatch.setattr(cray, "SEGMENT_ROWS", 4)
-    monkeypatch.setitem(cray._FAULTS, "driver_abort_after", 1)
+    monkeypatch.setattr(cray, "_faults", lambda: cray._Faults(driver_abort_after=1))
     with pytest.raises(KeyboardInterrupt, match="driver stops"):
         extract("s3://photos/ray-store/", out=url, engine="ray", ray_workers=2, storage_options=opts, **small)
-    monkeypatch.delitem(cray._FAULTS, "driver_abort_after")
+    monkeypatch.setattr(cray, "_faults", lambda: cray._Faults())  # no faults from here on
     pending = [p.rsplit("/", 1)[-1] for p in fs.ls("photos/stores/ray.h5.d")]
     assert pending and all(PENDING.match(n) for n in pending)
     assert fs.exists("photos/stores/ray.h5.partial/spec.json") and not fs.exists("photos/stores/ray.h5")
