@@ -164,7 +164,7 @@ class Moved:
         return out
 
 
-def remote_store_rows(folder: Path, work: Path) -> list[dict]:
+def remote_store_rows(folder: Path, work: Path, ray: bool = False) -> list[dict]:
     """Grow a store in S3 from 95 % of the photos to all; what each step moved."""
     moved = Moved()
     grow = work / "grow"
@@ -189,12 +189,12 @@ def remote_store_rows(folder: Path, work: Path) -> list[dict]:
     filesystem(url)[0].mkdir("bench")
     rows = []
 
-    def step(name, run):
+    def step(name, run, target=url):
         t = time.perf_counter()
         out = run()
         down, files = moved.take()
         up = out.uploaded["bytes"] if getattr(out, "uploaded", None) else 0
-        size = sum(int(v) for v in _sizes(url).values())
+        size = sum(int(v) for v in _sizes(target).values())
         rows.append({"step": name, "seconds": round(time.perf_counter() - t, 2), "uploaded_bytes": up,
                      "downloaded_bytes": down, "downloaded_files": len(files), "store_bytes": size})
         print(json.dumps(rows[-1]), flush=True)
@@ -210,6 +210,14 @@ def remote_store_rows(folder: Path, work: Path) -> list[dict]:
     step(f"{len(held)} photos added", lambda: extract(str(grow), out=url, **SETTINGS))
     os.environ["CNNCODES_CACHE_DIR"] = str(work / "cache-reader")
     step("the second machine reads it again", lambda: CodeStore(url))
+    if ray:  # the actors upload their segments; the driver downloads none
+        ray_url = url.replace("codes-", "ray-")
+        os.environ["CNNCODES_CACHE_DIR"] = str(work / "cache-ray-driver")
+        step("engine=ray, 2 workers, all photos", lambda: extract(str(grow), out=ray_url, engine="ray",
+                                                                  ray_workers=2, **SETTINGS), ray_url)
+        os.environ["CNNCODES_CACHE_DIR"] = str(work / "cache-reader")
+        rows[-1].update(compare(ray_url, by_content(url)))
+        print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -251,7 +259,7 @@ def main() -> None:
     server, endpoint = start_s3(args.work)
     if args.remote_store_only:
         try:
-            _print_remote(remote_store_rows(args.folder, args.work))
+            _print_remote(remote_store_rows(args.folder, args.work, ray=args.ray))
         finally:
             server.terminate()
         return
@@ -305,7 +313,7 @@ def main() -> None:
             row = json.loads(run.stdout.strip().splitlines()[-1])
             print(json.dumps({**row, **compare(out, ref)}), flush=True)
         if args.remote_store:
-            _print_remote(remote_store_rows(args.folder, args.work))
+            _print_remote(remote_store_rows(args.folder, args.work, ray=args.ray))
     finally:
         server.terminate()
 
