@@ -174,3 +174,33 @@ def test_v1_model_predicts_new_photos(v1, tmp_path, sample_dir):
     old = cnncodes.CodeStore(v1 / "codes.h5").codes("block5")[rows].astype(np.float64)
     cosine = (new * old).sum(1) / np.linalg.norm(new, axis=1) / np.linalg.norm(old, axis=1)
     assert cosine.min() > 0.997
+
+
+# ------------------------------------------------- files written before the package layout moved
+
+PREMOVE = Path(__file__).parent / "data" / "premove"
+
+
+def test_a_knn_model_file_written_before_the_move_loads_and_predicts(v1):
+    """Check that a .skops kNN model of the flat layout (it names cnncodes._knn and
+    cnncodes._fit) loads as trusted and predicts what it predicted when written."""
+    expected = json.loads((PREMOVE / "expected.json").read_text())
+    schema = __import__("zipfile").ZipFile(PREMOVE / "knn.skops").read("schema.json").decode()
+    assert '"cnncodes._knn"' in schema and '"cnncodes._fit"' in schema  # what the fixture tests
+    model = cnncodes.load(PREMOVE / "knn.skops")
+    codes = cnncodes.CodeStore(v1 / "codes.h5").codes("block5")
+    assert [str(c) for c in model.estimator.predict(codes)] == expected["knn_predictions"]
+
+
+def test_a_pipeline_pickled_before_the_move_loads_and_predicts(sample_dir):
+    """Check that a pickled scikit-learn pipeline with CNNCodes (it names
+    cnncodes._transformer.CNNCodes) unpickles and gives the probabilities it gave."""
+    import pickle
+
+    raw = (PREMOVE / "pipeline.pkl").read_bytes()
+    assert b"cnncodes._transformer" in raw
+    pipe = pickle.loads(raw)
+    expected = json.loads((PREMOVE / "expected.json").read_text())
+    photos = [str(sample_dir / p) for p in expected["pipeline_photos"]]
+    assert [str(c) for c in pipe.predict(photos)] == expected["pipeline_predictions"]
+    np.testing.assert_allclose(pipe.predict_proba(photos), expected["pipeline_proba"], atol=1e-5)
