@@ -33,7 +33,7 @@ _LAZY_MODULES = {
     "_export": ("export",),
     "_curve": ("CurvePoint", "LearningCurve", "learning_curve"),
     "_extract": ("ExtractResult", "extract"),
-    "_finetune": ("EpochStats", "FinetuneResult", "FineTunedModel", "finetune"),
+    "finetuning": ("EpochStats", "FinetuneResult", "FineTunedModel", "finetune"),
     "_fit": ("fit", "split_store"),
     "_stream": ("fit_streaming",),
     "_knn": ("FaissKNNClassifier",),
