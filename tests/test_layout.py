@@ -96,3 +96,18 @@ def test_no_new_import_cycle():
     left = set().union(*found) if found else set()
     assert left == KNOWN_TANGLE, (f"the tangle shrank to {sorted(left)}: remove "
                                   f"{sorted(KNOWN_TANGLE - left)} from KNOWN_TANGLE")
+
+
+def test_reading_the_checkpoint_format_loads_no_training_code():
+    """Check that weight loading's one import from fine-tuning, the checkpoint format, brings in
+    neither the training loop, the network surgery nor the model files (a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, cnncodes._weights, cnncodes.finetuning._checkpoint; "
+            "print(sorted(m for m in sys.modules if m.startswith('cnncodes.')))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "cnncodes.finetuning._checkpoint" in loaded
+    for module in ("cnncodes.finetuning._api", "cnncodes.finetuning._loop", "cnncodes.finetuning._network",
+                   "cnncodes.finetuning._predict", "cnncodes._model"):
+        assert f"'{module}'" not in loaded, f"{module} is imported with the checkpoint format"

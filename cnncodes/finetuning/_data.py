@@ -111,7 +111,7 @@ def to_input(batch, prep, dev, channels_last):
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def _bar(progress, total, desc):
+def progress_bar(progress, total, desc):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, unit="img", desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
@@ -123,7 +123,7 @@ def _scan(items, prep, max_pixels, workers, progress):
     shas = [""] * len(items)
     ok = np.zeros(len(items), dtype=bool)
     failures = []
-    with _bar(progress, len(items), "check images") as bar:
+    with progress_bar(progress, len(items), "check images") as bar:
         for batch in loader:
             for i, sha in zip(batch["index"], batch["sha"]):
                 shas[i], ok[i] = sha, True

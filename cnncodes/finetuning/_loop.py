@@ -6,6 +6,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -14,9 +15,13 @@ from torch import nn
 from .._accel import autocast, reuse_freed_memory
 from .._images import Preprocess
 from ._checkpoint import cpu_state, load_state, write_checkpoint, write_state
-from ._data import Data, _bar, to_input
+from ._data import Data, progress_bar, to_input
 from ._network import FineTuneNet, build_net, param_groups, predict_logits
 from ._result import EpochStats
+
+if TYPE_CHECKING:
+    from .._backbones import BackboneSpec
+    from .._weights import Weights
 
 
 @dataclass
@@ -37,8 +42,8 @@ class Run:
     """
 
     config: dict
-    spec: object  # BackboneSpec
-    weights: object  # the resolved Weights
+    spec: BackboneSpec
+    weights: Weights  # resolved: id, sha256, file
     prep: Preprocess
     data: Data
     out: Path
@@ -187,9 +192,9 @@ def score_test(run: Run) -> float | None:
     if not len(rows):
         return None
     with reuse_freed_memory():
+        bar = progress_bar(run.progress, len(rows), "test")
         idx, logits, _, _ = predict_logits(run.model, run.data.eval_loader(rows, run.device), run.prep, run.device,
-                                           run.precision, run.channels_last, _bar(run.progress, len(rows), "test"),
-                                           tta=run.config["tta"])
+                                           run.precision, run.channels_last, bar, tta=run.config["tta"])
     return float((logits.argmax(1).numpy() == run.data.y[rows][idx]).mean())
 
 
@@ -206,7 +211,7 @@ def _schedule(total_steps: int, warmup_steps: int):
 def _train_epoch(run: Run, loader, desc: str, n: int):
     """One pass over the training images: the mean loss and accuracy."""
     model, opt, dev = run.model, run.opt, run.device
-    bar = _bar(run.progress, n, desc)
+    bar = progress_bar(run.progress, n, desc)
     model.train()
     seen, loss_sum, correct = 0, 0.0, 0
     for batch in loader:
@@ -233,7 +238,7 @@ def _validate(run: Run, loader):
     """Loss and accuracy on a labelled split (with the run's test-time augmentation)."""
     n = len(loader.dataset)
     idx, logits, _, _ = predict_logits(run.model, loader, run.prep, run.device, run.precision, run.channels_last,
-                                       _bar(run.progress, n, "validate"), tta=run.config["tta"])
+                                       progress_bar(run.progress, n, "validate"), tta=run.config["tta"])
     target = torch.as_tensor(np.asarray(loader.dataset.labels)[idx])
     loss = float(nn.functional.cross_entropy(logits, target))
     return loss, float((logits.argmax(1) == target).float().mean())

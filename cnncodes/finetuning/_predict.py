@@ -17,7 +17,7 @@ from .._results import Evaluation, PhotoModel, Prediction, Predictions, all_fail
 from .._sources import Source, read_source
 from .._stats import CONFIDENCE, N_RESAMPLES
 from ._checkpoint import read_checkpoint
-from ._data import _bar, image_loader, workers_for
+from ._data import image_loader, progress_bar, workers_for
 from ._network import FineTuneNet, predict_logits, replace_head
 
 
@@ -86,8 +86,9 @@ class FineTunedModel(PhotoModel):
         workers = workers_for(num_workers, len(src.items), batch_size)
         loader = image_loader(src.items, self.preprocessing, batch_size, workers, device=dev,
                               storage_options=src.storage_options)
+        bar = progress_bar(progress, len(src.items), "predict")
         idx, logits, shas, failed = predict_logits(net, loader, self.preprocessing, dev, precision, channels_last,
-                                                   _bar(progress, len(src.items), "predict"), tta=tta or self.tta)
+                                                   bar, tta=tta or self.tta)
         failures = [(src.items[i].id, why) for i, _, why in failed]
         proba = torch.softmax(logits, dim=1).numpy() if len(idx) else np.zeros((0, len(self.classes)))
         return [src.items[i] for i in idx], proba, shas, failures

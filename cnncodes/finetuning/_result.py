@@ -94,6 +94,7 @@ class FinetuneResult:
 
 
 def result_from(ckpt: dict, out, failures, skipped, *, n_train, n_val, n_test) -> FinetuneResult:
+    """The result a checkpoint describes, with what this call found (images left out, split sizes)."""
     history = [EpochStats(**e) for e in ckpt["history"]]
     return FinetuneResult(
         path=str(out), backbone=ckpt["backbone"], classes=list(ckpt["classes"]), history=history,
