@@ -14,8 +14,7 @@ from ._errors import CnnCodesError, InvalidParameterError, ModelFileError, Store
 from ._io import top_k as top_k_columns
 from ._outputs import MODEL as MODEL_FILE
 from ._outputs import check_output
-# The results are defined below both kinds of model; re-exported here, where they used to live.
-from ._results import (  # noqa: F401 - re-exported names
+from ._results import (  # below every kind of model, which all give these
     Evaluation,
     PhotoModel,
     Prediction,

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from ._errors import CnnCodesError
 from ._outputs import REPORT, check_output
-# The renderer lives below the results it renders; its names stay importable from here.
-from ._render import provenance, render, thumbnail, write_html  # noqa: F401 - re-exported names
 from ._stats import CONFIDENCE, N_RESAMPLES
 
 

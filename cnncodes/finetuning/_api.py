@@ -24,7 +24,6 @@ TTAS = ("none", "flip")
 OPTIMIZERS = ("adamw", "sgd")
 
 
-
 def finetune(
     source,
     *,
