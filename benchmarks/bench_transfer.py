@@ -66,7 +66,15 @@ class SmallCNN(nn.Module):
 def from_scratch(data, *, size, epochs, patience, batch_size, lr, test_size, val_fraction, random_state,
                  workers, progress):
     """Train SmallCNN on finetune's exact split; return held-out accuracy, best epoch, seconds."""
-    from cnncodes._finetune import _augmentation, _loader, _Photos, _scan, _split, _train_decode, default_workers
+    from cnncodes.finetuning._data import (
+        _augmentation,
+        _loader,
+        _Photos,
+        _scan,
+        _split,
+        _train_decode,
+        default_workers,
+    )
     from cnncodes._images import Preprocess
     from cnncodes._sources import read_source
 
@@ -135,7 +143,7 @@ def precision_rates(unfreeze, batch_size, rounds, image_size=224):
     """
     from cnncodes._accel import autocast
     from cnncodes._backbones import get_backbone
-    from cnncodes._finetune import build_net, param_groups
+    from cnncodes.finetuning._network import build_net, param_groups
     from cnncodes._weights import resolve
 
     spec = get_backbone("mobilenet_v2")

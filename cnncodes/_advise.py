@@ -125,7 +125,7 @@ class Advice:
         Linear: every image is extracted (the sweep's store is extended when it probed a
         sample), a logistic regression is fitted on the recommended layer (C by CV) and
         saved as a ``.skops`` model (default ``model.skops``). Fine-tuning:
-        :func:`cnncodes._finetune.finetune` with the recommended settings, its head
+        :func:`cnncodes.finetune` with the recommended settings, its head
         initialised from the sweep's store when it holds the pre-logits codes (default
         ``finetuned.pt``).
         """
@@ -179,7 +179,7 @@ class Advice:
         from ._store import CodeStore
 
         try:
-            from ._finetune import finetune
+            from .finetuning import finetune
         except ImportError as exc:
             raise CnnCodesError(f"fine-tuning is not available in this installation ({exc}); "
                                 f"fit a linear classifier instead: cnncodes fit.") from None

@@ -732,7 +732,7 @@ def _report(args) -> int:
 
 
 def _finetune(args) -> int:
-    from ._finetune import finetune
+    from .finetuning import finetune
 
     result = finetune(
         args.data, out=args.out, backbone=args.backbone,

@@ -186,11 +186,10 @@ def build(model, *, codes_only: bool = False) -> tuple[nn.Module, dict]:
     network up to its codes (the head left to its estimator: any classifier, kNN too).
     """
     from . import __version__
-    from ._finetune import FineTunedModel
     from ._model import _as_model
 
     model = _as_model(model)
-    if isinstance(model, FineTunedModel):
+    if not model.reads_codes:  # a fine-tuned network: it gives the class scores itself
         from dataclasses import asdict
 
         prep = asdict(model.preprocessing)

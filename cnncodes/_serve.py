@@ -76,14 +76,13 @@ class Classifier:
         import torch
 
         from ._export import build
-        from ._finetune import FineTunedModel
         from ._images import ImageDecodeError, Preprocess, decode, resize_batch
         from ._model import _as_model
 
         if threads:
             torch.set_num_threads(threads)
         model = _as_model(str(self.path))
-        on_codes = not isinstance(model, FineTunedModel)
+        on_codes = model.reads_codes
         net, self.metadata = build(model, codes_only=on_codes)
         self.classes = list(self.metadata["classes"])
         p = self.metadata["preprocessing"]

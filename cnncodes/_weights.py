@@ -119,7 +119,7 @@ def resolve(spec: BackboneSpec, weights=IMAGENET) -> Weights:
                 f"checkpoint file {str(path)!r} does not exist. Give the path of a "
                 f"state-dict file (.pth/.pt), or a weights name such as DEFAULT."
             )
-        from ._finetune import finetuned_info
+        from .finetuning._checkpoint import finetuned_info
 
         # A checkpoint from `cnncodes finetune` names its backbone and its preprocessing.
         info = finetuned_info(path, spec)
@@ -177,7 +177,7 @@ def _state_dict(path: str) -> tuple[dict, str]:
             f"cannot load checkpoint {path!r} safely ({type(exc).__name__}: {exc}). "
             f"cnncodes loads plain state dicts only (torch.save(model.state_dict(), path))."
         ) from None
-    from ._finetune import backbone_state, is_finetuned
+    from .finetuning._checkpoint import backbone_state, is_finetuned
 
     if is_finetuned(obj):  # from `cnncodes finetune`: its backbone, without its new head
         return backbone_state(obj)

@@ -113,8 +113,8 @@ def test_advise_run_linear(digits_advice, digits, tmp_path):
 
 
 def test_advise_run_finetune_calls_finetune(digits_advice, digits, tmp_path, monkeypatch):
-    """Check that a fine-tuning recommendation calls cnncodes._finetune.finetune with its settings."""
-    import cnncodes._finetune
+    """Check that a fine-tuning recommendation calls cnncodes.finetune with its settings."""
+    import cnncodes.finetuning
 
     calls = []
 
@@ -126,7 +126,7 @@ def test_advise_run_finetune_calls_finetune(digits_advice, digits, tmp_path, mon
         calls.append((source, kwargs))
         return Done()
 
-    monkeypatch.setattr(cnncodes._finetune, "finetune", fake)
+    monkeypatch.setattr(cnncodes.finetuning, "finetune", fake)
     rec = Recommendation("finetune", "block4", "fine-tune", [], unfreeze="block4", blocks=2, lr=3e-4,
                          head_lr=1e-3, epochs=10)
     done = replace(digits_advice, recommendation=rec).run(tmp_path / "ft.pt", progress=False, n_jobs=1)

@@ -25,11 +25,12 @@ from cnncodes import (
     predict,
     split_store,
 )
-from cnncodes import _finetune
+from cnncodes.finetuning import _data, _loop
 from cnncodes._backbones import get_backbone, weights_enum
 from cnncodes._sources import read_bytes
 from cnncodes._cli import main
-from cnncodes._finetune import build_net, head_from_logreg, param_groups
+from cnncodes.finetuning._head import head_from_logreg
+from cnncodes.finetuning._network import build_net, param_groups
 from cnncodes._images import Preprocess, decode
 from cnncodes._weights import resolve
 
@@ -259,18 +260,21 @@ def test_interrupted_run_resumes_from_its_last_epoch(data, tmp_path, monkeypatch
     out = tmp_path / "ft.pt"
     state = tmp_path / "ft.pt.resume"
 
-    def interrupt(epoch):
+    save_epoch = _loop.save_epoch
+
+    def interrupt(run):
+        save_epoch(run)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(_finetune, "_end_of_epoch", interrupt)
+    monkeypatch.setattr(_loop, "save_epoch", interrupt)
     with pytest.raises(KeyboardInterrupt):
         finetune(data, out=out, **FT)
     assert torch.load(state, weights_only=True)["epoch"] == 1
     assert torch.load(out, weights_only=True)["complete"] is False  # usable: the best so far
     monkeypatch.undo()
     trained_epochs = []
-    real = _finetune._train_epoch
-    monkeypatch.setattr(_finetune, "_train_epoch", lambda *a, **k: trained_epochs.append(a[-2]) or real(*a, **k))
+    real = _loop._train_epoch
+    monkeypatch.setattr(_loop, "_train_epoch", lambda *a, **k: trained_epochs.append(a[-2]) or real(*a, **k))
     resumed = finetune(data, out=out, **FT)
     assert trained_epochs == ["epoch 2/2"] and resumed.resumed_from == 1 and "resumed after epoch 1" in resumed.summary()
     assert not state.exists()
@@ -286,7 +290,7 @@ def test_finished_run_is_returned_and_other_settings_are_refused(trained, data, 
     """Check that re-running a finished run trains nothing, and that other settings neither
     overwrite a finished model nor resume an interrupted one."""
     result, out = trained
-    monkeypatch.setattr(_finetune, "_train_epoch", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr(_loop, "_train_epoch", lambda *a, **k: pytest.fail("trained again"))
     again = finetune(data, out=out, **FT)
     assert again.resumed_from == 2 and again.test_accuracy == result.test_accuracy
     assert "already trained" in again.summary()
@@ -306,11 +310,17 @@ def test_early_stopping_keeps_the_best_epoch(data, tmp_path, monkeypatch):
     """Check that after `early_stopping` epochs without a better validation accuracy the run
     stops and the checkpoint holds the weights of the best epoch, not the last."""
     scores = iter([(0.9, 0.6), (1.0, 0.5), (1.1, 0.5), (0.1, 1.0)])
-    monkeypatch.setattr(_finetune, "_validate", lambda *a, **k: next(scores))
+    monkeypatch.setattr(_loop, "_validate", lambda *a, **k: next(scores))
     saved = {}
     out = tmp_path / "es.pt"
-    monkeypatch.setattr(_finetune, "_end_of_epoch", lambda epoch: saved.setdefault(
-        epoch, torch.load(tmp_path / "es.pt.resume", weights_only=True)["state_dict"]))
+    save_epoch = _loop.save_epoch
+
+    def record(run):
+        save_epoch(run)
+        saved.setdefault(run.history[-1].epoch,
+                         torch.load(tmp_path / "es.pt.resume", weights_only=True)["state_dict"])
+
+    monkeypatch.setattr(_loop, "save_epoch", record)
     r = finetune(data, out=out, **{**FT, "epochs": 6, "early_stopping": 2})
     assert r.stopped == "early stopping" and len(r.history) == 3 and r.best_epoch == 1
     final = torch.load(out, weights_only=True)["state_dict"]
@@ -323,7 +333,7 @@ def test_patience_counts_from_the_best_trained_epoch_and_the_probe_can_win(data,
     """Check that a first dip below the initial (two-stage) model does not stop the run, and that
     the initial model is kept when no epoch beats it on validation."""
     scores = iter([(0.3, 0.9), (0.7, 0.6), (0.6, 0.7), (0.5, 0.8), (0.6, 0.7), (0.6, 0.75), (0.1, 1.0)])
-    monkeypatch.setattr(_finetune, "_validate", lambda *a, **k: next(scores))
+    monkeypatch.setattr(_loop, "_validate", lambda *a, **k: next(scores))
     out = tmp_path / "p.pt"
     r = finetune(data, out=out, init_head=store, n_jobs=1, **{**FT, "epochs": 7, "early_stopping": 2})
     assert r.initial_val_accuracy == 0.9 and len(r.history) == 5 and r.stopped == "early stopping"
@@ -336,7 +346,7 @@ def test_patience_counts_from_the_best_trained_epoch_and_the_probe_can_win(data,
 def test_target_accuracy_stops_the_run(data, tmp_path, monkeypatch):
     """Check that reaching target_accuracy on the validation split ends training at once."""
     scores = iter([(0.5, 0.7), (0.4, 0.95), (0.3, 0.99)])
-    monkeypatch.setattr(_finetune, "_validate", lambda *a, **k: next(scores))
+    monkeypatch.setattr(_loop, "_validate", lambda *a, **k: next(scores))
     r = finetune(data, out=tmp_path / "t.pt", target_accuracy=0.9, **{**FT, "epochs": 3})
     assert r.stopped == "target accuracy" and len(r.history) == 2 and r.best_epoch == 2
 
@@ -346,12 +356,12 @@ def test_only_the_training_split_is_augmented(data, tmp_path, monkeypatch):
     crop size) while validation and test images are decoded as extract decodes them."""
     made = []
 
-    class Spy(_finetune._Photos):
+    class Spy(_data._Photos):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             made.append(self)
 
-    monkeypatch.setattr(_finetune, "_Photos", Spy)
+    monkeypatch.setattr(_data, "_Photos", Spy)
     r = finetune(data, out=tmp_path / "aug.pt", **{**FT, "epochs": 1})
     augmented = [d for d in made if d.augment is not None]
     assert {len(d) for d in augmented} == {r.n_train}

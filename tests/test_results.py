@@ -298,3 +298,31 @@ def test_report_in_chromium(fitted, tmp_path, browser):
     assert page.locator("#sweep-table tbody tr").count() == 2
     # readable on a phone: nothing wider than the window but the scrolling tables
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
+
+
+def test_predict_and_evaluate_hand_any_model_kind_to_its_own_methods():
+    """Check that predict and evaluate call the model's `predict_photos` / `evaluate` (the one
+    interface every kind of model has) with the caller's settings, whatever the kind."""
+    from cnncodes._results import PhotoModel, Predictions
+
+    calls = []
+
+    class AnotherKind(PhotoModel):
+        reads_codes, classes, path, train_sha256 = False, ["a", "b"], "", None
+
+        def predict_photos(self, images, **kwargs):
+            calls.append(("predict_photos", images, kwargs))
+            return Predictions([], [("x.jpg", "unreadable")])
+
+        def evaluate(self, data, **kwargs):
+            calls.append(("evaluate", data, kwargs))
+            return "its evaluation"
+
+    preds = cnncodes.predict(AnotherKind(), "photos/", top_k=2, batch_size=4)
+    assert preds.failures == [("x.jpg", "unreadable")]
+    assert evaluate(AnotherKind(), "folder/", n_resamples=200, device="cpu") == "its evaluation"
+    assert calls == [
+        ("predict_photos", "photos/", {"top_k": 2, "store": None, "progress": False, "batch_size": 4}),
+        ("evaluate", "folder/", {"progress": False, "n_resamples": 200, "confidence": 0.95, "random_state": 0,
+                                 "device": "cpu"}),
+    ]
