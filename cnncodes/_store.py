@@ -770,28 +770,41 @@ def _store_attrs(old: _Old | None, attrs: dict, new_root: bool = False) -> dict:
 
 
 def merge(path: Path, journal: Journal, spec: ExtractorSpec, code_dims: dict[str, int], attrs: dict,
-          store: "CodeStore | None" = None, new_root: bool = False) -> set[bytes]:
-    """Commit the journal: its rows as one new segment, then a new root; return their sha256s.
+          store: "CodeStore | None" = None, new_root: bool = False) -> "Commit":
+    """Commit the journal: its rows as one new segment, then a new root.
 
     The caller holds the store's lock. Only this run's rows are written, plus the segments a
-    tiered compaction merges (a version 1 store is converted: its rows become one segment).
-    Write failures raise `StoreWriteError`; the old store and the journal are then intact.
-    `store`, the reader the run planned with, saves reading the rows' ids and hashes again.
+    tiered compaction merges (a version 1 store is converted: its rows become one segment);
+    the actors' segments are mapped where they are. Write failures raise `StoreWriteError`;
+    the old store and the journal are then intact. `store`, the reader the run planned with,
+    saves reading the rows' ids and hashes again.
     """
     path = Path(path)
-    folder = segment_folder(path)
     old = _Old(path, store) if path.exists() else None
-    n_old = old.n if old else 0
+    batch_paths = journal.files()
+    files = [journal.read(p) for p in batch_paths]
+    classes, failures, rows_in = _journal_rows(old, files)
+    new, dead = _this_run(old, rows_in)
+    plan = _plan_segments(old, new, dead)
+    conflicts = _conflicts(new, old, dead, classes)  # read from the old root, before it is replaced
+    runs = _write_commit(path, journal, batch_paths, files, old, plan, spec=spec, code_dims=code_dims,
+                         attrs=_store_attrs(old, attrs, new_root), classes=classes, failures=failures)
+    # The new root is in place: what it no longer maps goes (compacted segments, orphans).
+    remove_unmapped(path)
+    journal.remove()
+    return Commit(rows=sum(hi - lo for _, lo, hi in runs), written={bytes(v[0]) for v in new.values()},
+                  conflicts=conflicts)
+
+
+def _journal_rows(old: "_Old | None", files: list[dict]) -> tuple[list, dict, list]:
+    """(class table, failures, rows) after the journal: the store's classes and failures
+    updated by the run's, and its rows as (id, sha, label index, stat, source) in journal
+    order. source ("b", file, k): codes in a journal file; ("a", file, k): the row of an
+    actor's segment, mapped where it is; ("s", None, None): identical content, codes elsewhere.
+    """
     classes = list(old.classes) if old else []
     class_index = {c: i for i, c in enumerate(classes)}
     failures = dict(old.failures) if old else {}
-    dead = np.zeros(n_old, dtype=bool)
-    # this run's rows: id -> [sha, label, stat, source]; source ("b", file, k): codes copied from
-    # a journal file; ("a", file, k): the row of an actor's segment, adopted where it is;
-    # ("s", None, None): identical content, codes from another row.
-    new: dict[bytes, list] = {}
-    batch_paths = journal.files()
-    files = [journal.read(p) for p in batch_paths]
     # The actors' segments index the class table the run planned: the store's classes, then
     # the new ones. Where the store's classes begin that table, their labels are the root's.
     for table in sorted((f["classes"] for f in files if "classes" in f), key=len):
@@ -799,7 +812,7 @@ def merge(path: Path, journal: Journal, spec: ExtractorSpec, code_dims: dict[str
             for lab in table[len(classes):]:
                 class_index[lab] = len(classes)
                 classes.append(lab)
-    rows_in = []  # (id, sha, label, stat, source) in journal order
+    rows_in = []
     for bi, npz in enumerate(files):
         has_codes = any(k.startswith("codes/") for k in npz)
         adopt = "classes" in npz and npz["classes"] == classes[:len(npz["classes"])]
@@ -815,10 +828,17 @@ def merge(path: Path, journal: Journal, spec: ExtractorSpec, code_dims: dict[str
                 classes.append(lab)
             src = ("a" if adopt else "b", bi, k) if has_codes else ("s", None, None)
             rows_in.append((rid, sha, class_index[lab] if lab else -1, tuple(stat[k]), src))
+    return classes, failures, rows_in
+
+
+def _this_run(old: "_Old | None", rows_in: list) -> tuple[dict, np.ndarray]:
+    """(id -> [sha, label, stat, source] of the rows this commit adds, old rows superseded)."""
+    dead = np.zeros(old.n if old else 0, dtype=bool)
     found = old.store.rows_of([r[0] for r in rows_in]) if old and rows_in else np.full(len(rows_in), -1)
     hit = np.unique(found[found >= 0])
     stored = dict(zip(hit.tolist(), zip(old.store._sha_at(hit).tolist(), old.store._labels_at(hit).tolist(),
                                         map(tuple, old.store._stat_at(hit).tolist())))) if len(hit) else {}
+    new: dict[bytes, list] = {}
     for (rid, sha, label, st, src), row in zip(rows_in, found.tolist()):
         if row >= 0 and not dead[row] and stored[row] == (sha, label, st):
             continue  # committed already (a kill after the root was replaced, before cleanup)
@@ -827,6 +847,34 @@ def merge(path: Path, journal: Journal, spec: ExtractorSpec, code_dims: dict[str
         key = rid.encode()
         new.pop(key, None)  # a later batch wins
         new[key] = [sha, label, list(st), src]
+    return new, dead
+
+
+@dataclass
+class _SegmentPlan:
+    """What a commit writes and maps: the new segment's rows and where their codes come from,
+    the old segments kept (those before `start`) and their runs, the actors' rows mapped."""
+
+    start: int = 0
+    kept_runs: list = field(default_factory=list)
+    ids: list = field(default_factory=list)
+    sha: list = field(default_factory=list)
+    labels: list = field(default_factory=list)
+    stat: list = field(default_factory=list)
+    sources: _Sources = field(default_factory=_Sources)
+    adopted: dict = field(default_factory=lambda: defaultdict(list))  # journal file -> its rows
+
+    def add(self, rid: str, sha, label, st) -> None:
+        self.ids.append(rid)
+        self.sha.append(sha)
+        self.labels.append(label)
+        self.stat.append(st)
+
+
+def _plan_segments(old: "_Old | None", new: dict, dead: np.ndarray) -> _SegmentPlan:
+    """Which trailing old segments this commit rewrites (tiered compaction; v1: all of it),
+    the rows of its new segment, and the actors' rows it maps in place."""
+    plan = _SegmentPlan()
     # Codes of reused content: from a row of this run with that content, else an old row.
     first_new = {}
     for key, (sha, _, _, src) in new.items():
@@ -838,31 +886,27 @@ def merge(path: Path, journal: Journal, spec: ExtractorSpec, code_dims: dict[str
         rows = old.store.rows_with_sha(sorted(wanted)) if old else np.zeros(0, dtype=np.int64)
         for row, sha in zip(rows.tolist(), old.store._sha_at(rows).tolist() if len(rows) else []):
             first_old.setdefault(sha, row)
-    # Which trailing old segments this run rewrites (v1: all of it), then the new segment.
-    live = old.live_rows_per_segment() if old else []
-    adopted = defaultdict(list)  # journal file -> its rows the root maps in place
     for sha, label, st, src in new.values():
         if src[0] == "a":
-            adopted[src[1]].append(src[2])
-    pending = len(new) - sum(map(len, adopted.values()))
-    start = _compaction_start(live, pending, v1=old is not None and old.version < 2) if old else 0
-    seg_ids, seg_sha, seg_labels, seg_stat, sources = [], [], [], [], _Sources()
-    kept_runs, pos = [], 0
+            plan.adopted[src[1]].append(src[2])
+    pending = len(new) - sum(map(len, plan.adopted.values()))
+    live = old.live_rows_per_segment() if old else []
+    plan.start = _compaction_start(live, pending, v1=old is not None and old.version < 2) if old else 0
+    pos = 0
     for s, lo, hi in (old.runs if old else []):
         rows = np.arange(pos, pos + hi - lo)
         alive = ~dead[pos:pos + hi - lo]
-        if s >= start:  # rewritten into the new segment
+        if s >= plan.start:  # rewritten into the new segment
             keep = rows[alive]
-            seg_ids += [i.decode() for i in old.store._ids_at_rows(keep).tolist()]
-            seg_sha += old.store._sha_at(keep).tolist()
-            seg_labels += old.store._labels_at(keep).tolist()
-            seg_stat += old.store._stat_at(keep).tolist()
+            for rid, sha, label, st in zip(old.store._ids_at_rows(keep).tolist(), old.store._sha_at(keep).tolist(),
+                                           old.store._labels_at(keep).tolist(), old.store._stat_at(keep).tolist()):
+                plan.add(rid.decode(), sha, label, st)
             for v in keep.tolist():
-                sources.old(v)
+                plan.sources.old(v)
         else:  # still mapped where it is, split around superseded rows
             edges = np.flatnonzero(np.diff(np.r_[0, alive.astype(np.int8), 0]))
             for a, b in zip(edges[::2], edges[1::2]):
-                kept_runs.append((s, lo + int(a), lo + int(b)))
+                plan.kept_runs.append((s, lo + int(a), lo + int(b)))
         pos += hi - lo
     for key, (sha, label, st, src) in new.items():
         if src[0] == "a":
@@ -871,48 +915,51 @@ def merge(path: Path, journal: Journal, spec: ExtractorSpec, code_dims: dict[str
             src = first_new.get(sha) or (("o", first_old[sha], None) if sha in first_old else None)
             if src is None:
                 raise StoreError(f"internal error: no codes for the content of {key.decode()!r}; re-run.")
-        seg_ids.append(key.decode())
-        seg_sha.append(sha)
-        seg_labels.append(label)
-        seg_stat.append(st)
+        plan.add(key.decode(), sha, label, st)
         if src[0] == "o":
-            sources.old(src[1])
+            plan.sources.old(src[1])
         else:
-            sources.batch(src[1], src[2])
-    conflicts = _conflicts(new, old, dead, classes)  # read from the old root, before it is replaced
-    # Write: the segment (if any row), then the root, each to a temporary file replaced at once.
-    old_segments = [(name, rows) for name, rows in zip(old.segments, old.segment_rows)] if old else []
+            plan.sources.batch(src[1], src[2])
+    return plan
+
+
+def _write_commit(path: Path, journal: Journal, batch_paths: list, files: list, old: "_Old | None",
+                  plan: _SegmentPlan, *, spec: ExtractorSpec, code_dims: dict, attrs: dict, classes: list,
+                  failures: dict) -> list:
+    """Write the new segment (if any row), map the actors' segments, then replace the root;
+    each file written under a temporary name and renamed. Return the new root's runs."""
+    folder = segment_folder(path)
+    segments = [(name, rows) for name, rows in zip(old.segments, old.segment_rows)][:plan.start] if old else []
     next_segment = old.next_segment if old else 0
-    segments = old_segments[:start]
-    runs = [r for r in kept_runs if r[0] < start]
+    runs = [r for r in plan.kept_runs if r[0] < plan.start]
     written = []
     moved = []  # (segment in the store's folder, journal file it was moved from)
     tmp_seg = tmp_root = None
     target = path
     try:
-        if seg_ids:
+        if plan.ids:
             folder.mkdir(exist_ok=True)
             name = f"segment-{next_segment:06d}.h5"
             next_segment += 1
-            nbytes = len(seg_ids) * (sum(code_dims.values()) * np.dtype(spec.dtype).itemsize + 200)
+            nbytes = len(plan.ids) * (sum(code_dims.values()) * np.dtype(spec.dtype).itemsize + 200)
             target = folder / name
             _check_room(folder, nbytes)
             tmp_seg = folder / f".{name}.tmp"
-            _write_segment(tmp_seg, ids=seg_ids, sha=seg_sha, labels=seg_labels, stat=seg_stat,
-                           sources=sources, journal=journal, batch_paths=batch_paths,
+            _write_segment(tmp_seg, ids=plan.ids, sha=plan.sha, labels=plan.labels, stat=plan.stat,
+                           sources=plan.sources, journal=journal, batch_paths=batch_paths,
                            old_path=path if old else None,
                            aliases=list(code_dims), code_dims=code_dims, dtype=spec.dtype)
             os.replace(tmp_seg, folder / name)
             tmp_seg = None
             written.append(folder / name)
             _fsync_dir(folder)
-            segments.append((name, len(seg_ids)))
-            runs.append((len(segments) - 1, 0, len(seg_ids)))
-        for bi in sorted(adopted):  # the actors' segments join the store as they are: no copy
+            segments.append((name, len(plan.ids)))
+            runs.append((len(segments) - 1, 0, len(plan.ids)))
+        for bi in sorted(plan.adopted):  # the actors' segments join the store as they are: no copy
             if isinstance(batch_paths[bi], str):  # in object storage, under the name it keeps
                 name = batch_paths[bi].rsplit("/", 1)[-1]
                 next_segment = max(next_segment, journal.next_segment + 1)
-                _map_adopted(segments, runs, name, len(files[bi]["ids"]), adopted[bi])
+                _map_adopted(segments, runs, name, len(files[bi]["ids"]), plan.adopted[bi])
                 continue
             folder.mkdir(exist_ok=True)
             name = f"segment-{next_segment:06d}.h5"
@@ -924,14 +971,14 @@ def merge(path: Path, journal: Journal, spec: ExtractorSpec, code_dims: dict[str
             except OSError:  # no hard links here (some network file systems): moved, and back on failure
                 os.replace(batch_paths[bi], target)
                 moved.append((target, batch_paths[bi]))
-            _map_adopted(segments, runs, name, len(files[bi]["ids"]), adopted[bi])
-        if adopted and folder.is_dir():
+            _map_adopted(segments, runs, name, len(files[bi]["ids"]), plan.adopted[bi])
+        if plan.adopted and folder.is_dir():
             _fsync_dir(folder)
         fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
         tmp_root, target = Path(tmp_name), path
         os.chmod(tmp_root, 0o666 & ~_umask())
-        _write_root(tmp_root, folder_name=folder.name, attrs=_store_attrs(old, attrs, new_root), spec=spec,
+        _write_root(tmp_root, folder_name=folder.name, attrs=attrs, spec=spec,
                     classes=classes, failures=failures, segments=segments, runs=runs,
                     code_dims=code_dims, next_segment=next_segment)
         os.replace(tmp_root, path)
@@ -947,11 +994,7 @@ def merge(path: Path, journal: Journal, spec: ExtractorSpec, code_dims: dict[str
         if isinstance(exc, ValueError) and _errno_of(exc) is None:
             raise
         raise _write_error(exc, target, _kept(path, journal)) from exc
-    # The new root is in place: what it no longer maps goes (compacted segments, orphans).
-    remove_unmapped(path)
-    journal.remove()
-    return Commit(rows=sum(hi - lo for _, lo, hi in runs), written={bytes(v[0]) for v in new.values()},
-                  conflicts=conflicts)
+    return runs
 
 
 @dataclass
