@@ -272,7 +272,7 @@ def default_image_size(spec: BackboneSpec) -> int:
         from ._custom import custom_image_size
 
         return custom_image_size(spec)
-    return int(weights_enum(spec).DEFAULT.transforms().crop_size[0])
+    return int(weights_names(spec).DEFAULT.transforms().crop_size[0])
 
 
 def shallow_to_deep(spec: "BackboneSpec", infos) -> list:
@@ -284,16 +284,26 @@ def shallow_to_deep(spec: "BackboneSpec", infos) -> list:
 
 
 @lru_cache(maxsize=64)
-def output_shapes(name: str, nodes: tuple[str, ...], image_size: int) -> dict[str, tuple]:
-    """Return the per-image output shape of each node for a square input, on the meta device."""
-    import torch
-    from torchvision.models.feature_extraction import create_feature_extractor
+def output_shapes(name: str, nodes: tuple[str, ...], image_size: int, *, traced: bool = False) -> dict[str, tuple]:
+    """Return the per-image output shape of each node for a square input, on the meta device.
 
+    A registered backbone's registered nodes at its default crop come from the snapshot in
+    `_tvweights` (no torchvision import); `traced=True` always traces.
+    """
     spec = get_backbone(name)
     if not spec.traced:
         from ._custom import hooked_shapes
 
         return hooked_shapes(spec, nodes, image_size)
+    if not traced:
+        from ._tvweights import known_shapes
+
+        known = known_shapes(name, nodes, image_size)
+        if known is not None:
+            return known
+    import torch
+    from torchvision.models.feature_extraction import create_feature_extractor
+
     with torch.device("meta"):
         model = finish_model(spec, build_model(spec, pretrained=False))
         fx = create_feature_extractor(model, {n: n for n in nodes})

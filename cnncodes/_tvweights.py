@@ -110,6 +110,52 @@ def weights_table(enum_name: str):
     return getattr(tvm, enum_name)
 
 
+# backbone -> (default crop, {registered node: per-image output shape}): what `cnncodes layers`
+# shows without building and tracing the network (3-4 s of torchvision imports).
+SHAPES = {
+    "convnext_tiny": (224, {"features.1": (96, 56, 56), "features.3": (192, 28, 28), "features.5": (384, 14, 14),
+                            "features.7": (768, 7, 7)}),
+    "densenet121": (224, {"features.relu0": (64, 112, 112), "features.denseblock1": (256, 56, 56),
+                          "features.denseblock2": (512, 28, 28), "features.denseblock3": (1024, 14, 14),
+                          "relu": (1024, 7, 7)}),
+    "efficientnet_b0": (224, {"features.1": (16, 112, 112), "features.2": (24, 56, 56), "features.3": (40, 28, 28),
+                              "features.5": (112, 14, 14), "features.8": (1280, 7, 7)}),
+    "inception_v3": (299, {"Conv2d_2b_3x3": (64, 147, 147), "Conv2d_4a_3x3": (192, 71, 71),
+                           "Mixed_5d": (288, 35, 35), "Mixed_6e": (768, 17, 17), "Mixed_7c": (2048, 8, 8)}),
+    "mobilenet_v2": (224, {"features.1": (16, 112, 112), "features.3": (24, 56, 56), "features.6": (32, 28, 28),
+                           "features.13": (96, 14, 14), "features.18": (1280, 7, 7)}),
+    "resnet18": (224, {"relu": (64, 112, 112), "layer1": (64, 56, 56), "layer2": (128, 28, 28),
+                       "layer3": (256, 14, 14), "layer4": (512, 7, 7)}),
+    "resnet50": (224, {"relu": (64, 112, 112), "layer1": (256, 56, 56), "layer2": (512, 28, 28),
+                       "layer3": (1024, 14, 14), "layer4": (2048, 7, 7)}),
+    "resnet101": (224, {"relu": (64, 112, 112), "layer1": (256, 56, 56), "layer2": (512, 28, 28),
+                        "layer3": (1024, 14, 14), "layer4": (2048, 7, 7)}),
+    "vgg16": (224, {"features.4": (64, 112, 112), "features.9": (128, 56, 56), "features.16": (256, 28, 28),
+                    "features.23": (512, 14, 14), "features.30": (512, 7, 7), "classifier.1": (4096,),
+                    "classifier.4": (4096,)}),
+}
+
+
+def known_shapes(name: str, nodes, image_size: int) -> dict | None:
+    """The snapshot's output shapes of `nodes` at `image_size`, or None where it has none."""
+    size, shapes = SHAPES.get(name, (None, {}))
+    if size != image_size or not _installed_is_snapshot() or not all(n in shapes for n in nodes):
+        return None
+    return {n: shapes[n] for n in nodes}
+
+
+def take_shape_snapshot(specs) -> dict:
+    """SHAPES, traced from the installed torchvision (the registered nodes at the default crop)."""
+    from ._backbones import default_image_size, output_shapes
+
+    out = {}
+    for spec in specs:
+        size = default_image_size(spec)
+        nodes = tuple(i.node for i in spec.layers)
+        out[spec.name] = (size, output_shapes(spec.name, nodes, size, traced=True))
+    return out
+
+
 def take_snapshot(enum_names) -> dict:
     """The table above, read from the installed torchvision (as values, not as source text)."""
     import torchvision.models as tvm

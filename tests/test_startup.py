@@ -54,8 +54,10 @@ def store(tmp_path_factory) -> Path:
         (["info", "STORE"], {"h5py", "numpy"}),
         (["check", "STORE"], {"h5py", "numpy"}),
         (["backbones"], set()),
+        (["layers", "mobilenet_v2"], set()),
+        (["layers", "inception_v3", "--pooling", "flatten"], set()),
     ],
-    ids=["help", "version", "check-help", "info", "check", "backbones"],
+    ids=["help", "version", "check-help", "info", "check", "backbones", "layers", "layers-flatten"],
 )
 def test_light_commands_load_no_heavy_package(args, needs, store):
     """Check that the light commands import no heavy package, and that they import what they need."""
@@ -105,6 +107,22 @@ def test_weights_snapshot_is_torchvision():
         pytest.skip(f"the snapshot is of torchvision {SNAPSHOT_OF} (unused with {version('torchvision')}): "
                     f"print a new one with `python -m cnncodes._tvweights`")
     assert take_snapshot(spec.weights_enum for spec in _REGISTRY.values()) == SNAPSHOT
+
+
+
+def test_shapes_snapshot_is_what_tracing_gives():
+    """Check that the layer output shapes `cnncodes layers` shows without torchvision are the
+    traced ones, for every registered node of the nine backbones at their default crop; and
+    that another crop is traced."""
+    from importlib.metadata import version
+
+    from cnncodes._backbones import _REGISTRY, output_shapes
+    from cnncodes._tvweights import SHAPES, SNAPSHOT_OF, take_shape_snapshot
+
+    if version("torchvision") != SNAPSHOT_OF:
+        pytest.skip(f"the snapshot is of torchvision {SNAPSHOT_OF} (unused with {version('torchvision')})")
+    assert take_shape_snapshot(_REGISTRY.values()) == SHAPES
+    assert output_shapes("resnet50", ("layer4",), 256) == {"layer4": (2048, 8, 8)}
 
 
 @pytest.mark.parametrize("backbone", cnncodes.list_backbones())
