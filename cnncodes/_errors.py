@@ -71,3 +71,12 @@ class ImageDecodeError(Exception):
 class InvalidParameterError(CnnCodesError, ValueError):
     """An argument has a value cnncodes cannot use (an unknown name, a number out of range);
     the message names the valid values. A ValueError too, as scikit-learn's estimators raise."""
+
+
+class OutputExistsError(CnnCodesError):
+    """The output path holds a file (or folder) of another kind, which writing would destroy."""
+
+
+class ReadError(OSError):
+    """An image's bytes could not be read; its message is the failure recorded (not raised to
+    the user: a run records it and goes on)."""

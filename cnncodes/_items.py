@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ._errors import SourceError
+from ._errors import ReadError, SourceError
 
 UNKNOWN_KEY = (-1, -1, -1)
 
@@ -158,10 +158,6 @@ def path_key(path: str, storage_options: dict | None = None) -> tuple[int, int, 
         return remote_key(fs.info(inner))
     st = os.stat(path)
     return st.st_size, st.st_mtime_ns, st.st_ino
-
-
-class ReadError(OSError):
-    """An item's bytes could not be read; its message is the failure recorded."""
 
 
 def as_read_error(exc: BaseException, where: str) -> ReadError:

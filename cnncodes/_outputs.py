@@ -5,7 +5,7 @@ from __future__ import annotations
 import zipfile
 from pathlib import Path
 
-from ._errors import CnnCodesError
+from ._errors import OutputExistsError
 
 # The kinds of file cnncodes writes, as `file_kind` names them.
 STORE, SEGMENT, MODEL, CHECKPOINT, PNG, PREDICTIONS, EXPORT, REPORT = (
@@ -29,10 +29,6 @@ _IMAGE_MAGICS = (b"\xff\xd8\xff", b"GIF8", b"BM", b"II*\x00", b"MM\x00*", b"RIFF
 PREDICTIONS_HEADER = "id,label1,probability1"
 # In the head of every report cnncodes writes (cnncodes/_data/report.html.j2).
 REPORT_MARK = '<meta name="generator" content="cnncodes report">'
-
-
-class OutputExistsError(CnnCodesError):
-    """The output path holds a file (or folder) of another kind, which writing would destroy."""
 
 
 def file_kind(path) -> tuple[str | None, str]:

@@ -11,7 +11,7 @@ from cnncodes import compare, evaluate, extract, fit, learning_curve, save, spli
 from cnncodes._cli import main
 from cnncodes._errors import CnnCodesError, MissingExtraError
 from cnncodes._optional import require
-from cnncodes._outputs import OutputExistsError
+from cnncodes._errors import OutputExistsError
 from cnncodes._stats import accuracy_intervals, stratum_means
 
 
