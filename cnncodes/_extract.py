@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import platform
 import sys
@@ -28,8 +27,9 @@ from ._codesmodel import codes_model
 from ._errors import CnnCodesError, InvalidParameterError, StoreMismatchError
 from ._outputs import STORE, check_output
 from ._precision import measure_precision, resumed_choice, save_choice
-from ._images import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocess, decode, resize_batch
-from ._sources import Item, change_key, data_root, read_bytes, read_source
+from ._images import DEFAULT_MAX_PIXELS, Preprocess, resize_batch
+from ._io import hash_item, read_hash_decode
+from ._sources import Item, change_key, data_root, read_source
 from ._spec import ExtractorSpec
 from ._store import (FORMAT_VERSION, UNKNOWN_STAT, CodeStore, Journal, StoreLock, merge, remote_store, remove_unmapped,
                      store_path)
@@ -124,13 +124,6 @@ class ExtractResult:
         return "\n".join(lines)
 
 
-def _sha256_item(item: Item, storage_options=None) -> tuple[str | None, str | None]:
-    try:
-        return hashlib.sha256(read_bytes(item, storage_options)).hexdigest(), None
-    except OSError as exc:
-        return None, str(exc)
-
-
 class _Images(torch.utils.data.Dataset):
     """Reads, hashes and decodes ``items[start:]`` (in DataLoader workers or in the caller).
 
@@ -147,16 +140,7 @@ class _Images(torch.utils.data.Dataset):
 
     def __getitem__(self, k):
         i = self.start + k
-        item = self.items[i]
-        try:
-            data = read_bytes(item, self.storage_options)
-        except OSError as exc:
-            return i, None, "", str(exc)
-        sha = hashlib.sha256(data).hexdigest()
-        try:
-            return i, decode(data, self.prep, self.max_pixels), sha, None
-        except ImageDecodeError as exc:
-            return i, None, sha, str(exc)
+        return (i, *read_hash_decode(self.items[i], self.prep, self.max_pixels, self.storage_options))
 
 
 # Where a new store's images are resized: with torch, where the model runs (on a CPU, or in
@@ -735,7 +719,7 @@ def _hash_files(items: list[Item], storage_options=None) -> list[tuple[str | Non
     the 4,317 photos in 0.036 s and 8 threads take 0.072 s (the GIL, handing over).
     """
     def sha(item):
-        return _sha256_item(item, storage_options)
+        return hash_item(item, storage_options)
 
     hashed = [sha(p) for p in items[:HASH_CHUNK]]  # the first files open slowest: untimed
     while len(hashed) < len(items):
