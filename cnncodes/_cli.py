@@ -618,10 +618,12 @@ def _run_kwargs(args) -> dict:
 
 def _predict(args) -> int:
     import csv
+    import io
     import warnings
     from pathlib import Path
 
     from ._errors import CnnCodesError
+    from ._io import atomic_write
     from ._model import predict
     from ._outputs import PREDICTIONS, check_output
 
@@ -648,15 +650,17 @@ def _predict(args) -> int:
             print(f"  {rid}: {why}", file=sys.stderr)
     if args.csv:
         width = 2 * args.top_k
-        with open(args.csv, "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["id"] + [f"{c}{k + 1}" for k in range(args.top_k) for c in ("label", "probability")]
-                       + ["status"])
-            for p in preds:
-                row = [v for pair in zip(p.labels, p.probabilities) for v in pair]
-                w.writerow([p.id] + row + [""] * (width - len(row)) + ["ok"])
-            for rid, why in preds.failures:
-                w.writerow([rid] + [""] * width + [why])
+        text = io.StringIO(newline="")
+        w = csv.writer(text)
+        w.writerow(["id"] + [f"{c}{k + 1}" for k in range(args.top_k) for c in ("label", "probability")]
+                   + ["status"])
+        for p in preds:
+            row = [v for pair in zip(p.labels, p.probabilities) for v in pair]
+            w.writerow([p.id] + row + [""] * (width - len(row)) + ["ok"])
+        for rid, why in preds.failures:
+            w.writerow([rid] + [""] * width + [why])
+        with atomic_write(args.csv) as fh:  # a reader sees the old file or the whole new one
+            fh.write(text.getvalue().encode())
         print(f"wrote {args.csv}")
     return EXIT_FAILURES if preds.failures else EXIT_OK
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ._errors import CnnCodesError, InvalidParameterError
+from ._io import save_figure
 from ._outputs import PNG, check_output
 from ._stats import CONFIDENCE, N_RESAMPLES, Interval, accuracy_intervals, check_resampling
 
@@ -125,7 +126,7 @@ class LearningCurve:
         ax.grid(alpha=0.3)
         fig.tight_layout()
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
+        save_figure(fig, path, dpi=120)
         plt.close(fig)
         return path
 

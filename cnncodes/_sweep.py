@@ -13,6 +13,7 @@ import numpy as np
 
 from ._cache import session_cache
 from ._errors import CnnCodesError, InvalidParameterError, UnknownLayerError
+from ._io import save_figure
 from ._outputs import PNG, check_output
 
 PROBES = ("logreg", "linear_svm")
@@ -195,7 +196,7 @@ class SweepResult:
         path = Path(path)
         check_output(path, PNG)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
+        save_figure(fig, path, dpi=120)
         plt.close(fig)
         return path
 
