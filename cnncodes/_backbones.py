@@ -7,6 +7,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from ._errors import CnnCodesError, InvalidParameterError, UnknownBackboneError, UnknownLayerError
+from ._spec import find_alias
 
 if TYPE_CHECKING:
     from torch import nn
@@ -55,9 +56,9 @@ class BackboneSpec:
         """Return the tap point for an alias or raw FX node name."""
         if name in ("default", None):
             name = self.default_layer
-        for info in self.layers:
-            if name in (info.alias, info.node):
-                return info
+        alias = find_alias({info.alias: info.node for info in self.layers}, name)
+        if alias is not None:
+            return next(info for info in self.layers if info.alias == alias)
         nodes = graph_nodes(self.name)
         if name in nodes:
             return LayerInfo(alias=name, node=name, channels=-1, stride=None)
