@@ -337,5 +337,5 @@ def export(model, path, *, format: str | None = None, opset: int = 17) -> Path:
     proto.metadata_props.add(key=METADATA_KEY, value=text)
     proto.producer_name, proto.doc_string = "cnncodes", f"{meta['provenance']['backbone']} -> class probabilities"
     with atomic_write(path) as fh:
-        onnx.save(proto, fh)
+        fh.write(proto.SerializeToString())  # what onnx.save writes (no external data: the network is small)
     return path
