@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
+from ._choices import POOLINGS
 from ._errors import CnnCodesError, InvalidParameterError, UnknownBackboneError, UnknownLayerError
 from ._spec import find_alias
 
@@ -16,7 +17,6 @@ if TYPE_CHECKING:
 # and torchvision are imported by the functions that build or trace a network; the network
 # wrappers that subclass torch's modules live in _codesmodel.
 
-POOLINGS = ("avg", "max", "gem", "flatten", "spp", "cls", "cls+avg")
 # Spatial pyramid: average pools over 1x1, 2x2 and 4x4 grids of a feature map, concatenated.
 SPP_LEVELS = (1, 2, 4)
 # Poolings of a ViT's token outputs only: the class token, or it and the patch tokens' mean.

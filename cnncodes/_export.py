@@ -11,11 +11,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._choices import FORMATS
 from ._errors import ExportError, InvalidParameterError
 from ._io import atomic_write, file_sha256
 from ._outputs import EXPORT, check_output
 
-FORMATS = ("onnx", "torchscript")
 EXPORT_FORMAT = "cnncodes.exported"
 EXPORT_VERSION = 1
 METADATA_KEY = "cnncodes"  # the ONNX metadata_props key / TorchScript extra file holding the JSON

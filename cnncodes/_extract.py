@@ -23,6 +23,7 @@ from ._backbones import (
     shallow_to_deep,
 )
 from ._accel import resolve_device, resolve_precision, reuse_freed_memory
+from ._choices import DEFAULT_BACKBONE, DTYPES, ENGINES, IMAGENET, RESIZES, TTAS
 from ._codesmodel import codes_model
 from ._errors import CnnCodesError, InvalidParameterError, StoreMismatchError
 from ._outputs import STORE, check_output
@@ -35,9 +36,6 @@ from ._store import (FORMAT_VERSION, UNKNOWN_STAT, CodeStore, Journal, StoreLock
                      store_path)
 from ._weights import load_model, preprocess_for, resolve
 
-DTYPES = ("float32", "float16")
-TTAS = ("none", "flip", "mirror")  # mirror: the mirror image's codes alone (augmentation rows for fit)
-RESIZES = ("workers", "device")
 ON_OTHER_ROOT = ("refuse", "replace")
 HASH_CHUNK = 64
 SLOW_READ_SECONDS = 200e-6  # a file read and hashed slower than this, on average: threads
@@ -182,10 +180,10 @@ def extract(
     source,
     *,
     out,
-    backbone: str = "mobilenet_v2",
+    backbone: str = DEFAULT_BACKBONE,
     layers=None,
     pooling: str = "avg",
-    weights="imagenet",
+    weights=IMAGENET,
     labels=None,
     image_size: int | None = None,
     batch_size: int = 64,
@@ -369,8 +367,8 @@ def extract(
         raise InvalidParameterError(f"unknown dtype {dtype!r}. Valid dtypes: {', '.join(DTYPES)}.")
     if tta is not None and tta not in TTAS:
         raise InvalidParameterError(f"unknown tta {tta!r}. Valid values: {', '.join(TTAS)}.")
-    if engine not in ("local", "ray"):
-        raise InvalidParameterError(f"unknown engine {engine!r}. Valid engines: 'local', 'ray'.")
+    if engine not in ENGINES:
+        raise InvalidParameterError(f"unknown engine {engine!r}. Valid engines: {', '.join(map(repr, ENGINES))}.")
     if engine == "ray":
         from ._ray import import_ray
 

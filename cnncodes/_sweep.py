@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 
 from ._cache import session_cache
+from ._choices import PROBES
 from ._errors import CnnCodesError, InvalidParameterError, UnknownLayerError
 from ._io import save_figure
 from ._outputs import PNG, check_output
 
-PROBES = ("logreg", "linear_svm")
 # C grids of the probe (inverse L2 strength on standardised codes). Low-dimensional early
 # layers want weak regularisation (on digits block1, 16 dims, accuracy still rises at C=1) and
 # the wide last layers strong (flowers5 block5, 1,280 dims, peaks near C=1e-3), so the grid

@@ -18,7 +18,8 @@ from ._backbones import check_pooling, code_sizes, get_backbone
 from ._cache import session_cache as _session_cache
 from ._errors import CnnCodesError, FailedImagesError, InvalidParameterError, SourceError, StoreLockedError
 from ._accel import resolve_device, resolve_precision
-from ._extract import DEFAULT_RESIZE, DTYPES, TTAS, extract
+from ._choices import DEFAULT_BACKBONE, DTYPES, IMAGENET, TTAS
+from ._extract import DEFAULT_RESIZE, extract
 from ._io import hash_item, sha256_bytes
 from ._spec import ExtractorSpec
 from ._sources import Item, ReadError, change_key, is_url
@@ -100,10 +101,10 @@ class CNNCodes(TransformerMixin, BaseEstimator):
     def __init__(
         self,
         *,
-        backbone="mobilenet_v2",
+        backbone=DEFAULT_BACKBONE,
         layer=None,
         pooling="avg",
-        weights="imagenet",
+        weights=IMAGENET,
         image_size=None,
         cache=None,
         batch_size=64,

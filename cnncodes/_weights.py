@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ._backbones import BackboneSpec, build_model, finish_model, weights_names
+from ._choices import IMAGENET
 from ._errors import WeightsError
 from ._io import file_sha256
 from ._spec import WeightsRef
@@ -47,7 +48,7 @@ def search_dirs() -> list[Path]:
 # tutorials use). torchvision's newer "V2" recipes (label smoothing, mixup, cutmix, long
 # schedules) raise ImageNet accuracy but make penultimate features transfer worse
 # (Kornblith et al., 2021), and codes are what we are after. "DEFAULT" is torchvision's pick.
-IMAGENET = "imagenet"
+# IMAGENET (from _choices) names them.
 _IMAGENET_MEMBER = "IMAGENET1K_V1"
 
 
