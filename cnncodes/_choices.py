@@ -18,7 +18,7 @@ IMAGENET = "imagenet"  # the weights name meaning each architecture's original I
 # classifiers (`fit`, `sweep`)
 CLASSIFIERS = ("logreg", "linear_svm", "knn", "sgd")
 NORMALIZE = ("l2", "power")
-METRICS = ("cosine", "l2", "ip")  # of the knn classifier; "euclidean" is accepted for "l2" too
+METRICS = ("l2", "cosine", "ip")  # of the knn classifier; "euclidean" is accepted for "l2" too
 PROBES = ("logreg", "linear_svm")  # the sweep's linear probes
 
 # fine-tuning: its test-time augmentation (no "mirror": that makes augmentation rows of a store)
