@@ -211,7 +211,8 @@ def learning_curve(store, sizes=SIZES, *, repeats: int = 5, layer: str | None = 
         raise InvalidParameterError(f"repeats must be an integer >= 1 (training draws per size), got {repeats!r}.")
     sizes = _check_sizes(sizes)
     codes = _as_store(store)
-    layer = codes.spec.alias(layer, f"{codes.path.name} holds layers {{held}}, not {{layer!r}}.")
+    layer = codes.spec.alias(layer, lambda name: CnnCodesError(
+        f"{codes.path.name} holds layers {', '.join(codes.layers)}, not {name!r}."))
     train, test = split_store(codes, test_size=test_size, random_state=random_state)
     X = codes.codes(layer)
     names = np.array(codes.class_names, dtype=object)

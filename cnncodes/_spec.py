@@ -388,21 +388,21 @@ class ExtractorSpec:
         """The alias of `layer` (an alias or a graph node held), or None if it is not held."""
         return find_alias(self.layers, layer)
 
-    def alias(self, layer: str | None = None, refusal: str | None = None, error: type = UnknownLayerError) -> str:
+    def alias(self, layer: str | None = None, refuse=None) -> str:
         """The alias of `layer`, an alias or a graph node held; the deepest held when None.
 
-        Where it is not held, raises `error` with `refusal` formatted with ``layer`` and
-        ``held`` (the aliases held), or by default a message naming the aliases and nodes held.
+        Where it is not held, raises ``refuse(layer)`` (the caller's error, in its words), or
+        by default an `UnknownLayerError` naming the aliases and nodes held.
         """
         layer = layer or list(self.layers)[-1]
         alias = self.find_layer(layer)
-        if alias is None:
-            if refusal is None:
-                refusal = ("no layer {layer!r} in these codes; they hold "
-                           + ", ".join(f"{a} ({n})" for a, n in self.layers.items())
-                           + ". Use one of those, or extract that layer.")
-            raise error(refusal.format(layer=layer, held=", ".join(self.layers)))
-        return alias
+        if alias is not None:
+            return alias
+        if refuse is not None:
+            raise refuse(layer)
+        held = ", ".join(f"{a} ({n})" for a, n in self.layers.items())
+        raise UnknownLayerError(f"no layer {layer!r} in these codes; they hold {held}. "
+                                f"Use one of those, or extract that layer.")
 
     def narrow(self, layer) -> "ExtractorSpec":
         """This spec with one layer (an alias or a graph node held), or several (a list).

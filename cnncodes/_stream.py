@@ -118,7 +118,8 @@ def fit_streaming(
     store = None
     if isinstance(codes, (str, Path, CodeStore)):
         store = codes if isinstance(codes, CodeStore) else CodeStore(codes)
-        layer = store.spec.alias(layer, f"{store.path.name} has no layer {{layer!r}}; it holds {{held}}.")
+        layer = store.spec.alias(layer, lambda name: CnnCodesError(
+            f"{store.path.name} has no layer {name!r}; it holds {', '.join(store.layers)}."))
         idx = store.labels
         y_all = np.array(store.class_names, dtype=object)[np.maximum(idx, 0)].astype(str)
         labelled = idx >= 0

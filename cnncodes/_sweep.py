@@ -598,10 +598,10 @@ def _stored_layers(codes, layers) -> list[tuple[str, str]]:
         return list(stored.items())
     out = []
     for name in layers:
-        alias = codes.spec.alias(
-            name, f"{codes.path.name} holds layers {{held}}, not {{layer!r}}. Sweep one of those, or sweep "
-                  f"the image folder to extract every layer (a store holds the layers it was made with; "
-                  f"others go to another store).")
+        alias = codes.spec.alias(name, lambda asked: UnknownLayerError(
+            f"{codes.path.name} holds layers {', '.join(stored)}, not {asked!r}. Sweep one of those, or sweep "
+            f"the image folder to extract every layer (a store holds the layers it was made with; others go "
+            f"to another store)."))
         if alias not in [a for a, _ in out]:
             out.append((alias, stored[alias]))
     order = list(stored)
