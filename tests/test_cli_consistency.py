@@ -100,7 +100,7 @@ def _library_choices() -> dict:
     import cnncodes._fit
     import cnncodes._knn
     import cnncodes._sweep
-    from cnncodes import _choices
+    import cnncodes.finetuning._api
 
     return {
         ("extract", "--pooling"): cnncodes._backbones.POOLINGS,
@@ -111,7 +111,7 @@ def _library_choices() -> dict:
         ("extract", "--engine"): cnncodes._extract.ENGINES,
         ("fit", "--classifier"): cnncodes._fit.CLASSIFIERS,
         ("fit", "--metric"): cnncodes._knn.METRICS,
-        ("finetune", "--tta"): _choices.FINETUNE_TTAS,
+        ("finetune", "--tta"): cnncodes.finetuning._api.TTAS,
         ("finetune", "--precision"): cnncodes._accel.PRECISIONS,
         ("sweep", "--classifier"): cnncodes._sweep.PROBES,
         ("export", "--format"): cnncodes._export.FORMATS,
@@ -121,7 +121,6 @@ def _library_choices() -> dict:
 def test_every_choices_list_is_the_librarys_constant():
     """Check that every option with choices offers the very tuple the library checks the setting
     against (not a literal copy of it), so that the two cannot drift apart."""
-    import cnncodes._finetune
     import cnncodes._fit
     import cnncodes._knn
 
@@ -136,7 +135,6 @@ def test_every_choices_list_is_the_librarys_constant():
     literal = [f"{c} {o}" for (c, o), choices in offered.items() if choices is not library[c, o]]
     assert literal == [], f"choices written out instead of taken from the library: {literal}"
     assert set(cnncodes._knn.METRICS) <= set(cnncodes._knn._METRICS)  # every metric offered is one the knn knows
-    assert tuple(cnncodes._finetune.TTAS) == library["finetune", "--tta"]
 
 
 def test_backbone_and_weights_defaults_are_the_librarys(monkeypatch):
