@@ -9,9 +9,9 @@ import threading
 
 import torch
 
+from ._choices import PRECISIONS
 from ._errors import CnnCodesError, InvalidParameterError
 
-PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 
 
 def resolve_device(device) -> torch.device:

@@ -6,7 +6,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
+from ._choices import POOLINGS
 from ._errors import CnnCodesError, InvalidParameterError, UnknownBackboneError, UnknownLayerError
+from ._spec import find_alias
 
 if TYPE_CHECKING:
     from torch import nn
@@ -15,7 +17,6 @@ if TYPE_CHECKING:
 # and torchvision are imported by the functions that build or trace a network; the network
 # wrappers that subclass torch's modules live in _codesmodel.
 
-POOLINGS = ("avg", "max", "gem", "flatten", "spp", "cls", "cls+avg")
 # Spatial pyramid: average pools over 1x1, 2x2 and 4x4 grids of a feature map, concatenated.
 SPP_LEVELS = (1, 2, 4)
 # Poolings of a ViT's token outputs only: the class token, or it and the patch tokens' mean.
@@ -55,9 +56,9 @@ class BackboneSpec:
         """Return the tap point for an alias or raw FX node name."""
         if name in ("default", None):
             name = self.default_layer
-        for info in self.layers:
-            if name in (info.alias, info.node):
-                return info
+        alias = find_alias({info.alias: info.node for info in self.layers}, name)
+        if alias is not None:
+            return next(info for info in self.layers if info.alias == alias)
         nodes = graph_nodes(self.name)
         if name in nodes:
             return LayerInfo(alias=name, node=name, channels=-1, stride=None)

@@ -7,6 +7,22 @@ import difflib
 import sys
 import textwrap
 
+from ._choices import (
+    CLASSIFIERS,
+    DEFAULT_BACKBONE,
+    DTYPES,
+    ENGINES,
+    FINETUNE_TTAS,
+    FORMATS,
+    IMAGENET,
+    METRICS,
+    NORMALIZE,
+    POOLINGS,
+    PRECISIONS,
+    PROBES,
+    RESIZES,
+    TTAS,
+)
 from ._errors import InvalidParameterError
 
 EXIT_OK, EXIT_FAILURES, EXIT_ERROR = 0, 1, 2
@@ -75,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
                    "a .parquet file or a datasets folder")
     e.add_argument("-o", "--out", required=True, help="the .h5 store to create or extend")
     _extract_options(e)
-    e.add_argument("--engine", default="local", choices=["local", "ray"],
+    e.add_argument("--engine", default="local", choices=ENGINES,
                    help="ray: read and decode in Ray tasks and run the backbone in a pool of Ray actors, "
                    "each writing segments of the store (pip install 'cnncodes[ray]')")
     e.add_argument("--address", help="with --engine ray: the Ray cluster (auto, ray://head:10001; "
@@ -127,16 +143,16 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("-o", "--out", required=True, help="model file to write (.skops)")
     fit.add_argument("--layer", action=_Layers, help="stored layer to use (default: the deepest); repeat "
                      "(--layer block4 --layer block5) to concatenate several")
-    fit.add_argument("--normalize", choices=["none", "l2", "power"], default="none",
+    fit.add_argument("--normalize", choices=("none", *NORMALIZE), default="none",
                      help="normalise each code first: l2 (unit length) or power (signed square root, "
                      "then l2); default none")
     fit.add_argument("--augment", metavar="STORE", help="a store of the same photos' mirror images "
                      "(`extract --tta mirror`): their codes are added as training rows")
-    fit.add_argument("--classifier", default="logreg", choices=["logreg", "linear_svm", "knn", "sgd"],
+    fit.add_argument("--classifier", default="logreg", choices=CLASSIFIERS,
                      help="sgd: logistic regression by SGD over chunks, for stores larger than memory")
     fit.add_argument("--C", default="auto", help="regularisation: 'auto' (cross-validated) or a number")
     fit.add_argument("--n-neighbors", type=int, default=10, help="for knn (default %(default)s)")
-    fit.add_argument("--metric", default="cosine", choices=["cosine", "l2", "ip"], help="for knn")
+    fit.add_argument("--metric", default="cosine", choices=METRICS, help="for knn")
     fit.add_argument("--test-size", type=float, help="hold out this fraction (stratified, identical "
                      "content on one side) and report its accuracy; evaluate uses it too")
     fit.add_argument("--random-state", type=int, default=0)
@@ -217,8 +233,8 @@ def _parser() -> argparse.ArgumentParser:
                  "and `extract --weights`; an interrupted run resumes when re-run.")
     ft.add_argument("data", help="a folder with one subfolder per class, or a .csv of path,label")
     ft.add_argument("-o", "--out", required=True, help="the checkpoint to write (.pt)")
-    ft.add_argument("--backbone", default="mobilenet_v2", help="registered backbone (default %(default)s)")
-    ft.add_argument("--weights", default="imagenet", help="pretrained weights, as for extract (default imagenet)")
+    ft.add_argument("--backbone", default=DEFAULT_BACKBONE, help="registered backbone (default %(default)s)")
+    ft.add_argument("--weights", default=IMAGENET, help="pretrained weights, as for extract (default imagenet)")
     ft.add_argument("--unfreeze", default="block3", help="train this block and every deeper one (an alias), "
                     "a number of top blocks (0: the head only), or 'all' (default %(default)s)")
     ft.add_argument("--epochs", type=int, default=8, help="at most (default %(default)s)")
@@ -230,7 +246,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="no random crop / flip / colour jitter of the training images")
     ft.add_argument("--dropout", type=float, default=0.2, help="before the head (default %(default)s)")
     ft.add_argument("--label-smoothing", type=float, default=0.1, help="of the training loss (default %(default)s)")
-    ft.add_argument("--tta", choices=["flip", "none"], default="flip",
+    ft.add_argument("--tta", choices=FINETUNE_TTAS, default="flip",
                     help="test-time augmentation of validation, test and predictions (default %(default)s)")
     ft.add_argument("--train-bn", action="store_true", help="BatchNorm of the trained blocks uses batch "
                     "statistics (default: every BatchNorm in inference mode, its scale and shift trained)")
@@ -248,7 +264,7 @@ def _parser() -> argparse.ArgumentParser:
                     "codes (or this fitted logreg model)")
     ft.add_argument("--image-size", type=int, help="crop size (default: the weights' own)")
     ft.add_argument("--restart", action="store_true", help="train from the start, overwriting -o")
-    ft.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    ft.add_argument("--precision", default="auto", choices=PRECISIONS,
                     help="autocast precision (default auto: bfloat16 where the hardware runs it natively)")
     ft.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     ft.add_argument("--workers", default="auto", help="decoding processes (default auto)")
@@ -277,7 +293,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="sweep only these layers; repeat, or separate with commas (default: every alias, "
                     "or the store's layers)")
     sw.add_argument("--cv", type=int, default=5, help="folds (default %(default)s)")
-    sw.add_argument("--classifier", default="logreg", choices=["logreg", "linear_svm"], help="the probe")
+    sw.add_argument("--classifier", default="logreg", choices=PROBES, help="the probe")
     sw.add_argument("--plot", help="write accuracy per layer as a PNG (needs matplotlib)")
     sw.add_argument("--max-images", type=int, help="probe a stratified sample of at most N images")
     _probe_options(sw)
@@ -310,7 +326,7 @@ def _parser() -> argparse.ArgumentParser:
                   "export; kNN does not.")
     exp.add_argument("model", help="a .skops file from `cnncodes fit`, or a .pt from `cnncodes finetune`")
     exp.add_argument("-o", "--out", required=True, help="the file to write (.onnx, or .pt for TorchScript)")
-    exp.add_argument("--format", choices=["onnx", "torchscript"],
+    exp.add_argument("--format", choices=FORMATS,
                      help="default: onnx for an .onnx file, else torchscript")
     exp.add_argument("--opset", type=int, default=17, help="ONNX opset (default %(default)s)")
 
@@ -352,9 +368,9 @@ def _run_options(e, what="") -> None:
 
 
 def _probe_options(e) -> None:
-    e.add_argument("--backbone", default="mobilenet_v2", help="registered backbone (default %(default)s), "
+    e.add_argument("--backbone", default=DEFAULT_BACKBONE, help="registered backbone (default %(default)s), "
                    "or a timm model as timm:NAME (pip install 'cnncodes[timm]')")
-    e.add_argument("--weights", default="imagenet", help="as for extract (default imagenet)")
+    e.add_argument("--weights", default=IMAGENET, help="as for extract (default imagenet)")
     e.add_argument("--image-size", type=int, help="crop size of the extraction (default: a fine-tuned checkpoint's training crop, else the weights' own)")
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
@@ -365,14 +381,14 @@ def _probe_options(e) -> None:
 
 
 def _extract_options(e) -> None:
-    e.add_argument("--backbone", default="mobilenet_v2", help="registered backbone (default %(default)s), "
+    e.add_argument("--backbone", default=DEFAULT_BACKBONE, help="registered backbone (default %(default)s), "
                    "or a timm model as timm:NAME (pip install 'cnncodes[timm]')")
     e.add_argument("--layer", action=_Layers, dest="layers", metavar="LAYER",
                    help="alias (block4) or FX node name; repeat, or separate with commas, for several "
                    "(default: pre-logits)")
-    e.add_argument("--pooling", default="avg", choices=["avg", "max", "gem", "flatten", "spp", "cls", "cls+avg"],
+    e.add_argument("--pooling", default="avg", choices=POOLINGS,
                    help="avg (default), max, gem, flatten, spp (1x1+2x2+4x4 average pools); ViT tokens: avg (patch tokens), cls, cls+avg")
-    e.add_argument("--weights", default="imagenet",
+    e.add_argument("--weights", default=IMAGENET,
                    help="imagenet (IMAGENET1K_V1, default), DEFAULT (torchvision's), a weights "
                    "name such as IMAGENET1K_V2, a checkpoint path, or 'random'; timm models: imagenet "
                    "(timm's pretrained, online), a timm tag, a checkpoint path, or 'random'")
@@ -380,9 +396,9 @@ def _extract_options(e) -> None:
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     e.add_argument("--workers", default="auto", help="decoding processes (default auto)")
-    e.add_argument("--dtype", default="float32", choices=["float32", "float16"],
+    e.add_argument("--dtype", default="float32", choices=DTYPES,
                    help="storage type of the codes (default float32)")
-    e.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    e.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="arithmetic of the forward pass; auto: the store's, else the fastest candidate "
                    "(float32, bfloat16, on CUDA float16) timed on the first batch whose codes agree "
                    "with float32's (cosine >= 0.999)")
@@ -390,12 +406,12 @@ def _extract_options(e) -> None:
                    help="torch.compile the model (20-35 s, then 1.05-1.2x faster; auto: on a CPU when the eager "
                         "pass would take five minutes or more, judged from the first two batches)")
     e.add_argument("--no-compile", dest="compile", action="store_const", const=False)
-    e.add_argument("--tta", choices=["none", "flip", "mirror"],
+    e.add_argument("--tta", choices=TTAS,
                    help="flip: average the codes of each image and its mirror image; mirror: the mirror "
                    "image's codes alone, as augmentation rows for `fit --augment` (default: the store's, else none)")
     e.add_argument("--no-jpeg-draft", dest="jpeg_draft", action="store_const", const=False, default=None,
                    help="decode large JPEGs at full size (default: reduced DCT scale, never below 2x the resize)")
-    e.add_argument("--resize", choices=["workers", "device"],
+    e.add_argument("--resize", choices=RESIZES,
                    help="where images are resized: by torch where the model runs, a batch at a time "
                         "(device), or by PIL where each image is decoded (workers: torchvision's "
                         "transform to the pixel). Default: the store's, else device")
@@ -412,8 +428,7 @@ def _extract(args) -> int:
         raise CnnCodesError("--address, --ray-workers and --gpus-per-worker need --engine ray.")
 
     source = args.data[0] if len(args.data) == 1 else args.data
-    weights = None if args.weights.lower() in ("random", "none") else args.weights
-    workers = args.workers if args.workers == "auto" else int(args.workers)
+    weights, workers = _weights(args), _workers(args)
     result = extract(
         source, out=args.out, backbone=args.backbone, layers=args.layers, pooling=args.pooling,
         weights=weights, image_size=args.image_size, batch_size=args.batch_size,
@@ -606,22 +621,32 @@ def _fit(args) -> int:
     return EXIT_OK
 
 
-def _run_kwargs(args) -> dict:
-    """The --batch-size, --device and --workers of predict and evaluate, as library keywords."""
-
+def _workers(args):
+    """--workers as the library's num_workers: "auto" or a number."""
     try:
-        workers = args.workers if args.workers == "auto" else int(args.workers)
+        return args.workers if args.workers == "auto" else int(args.workers)
     except ValueError:
         raise InvalidParameterError(f"--workers must be 'auto' or a number, got {args.workers!r}.") from None
-    return dict(batch_size=args.batch_size, device=args.device, num_workers=workers)
+
+
+def _weights(args):
+    """--weights as the library's weights: None for random weights ("random", "none")."""
+    return None if args.weights.lower() in ("random", "none") else args.weights
+
+
+def _run_kwargs(args) -> dict:
+    """The --batch-size, --device and --workers of predict and evaluate, as library keywords."""
+    return dict(batch_size=args.batch_size, device=args.device, num_workers=_workers(args))
 
 
 def _predict(args) -> int:
     import csv
+    import io
     import warnings
     from pathlib import Path
 
     from ._errors import CnnCodesError
+    from ._io import atomic_write
     from ._model import predict
     from ._outputs import PREDICTIONS, check_output
 
@@ -648,15 +673,17 @@ def _predict(args) -> int:
             print(f"  {rid}: {why}", file=sys.stderr)
     if args.csv:
         width = 2 * args.top_k
-        with open(args.csv, "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["id"] + [f"{c}{k + 1}" for k in range(args.top_k) for c in ("label", "probability")]
-                       + ["status"])
-            for p in preds:
-                row = [v for pair in zip(p.labels, p.probabilities) for v in pair]
-                w.writerow([p.id] + row + [""] * (width - len(row)) + ["ok"])
-            for rid, why in preds.failures:
-                w.writerow([rid] + [""] * width + [why])
+        text = io.StringIO(newline="")
+        w = csv.writer(text)
+        w.writerow(["id"] + [f"{c}{k + 1}" for k in range(args.top_k) for c in ("label", "probability")]
+                   + ["status"])
+        for p in preds:
+            row = [v for pair in zip(p.labels, p.probabilities) for v in pair]
+            w.writerow([p.id] + row + [""] * (width - len(row)) + ["ok"])
+        for rid, why in preds.failures:
+            w.writerow([rid] + [""] * width + [why])
+        with atomic_write(args.csv) as fh:  # a reader sees the old file or the whole new one
+            fh.write(text.getvalue().encode())
         print(f"wrote {args.csv}")
     return EXIT_FAILURES if preds.failures else EXIT_OK
 
@@ -736,7 +763,7 @@ def _finetune(args) -> int:
 
     result = finetune(
         args.data, out=args.out, backbone=args.backbone,
-        weights=None if args.weights.lower() in ("random", "none") else args.weights,
+        weights=_weights(args),
         unfreeze=args.unfreeze, epochs=args.epochs, lr=args.lr, head_lr=args.head_lr,
         weight_decay=args.weight_decay, batch_size=args.batch_size, augment=args.augment,
         dropout=args.dropout, train_bn=args.train_bn, label_smoothing=args.label_smoothing, tta=args.tta,
@@ -745,7 +772,7 @@ def _finetune(args) -> int:
         target_accuracy=args.target_accuracy, test_size=args.test_size or None,
         random_state=args.random_state, init_head=args.init_head, image_size=args.image_size,
         resume=not args.restart, precision=args.precision, device=args.device,
-        num_workers=args.workers if args.workers == "auto" else int(args.workers), n_jobs=args.jobs,
+        num_workers=_workers(args), n_jobs=args.jobs,
         progress=not args.quiet,
     )
     print(result.summary())
@@ -758,9 +785,9 @@ def _sweep(args) -> int:
     result = sweep(
         args.data, backbone=args.backbone, layers=args.layers, store=args.store, cv=args.cv,
         classifier=args.classifier, random_state=args.random_state, max_images=args.max_images,
-        weights=None if args.weights.lower() in ("random", "none") else args.weights,
+        weights=_weights(args),
         image_size=args.image_size, batch_size=args.batch_size, device=args.device,
-        num_workers=args.workers if args.workers == "auto" else int(args.workers),
+        num_workers=_workers(args),
         n_jobs=args.jobs, plot=args.plot, progress=not args.quiet,
     )
     if result.extract is not None:
@@ -790,9 +817,9 @@ def _advise(args) -> int:
     advice = advise(
         args.data, backbone=args.backbone, store=args.store, cv=args.cv,
         max_images=args.max_images or None, head_images=args.head_images,
-        weights=None if args.weights.lower() in ("random", "none") else args.weights,
+        weights=_weights(args),
         image_size=args.image_size, batch_size=args.batch_size, device=args.device,
-        num_workers=args.workers if args.workers == "auto" else int(args.workers),
+        num_workers=_workers(args),
         random_state=args.random_state, n_jobs=args.jobs, progress=not args.quiet,
     )
     print(advice.report())

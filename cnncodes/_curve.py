@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ._errors import CnnCodesError, InvalidParameterError
+from ._io import save_figure
 from ._outputs import PNG, check_output
 from ._stats import CONFIDENCE, N_RESAMPLES, Interval, accuracy_intervals, check_resampling
 
@@ -125,7 +126,7 @@ class LearningCurve:
         ax.grid(alpha=0.3)
         fig.tight_layout()
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
+        save_figure(fig, path, dpi=120)
         plt.close(fig)
         return path
 
@@ -210,9 +211,8 @@ def learning_curve(store, sizes=SIZES, *, repeats: int = 5, layer: str | None = 
         raise InvalidParameterError(f"repeats must be an integer >= 1 (training draws per size), got {repeats!r}.")
     sizes = _check_sizes(sizes)
     codes = _as_store(store)
-    layer = layer or codes.layers[-1]
-    if layer not in codes.layers:
-        raise CnnCodesError(f"{codes.path.name} holds layers {', '.join(codes.layers)}, not {layer!r}.")
+    layer = codes.spec.alias(layer, lambda name: CnnCodesError(
+        f"{codes.path.name} holds layers {', '.join(codes.layers)}, not {name!r}."))
     train, test = split_store(codes, test_size=test_size, random_state=random_state)
     X = codes.codes(layer)
     names = np.array(codes.class_names, dtype=object)

@@ -290,7 +290,8 @@ def hooked_shapes(spec: BackboneSpec, nodes: tuple[str, ...], image_size: int) -
 def resolve_custom(spec: BackboneSpec, weights):
     """The `Weights` of a registered module (its own) or a timm model (file, timm's, random)."""
     from ._spec import WeightsRef
-    from ._weights import IMAGENET, OFFLINE_ENV, Weights, file_sha256
+    from ._io import file_sha256
+    from ._weights import IMAGENET, OFFLINE_ENV, Weights
 
     entry = _entry(spec)
     if entry.module is not None:

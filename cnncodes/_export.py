@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import warnings
 from pathlib import Path
@@ -10,10 +11,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._choices import FORMATS
 from ._errors import ExportError, InvalidParameterError
+from ._io import atomic_write, file_sha256
 from ._outputs import EXPORT, check_output
 
-FORMATS = ("onnx", "torchscript")
 EXPORT_FORMAT = "cnncodes.exported"
 EXPORT_VERSION = 1
 METADATA_KEY = "cnncodes"  # the ONNX metadata_props key / TorchScript extra file holding the JSON
@@ -194,8 +196,9 @@ def build(model, *, codes_only: bool = False) -> tuple[nn.Module, dict]:
 
         prep = asdict(model.preprocessing)
         net = NetworkNet(Normalize(prep["mean"], prep["std"]), model.network().net, model.tta)
-        info = {"backbone": model.backbone, "weights": "fine-tuned", "weights_sha256": _sha256(model.path),
-                "layer": "logits", "classifier": "fine-tuned network", "tta": model.tta, "pooling": None}
+        sha = file_sha256(model.path) if model.path else ""
+        info = {"backbone": model.backbone, "weights": "fine-tuned", "weights_sha256": sha, "layer": "logits",
+                "classifier": "fine-tuned network", "tta": model.tta, "pooling": None}
     else:
         net, info, prep = _codes_network(model, codes_only)
     meta = {
@@ -214,12 +217,6 @@ def build(model, *, codes_only: bool = False) -> tuple[nn.Module, dict]:
                        "source": Path(getattr(model, "path", "") or "").name},
     }
     return net.eval().requires_grad_(False), meta
-
-
-def _sha256(path) -> str:
-    from ._weights import file_sha256
-
-    return file_sha256(path) if path else ""
 
 
 def _codes_network(model, codes_only: bool = False) -> tuple[nn.Module, dict, dict]:
@@ -329,15 +326,16 @@ def export(model, path, *, format: str | None = None, opset: int = 17) -> Path:
         warnings.filterwarnings("ignore", message="The feature will be removed")  # inside that exporter
         if format == "torchscript":
             traced = torch.jit.trace(net, example, check_trace=False)
-            torch.jit.save(traced, str(path), _extra_files={METADATA_KEY + ".json": text})
+            with atomic_write(path) as fh:
+                torch.jit.save(traced, fh, _extra_files={METADATA_KEY + ".json": text})
             return path
-        tmp = path.with_name(path.name + ".partial")
-        torch.onnx.export(net, (example,), str(tmp), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+        graph = io.BytesIO()
+        torch.onnx.export(net, (example,), graph, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                           dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
                           opset_version=opset, dynamo=False)
-    proto = onnx.load(str(tmp))
+    proto = onnx.load_model_from_string(graph.getvalue())
     proto.metadata_props.add(key=METADATA_KEY, value=text)
     proto.producer_name, proto.doc_string = "cnncodes", f"{meta['provenance']['backbone']} -> class probabilities"
-    onnx.save(proto, str(tmp))
-    tmp.replace(path)
+    with atomic_write(path) as fh:
+        fh.write(proto.SerializeToString())  # what onnx.save writes (no external data: the network is small)
     return path

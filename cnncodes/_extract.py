@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import platform
 import sys
@@ -24,20 +23,19 @@ from ._backbones import (
     shallow_to_deep,
 )
 from ._accel import resolve_device, resolve_precision, reuse_freed_memory
+from ._choices import DEFAULT_BACKBONE, DTYPES, ENGINES, IMAGENET, RESIZES, TTAS
 from ._codesmodel import codes_model
 from ._errors import CnnCodesError, InvalidParameterError, StoreMismatchError
 from ._outputs import STORE, check_output
 from ._precision import measure_precision, resumed_choice, save_choice
-from ._images import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocess, decode, resize_batch
-from ._sources import Item, change_key, data_root, read_bytes, read_source
+from ._images import DEFAULT_MAX_PIXELS, Preprocess, resize_batch
+from ._io import hash_item, read_hash_decode
+from ._sources import Item, change_key, data_root, read_source
 from ._spec import ExtractorSpec
 from ._store import (FORMAT_VERSION, UNKNOWN_STAT, CodeStore, Journal, StoreLock, merge, remote_store, remove_unmapped,
                      store_path)
 from ._weights import load_model, preprocess_for, resolve
 
-DTYPES = ("float32", "float16")
-TTAS = ("none", "flip", "mirror")  # mirror: the mirror image's codes alone (augmentation rows for fit)
-RESIZES = ("workers", "device")
 ON_OTHER_ROOT = ("refuse", "replace")
 HASH_CHUNK = 64
 SLOW_READ_SECONDS = 200e-6  # a file read and hashed slower than this, on average: threads
@@ -124,13 +122,6 @@ class ExtractResult:
         return "\n".join(lines)
 
 
-def _sha256_item(item: Item, storage_options=None) -> tuple[str | None, str | None]:
-    try:
-        return hashlib.sha256(read_bytes(item, storage_options)).hexdigest(), None
-    except OSError as exc:
-        return None, str(exc)
-
-
 class _Images(torch.utils.data.Dataset):
     """Reads, hashes and decodes ``items[start:]`` (in DataLoader workers or in the caller).
 
@@ -147,16 +138,7 @@ class _Images(torch.utils.data.Dataset):
 
     def __getitem__(self, k):
         i = self.start + k
-        item = self.items[i]
-        try:
-            data = read_bytes(item, self.storage_options)
-        except OSError as exc:
-            return i, None, "", str(exc)
-        sha = hashlib.sha256(data).hexdigest()
-        try:
-            return i, decode(data, self.prep, self.max_pixels), sha, None
-        except ImageDecodeError as exc:
-            return i, None, sha, str(exc)
+        return (i, *read_hash_decode(self.items[i], self.prep, self.max_pixels, self.storage_options))
 
 
 # Where a new store's images are resized: with torch, where the model runs (on a CPU, or in
@@ -198,10 +180,10 @@ def extract(
     source,
     *,
     out,
-    backbone: str = "mobilenet_v2",
+    backbone: str = DEFAULT_BACKBONE,
     layers=None,
     pooling: str = "avg",
-    weights="imagenet",
+    weights=IMAGENET,
     labels=None,
     image_size: int | None = None,
     batch_size: int = 64,
@@ -385,8 +367,8 @@ def extract(
         raise InvalidParameterError(f"unknown dtype {dtype!r}. Valid dtypes: {', '.join(DTYPES)}.")
     if tta is not None and tta not in TTAS:
         raise InvalidParameterError(f"unknown tta {tta!r}. Valid values: {', '.join(TTAS)}.")
-    if engine not in ("local", "ray"):
-        raise InvalidParameterError(f"unknown engine {engine!r}. Valid engines: 'local', 'ray'.")
+    if engine not in ENGINES:
+        raise InvalidParameterError(f"unknown engine {engine!r}. Valid engines: {', '.join(map(repr, ENGINES))}.")
     if engine == "ray":
         from ._ray import import_ray
 
@@ -735,7 +717,7 @@ def _hash_files(items: list[Item], storage_options=None) -> list[tuple[str | Non
     the 4,317 photos in 0.036 s and 8 threads take 0.072 s (the GIL, handing over).
     """
     def sha(item):
-        return _sha256_item(item, storage_options)
+        return hash_item(item, storage_options)
 
     hashed = [sha(p) for p in items[:HASH_CHUNK]]  # the first files open slowest: untimed
     while len(hashed) < len(items):

@@ -13,11 +13,11 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from ._choices import CLASSIFIERS, NORMALIZE
 from ._errors import CnnCodesError, InvalidParameterError
 from ._fitmeta import fit_meta
 from ._store import CodeStore
 
-CLASSIFIERS = ("logreg", "linear_svm", "knn", "sgd")
 def _half_decades(lo: int, hi: int) -> tuple[float, ...]:
     return tuple(float(c) for c in np.round(np.logspace(lo, hi, 2 * (hi - lo) + 1), 12))
 
@@ -30,7 +30,6 @@ C_GRIDS = {"linear_svm": _half_decades(-5, -1)}
 # fine: every decade, then quarter decades around the best one.
 C_DECADES = (-6, 5)
 MIN_LAST_DECADE = 0  # the upward search runs at least to C = 10 ** MIN_LAST_DECADE
-NORMALIZE = ("l2", "power")
 
 
 class CodeNormalizer(TransformerMixin, BaseEstimator):

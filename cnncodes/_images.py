@@ -13,10 +13,6 @@ from PIL import ExifTags, Image, ImageOps
 
 from ._errors import ImageDecodeError
 
-IMAGE_EXTENSIONS = (
-    # .jfif and .jpe are JPEG files under other names; PIL reads them as JPEG.
-    ".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm",
-)
 DEFAULT_MAX_PIXELS = 100_000_000
 
 

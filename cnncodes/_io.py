@@ -162,3 +162,10 @@ def top_k(proba, k: int) -> np.ndarray:
     proba = np.asarray(proba)
     k = max(1, min(int(k), proba.shape[-1]))
     return np.argsort(-proba, axis=-1, kind="stable")[..., :k]
+
+
+def save_figure(fig, path: str | os.PathLike, **savefig_kwargs) -> None:
+    """A matplotlib figure written through :func:`atomic_write`, in the format its suffix names (PNG without one)."""
+    path = Path(path)
+    with atomic_write(path) as fh:
+        fig.savefig(fh, format=path.suffix[1:].lower() or "png", **savefig_kwargs)

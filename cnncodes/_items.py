@@ -13,6 +13,11 @@ from pathlib import Path
 from ._errors import ReadError, SourceError
 
 UNKNOWN_KEY = (-1, -1, -1)
+# The files a folder or a shard lists as images (here, not in _images: listing needs no torch).
+IMAGE_EXTENSIONS = (
+    # .jfif and .jpe are JPEG files under other names; PIL reads them as JPEG.
+    ".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm",
+)
 
 
 def cache_root() -> Path:

@@ -13,6 +13,8 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, column_or_1d
 
+from ._choices import METRICS
+
 try:  # public since scikit-learn 1.6
     from sklearn.utils.validation import validate_data
 except ImportError:  # pragma: no cover - scikit-learn < 1.6
@@ -21,7 +23,7 @@ except ImportError:  # pragma: no cover - scikit-learn < 1.6
         return estimator._validate_data(*args, **kwargs)
 
 
-# metric name -> the name scikit-learn gives the same distance (effective_metric_)
+# metric name (METRICS, or euclidean for l2) -> scikit-learn's name of that distance (effective_metric_)
 _METRICS = {"l2": "euclidean", "euclidean": "euclidean", "cosine": "cosine", "ip": "ip"}
 _WEIGHTS = ("uniform", "distance")
 _INDEXES = ("flat", "ivf", "hnsw")
@@ -253,7 +255,7 @@ class FaissKNNClassifier(ClassifierMixin, BaseEstimator):
     def _check_params(self):
         if not isinstance(self.metric, str) or self.metric not in _METRICS:
             raise _one_of(
-                "metric", self.metric, ("l2", "cosine", "ip"),
+                "metric", self.metric, METRICS,
                 "Use metric='l2' for the Euclidean distance of KNeighborsClassifier's default.",
             )
         if self.index not in _INDEXES:

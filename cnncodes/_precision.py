@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ._accel import cpu_has_fast_bf16, resolve_precision, reuse_freed_memory
+from ._io import atomic_write
 
 # A reduced precision is kept only when its codes of the probe batch agree with the float32
 # codes of the same images to this cosine, in every row and layer.
@@ -170,4 +171,5 @@ def resumed_choice(journal) -> PrecisionChoice | None:
 def save_choice(journal, choice: PrecisionChoice) -> None:
     """Keep a measured choice in the run's journal, so that a resumed run records it too."""
     if choice.how == "measured" and journal.exists() and not (journal.folder / CHOICE_FILE).exists():
-        (journal.folder / CHOICE_FILE).write_text(json.dumps(choice.to_json(), sort_keys=True))
+        with atomic_write(journal.folder / CHOICE_FILE) as fh:  # a resumed run reads it whole or not at all
+            fh.write(json.dumps(choice.to_json(), sort_keys=True).encode())

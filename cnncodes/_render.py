@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._io import atomic_write
 from ._outputs import REPORT, check_output
 
 TEMPLATE = "report.html.j2"
@@ -142,5 +143,6 @@ def write_html(html: str, path) -> Path:
     path = Path(path)
     check_output(path, REPORT)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(html, encoding="utf-8")
+    with atomic_write(path) as fh:
+        fh.write(html.encode("utf-8"))
     return path

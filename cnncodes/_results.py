@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ._errors import CnnCodesError, FailedImagesError
+from ._io import save_figure
 from ._outputs import PNG, check_output
 from ._stats import CONFIDENCE, N_RESAMPLES, Interval, accuracy_intervals
 
@@ -174,7 +175,7 @@ class Evaluation:
         ConfusionMatrixDisplay(self.confusion, display_labels=self.classes).plot(ax=ax, colorbar=False)
         ax.set_title(f"accuracy {self.accuracy:.3f} on {self.n} images")
         fig.tight_layout()
-        fig.savefig(path, dpi=120)
+        save_figure(fig, path, dpi=120)
         plt.close(fig)
         return Path(path)
 

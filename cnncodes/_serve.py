@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ._errors import InvalidParameterError
+from ._io import top_k
 
 DEFAULT_MAX_UPLOAD_MB = 20.0
 MULTIPART_SLACK = 64 * 1024  # form boundaries and headers around the photo itself
@@ -219,7 +220,8 @@ async def _read_upload(request, limit: int) -> bytes:
     return data
 
 
-def _top_k(request, n_classes: int) -> int:
+def _requested_k(request) -> int:
+    """The ``top_k`` query parameter (5 when absent); `top_k` caps it at the number of classes."""
     raw = request.query_params.get("top_k", "5")
     try:
         k = int(raw)
@@ -227,7 +229,7 @@ def _top_k(request, n_classes: int) -> int:
         raise BadUpload(422, f"top_k must be an integer >= 1, got {raw!r}") from None
     if k < 1:
         raise BadUpload(422, f"top_k must be an integer >= 1, got {k}")
-    return min(k, n_classes)
+    return k
 
 
 def make_app(model, *, max_batch: int = 32, window_ms: float = 2.0, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
@@ -268,13 +270,13 @@ def make_app(model, *, max_batch: int = 32, window_ms: float = 2.0, max_upload_m
 
     async def predict(request):
         try:
-            k = _top_k(request, len(clf.classes))
+            k = _requested_k(request)
             data = await _read_upload(request, limit)
             pixels = await run_in_threadpool(clf.pixels, data)  # decoding runs beside the model thread
             proba = await asyncio.wrap_future(batcher.submit(pixels))
         except BadUpload as exc:
             return JSONResponse({"error": str(exc)}, status_code=exc.status)
-        order = np.argsort(-proba, kind="stable")[:k]
+        order = top_k(proba, k)
         return JSONResponse({"model": clf.name, "predictions": [
             {"label": clf.classes[j], "probability": float(proba[j])} for j in order]})
 

@@ -24,8 +24,8 @@ import os
 from pathlib import Path
 
 from ._errors import SourceError
-from ._images import IMAGE_EXTENSIONS
 from ._items import (  # Item, ReadError, Source, is_url: imported from here by the commands too
+    IMAGE_EXTENSIONS,
     Item,
     ReadError,
     Source,

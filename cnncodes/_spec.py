@@ -217,6 +217,19 @@ def _describe(key, value) -> str:
     return str(value)
 
 
+def find_alias(layers: Mapping[str, str], name: str) -> str | None:
+    """The alias `name` asks for among `layers` (alias -> graph node): `name` itself if it is
+    an alias, else the alias of the node it names; None if it is neither.
+
+    The one rule by which a layer is found, in a backbone's layer table
+    (:meth:`BackboneSpec.layer <cnncodes._backbones.BackboneSpec.layer>`) and among the
+    layers some codes hold (:meth:`ExtractorSpec.alias`).
+    """
+    if name in layers:
+        return name
+    return next((alias for alias, node in layers.items() if node == name), None)
+
+
 @dataclass(frozen=True, kw_only=True)
 class ExtractorSpec:
     """The settings that made a store's codes: equal specs give comparable codes.
@@ -373,9 +386,23 @@ class ExtractorSpec:
 
     def find_layer(self, layer: str) -> str | None:
         """The alias of `layer` (an alias or a graph node held), or None if it is not held."""
-        if layer in self.layers:
-            return layer
-        return next((a for a, n in self.layers.items() if n == layer), None)
+        return find_alias(self.layers, layer)
+
+    def alias(self, layer: str | None = None, refuse=None) -> str:
+        """The alias of `layer`, an alias or a graph node held; the deepest held when None.
+
+        Where it is not held, raises ``refuse(layer)`` (the caller's error, in its words), or
+        by default an `UnknownLayerError` naming the aliases and nodes held.
+        """
+        layer = layer or list(self.layers)[-1]
+        alias = self.find_layer(layer)
+        if alias is not None:
+            return alias
+        if refuse is not None:
+            raise refuse(layer)
+        held = ", ".join(f"{a} ({n})" for a, n in self.layers.items())
+        raise UnknownLayerError(f"no layer {layer!r} in these codes; they hold {held}. "
+                                f"Use one of those, or extract that layer.")
 
     def narrow(self, layer) -> "ExtractorSpec":
         """This spec with one layer (an alias or a graph node held), or several (a list).
@@ -385,14 +412,7 @@ class ExtractorSpec:
         UnknownLayerError
             If a layer is not held; the message names those that are.
         """
-        aliases = []
-        for name in ([layer] if isinstance(layer, str) else layer):
-            alias = self.find_layer(name)
-            if alias is None:
-                held = ", ".join(f"{a} ({n})" for a, n in self.layers.items())
-                raise UnknownLayerError(f"no layer {name!r} in these codes; they hold {held}. "
-                                        f"Use one of those, or extract that layer.")
-            aliases.append(alias)
+        aliases = [self.alias(name) for name in ([layer] if isinstance(layer, str) else layer)]
         return replace(self, layers={alias: self.layers[alias] for alias in aliases})
 
     # ----------------------------------------------------------------- use

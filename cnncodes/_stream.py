@@ -118,12 +118,8 @@ def fit_streaming(
     store = None
     if isinstance(codes, (str, Path, CodeStore)):
         store = codes if isinstance(codes, CodeStore) else CodeStore(codes)
-        layer = layer or store.layers[-1]
-        alias = store.spec.find_layer(layer)
-        if alias is None:
-            raise CnnCodesError(f"{store.path.name} has no layer {layer!r}; it holds "
-                                f"{', '.join(store.layers)}.")
-        layer = alias
+        layer = store.spec.alias(layer, lambda name: CnnCodesError(
+            f"{store.path.name} has no layer {name!r}; it holds {', '.join(store.layers)}."))
         idx = store.labels
         y_all = np.array(store.class_names, dtype=object)[np.maximum(idx, 0)].astype(str)
         labelled = idx >= 0

@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 
 from ._cache import session_cache
+from ._choices import PROBES
 from ._errors import CnnCodesError, InvalidParameterError, UnknownLayerError
+from ._io import save_figure
 from ._outputs import PNG, check_output
 
-PROBES = ("logreg", "linear_svm")
 # C grids of the probe (inverse L2 strength on standardised codes). Low-dimensional early
 # layers want weak regularisation (on digits block1, 16 dims, accuracy still rises at C=1) and
 # the wide last layers strong (flowers5 block5, 1,280 dims, peaks near C=1e-3), so the grid
@@ -195,7 +196,7 @@ class SweepResult:
         path = Path(path)
         check_output(path, PNG)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
+        save_figure(fig, path, dpi=120)
         plt.close(fig)
         return path
 
@@ -597,13 +598,10 @@ def _stored_layers(codes, layers) -> list[tuple[str, str]]:
         return list(stored.items())
     out = []
     for name in layers:
-        alias = codes.spec.find_layer(name)
-        if alias is None:
-            raise UnknownLayerError(
-                f"{codes.path.name} holds layers {', '.join(stored)}, not {name!r}. Sweep one of "
-                f"those, or sweep the image folder to extract every layer (a store holds the "
-                f"layers it was made with; others go to another store)."
-            )
+        alias = codes.spec.alias(name, lambda asked: UnknownLayerError(
+            f"{codes.path.name} holds layers {', '.join(stored)}, not {asked!r}. Sweep one of those, or sweep "
+            f"the image folder to extract every layer (a store holds the layers it was made with; others go "
+            f"to another store)."))
         if alias not in [a for a, _ in out]:
             out.append((alias, stored[alias]))
     order = list(stored)

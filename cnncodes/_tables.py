@@ -19,8 +19,8 @@ import tarfile
 from pathlib import Path
 
 from ._errors import SourceError
-from ._images import IMAGE_EXTENSIONS
-from ._items import Item, ReadError, Source, as_read_error, cache_root, filesystem, is_url, path_key, read_file, token
+from ._items import (IMAGE_EXTENSIONS, Item, ReadError, Source, as_read_error, cache_root, filesystem, is_url,
+                     path_key, read_file, token)
 
 # --------------------------------------------------------------------------- tar shards
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import shutil
@@ -19,9 +18,11 @@ from ._backbones import check_pooling, code_sizes, get_backbone
 from ._cache import session_cache as _session_cache
 from ._errors import CnnCodesError, FailedImagesError, InvalidParameterError, SourceError, StoreLockedError
 from ._accel import resolve_device, resolve_precision
-from ._extract import DEFAULT_RESIZE, DTYPES, TTAS, extract
+from ._choices import DEFAULT_BACKBONE, DTYPES, IMAGENET, TTAS
+from ._extract import DEFAULT_RESIZE, extract
+from ._io import hash_item, sha256_bytes
 from ._spec import ExtractorSpec
-from ._sources import Item, ReadError, change_key, is_url, read_bytes
+from ._sources import Item, ReadError, change_key, is_url
 from ._store import CodeStore
 from ._weights import preprocess_for, resolve
 
@@ -100,10 +101,10 @@ class CNNCodes(TransformerMixin, BaseEstimator):
     def __init__(
         self,
         *,
-        backbone="mobilenet_v2",
+        backbone=DEFAULT_BACKBONE,
         layer=None,
         pooling="avg",
-        weights="imagenet",
+        weights=IMAGENET,
         image_size=None,
         cache=None,
         batch_size=64,
@@ -431,13 +432,15 @@ _SHA_MEMO_MAX = 1_000_000
 def _sha_of_file(path: str) -> tuple[str | None, str | None]:
     try:
         key = (path, *change_key(Item(path, path, None)))  # a file's stat, an object's listing
-        if key in _SHA_MEMO:
-            return _SHA_MEMO[key], None
-        sha = hashlib.sha256(read_bytes(path)).hexdigest()
     except ReadError as exc:
         return None, str(exc)
     except OSError as exc:
         return None, f"cannot read file: {exc.strerror or exc}"
+    if key in _SHA_MEMO:
+        return _SHA_MEMO[key], None
+    sha, why = hash_item(path)
+    if sha is None:
+        return None, why
     if len(_SHA_MEMO) >= _SHA_MEMO_MAX:
         _SHA_MEMO.clear()
     _SHA_MEMO[key] = sha
@@ -465,7 +468,7 @@ def _hash_arrays(images: np.ndarray, keep):
     shas, data = [], {}
     for i, image in enumerate(images):
         png = _png(image)
-        sha = hashlib.sha256(png).hexdigest()
+        sha = sha256_bytes(png)
         shas.append(sha)
         if keep(sha):
             data[i] = png

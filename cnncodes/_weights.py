@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import torch
 
 from ._backbones import BackboneSpec, build_model, finish_model, weights_names
+from ._choices import IMAGENET
 from ._errors import WeightsError
+from ._io import file_sha256
 from ._spec import WeightsRef
 
 WEIGHTS_PATH_ENV = "CNNCODES_WEIGHTS_PATH"
@@ -44,26 +44,11 @@ def search_dirs() -> list[Path]:
     return dirs
 
 
-@lru_cache(maxsize=32)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Return the sha256 of a file, cached per (path, size, mtime)."""
-    st = os.stat(path)
-    return _sha256(os.fspath(path), st.st_size, st.st_mtime_ns)
-
-
 # cnncodes' default: the original ImageNet weights of each architecture (what the Keras
 # tutorials use). torchvision's newer "V2" recipes (label smoothing, mixup, cutmix, long
 # schedules) raise ImageNet accuracy but make penultimate features transfer worse
 # (Kornblith et al., 2021), and codes are what we are after. "DEFAULT" is torchvision's pick.
-IMAGENET = "imagenet"
+# IMAGENET (from _choices) names them.
 _IMAGENET_MEMBER = "IMAGENET1K_V1"
 
 

@@ -191,14 +191,14 @@ def cli_without():
 @pytest.fixture
 def reads(monkeypatch):
     """The images (paths or URLs) this process reads to hash or decode them, through read_bytes."""
-    import cnncodes._extract
+    import cnncodes._io
 
     seen = []
-    real = cnncodes._extract.read_bytes
+    real = cnncodes._io.read_bytes
 
     def spy(item, storage_options=None):
         seen.append(item.path)
         return real(item, storage_options)
 
-    monkeypatch.setattr(cnncodes._extract, "read_bytes", spy)
+    monkeypatch.setattr(cnncodes._io, "read_bytes", spy)
     return seen

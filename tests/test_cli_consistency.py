@@ -87,3 +87,70 @@ def test_layer_takes_comma_separated_names(capsys):
     with pytest.raises(SystemExit) as exit_info:
         parser.parse_args(["extract", "p/", "-o", "c.h5", "--layer", ","])
     assert exit_info.value.code == 2 and "argument --layer: expected a layer name, got ','" in capsys.readouterr().err
+
+
+
+# ----------------------------------------------------------- choices come from the library
+
+def _library_choices() -> dict:
+    """(command, option) -> the tuple of values the library checks that setting against."""
+    import cnncodes._accel
+    import cnncodes._backbones
+    import cnncodes._export
+    import cnncodes._fit
+    import cnncodes._knn
+    import cnncodes._sweep
+    import cnncodes.finetuning._api
+
+    return {
+        ("extract", "--pooling"): cnncodes._backbones.POOLINGS,
+        ("extract", "--dtype"): cnncodes._extract.DTYPES,
+        ("extract", "--precision"): cnncodes._accel.PRECISIONS,
+        ("extract", "--tta"): cnncodes._extract.TTAS,
+        ("extract", "--resize"): cnncodes._extract.RESIZES,
+        ("extract", "--engine"): cnncodes._extract.ENGINES,
+        ("fit", "--classifier"): cnncodes._fit.CLASSIFIERS,
+        ("fit", "--metric"): cnncodes._knn.METRICS,
+        ("finetune", "--tta"): cnncodes.finetuning._api.TTAS,
+        ("finetune", "--precision"): cnncodes._accel.PRECISIONS,
+        ("sweep", "--classifier"): cnncodes._sweep.PROBES,
+        ("export", "--format"): cnncodes._export.FORMATS,
+    }
+
+
+def test_every_choices_list_is_the_librarys_constant():
+    """Check that every option with choices offers the very tuple the library checks the setting
+    against (not a literal copy of it), so that the two cannot drift apart."""
+    import cnncodes._fit
+    import cnncodes._knn
+
+    library = _library_choices()
+    offered = {}
+    for command, sub in _parser().commands.items():
+        for action in sub._actions:
+            if action.choices is not None and action.option_strings:
+                offered[command, action.option_strings[-1]] = action.choices
+    assert offered.pop(("fit", "--normalize")) == ("none", *cnncodes._fit.NORMALIZE)  # "none": no normalisation
+    assert set(offered) == set(library), "map each option with choices to the library constant it offers"
+    literal = [f"{c} {o}" for (c, o), choices in offered.items() if choices is not library[c, o]]
+    assert literal == [], f"choices written out instead of taken from the library: {literal}"
+    assert set(cnncodes._knn.METRICS) <= set(cnncodes._knn._METRICS)  # every metric offered is one the knn knows
+
+
+def test_backbone_and_weights_defaults_are_the_librarys(monkeypatch):
+    """Check that --backbone and --weights default to the library's default backbone and weights
+    name: the parser follows the constants (strings compare equal whoever wrote them, so the
+    constants are changed here and the defaults must change with them)."""
+    import inspect
+
+    import cnncodes._cli
+    from cnncodes import _choices, extract
+
+    params = inspect.signature(extract).parameters
+    assert (params["backbone"].default, params["weights"].default) == (_choices.DEFAULT_BACKBONE, _choices.IMAGENET)
+    monkeypatch.setattr(cnncodes._cli, "DEFAULT_BACKBONE", "resnet50")
+    monkeypatch.setattr(cnncodes._cli, "IMAGENET", "DEFAULT")
+    parser = _parser()
+    for command in ("extract", "finetune", "sweep", "advise"):
+        actions = {a.dest: a for a in parser.commands[command]._actions}
+        assert (actions["backbone"].default, actions["weights"].default) == ("resnet50", "DEFAULT"), command

@@ -27,7 +27,8 @@ from cnncodes._backbones import code_size, get_backbone
 from cnncodes._cli import main
 from cnncodes._codesmodel import HookedCodesModel, pool, run_hooked
 from cnncodes._custom import state_dict_sha256
-from cnncodes._weights import file_sha256, load_model, resolve
+from cnncodes._io import file_sha256
+from cnncodes._weights import load_model, resolve
 
 timm = pytest.importorskip("timm")  # the dev extra installs it; the structural tests need it
 

@@ -204,3 +204,27 @@ def test_codes_extracted_in_bfloat16_give_a_warning_naming_the_exact_way(sample_
     assert err.startswith("cnncodes export: warning: the model's codes were extracted in bfloat16")
     assert err.endswith("fit on a store extracted with --precision float32.") and len(err.splitlines()) == 1
     assert (tmp_path / "cli.onnx").is_file()
+
+
+@pytest.mark.parametrize("suffix, writer", [(".pt", "jit.save"), (".onnx", "onnx.export")], ids=["torchscript", "onnx"])
+def test_a_failed_export_leaves_the_earlier_file_whole(deployable, tmp_path, monkeypatch, suffix, writer):
+    """Check that an export that fails while writing leaves the file it would replace as it was,
+    and no partial file beside it."""
+    out = tmp_path / f"model{suffix}"
+    export(deployable.skops, out)
+    before = out.read_bytes()
+
+    def torn(*args, **kwargs):
+        target = args[1] if writer == "jit.save" else args[2]
+        if isinstance(target, (str, Path)):
+            target = open(target, "wb")  # noqa: SIM115 - left open, as a crashed writer leaves it
+        target.write(b"half a network")
+        target.flush()
+        raise RuntimeError("no space left on device")
+
+    module, name = writer.split(".")
+    monkeypatch.setattr(getattr(torch, module), name, torn)
+    with pytest.raises(RuntimeError, match="no space left"):
+        export(deployable.skops, out)
+    assert out.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]

@@ -137,6 +137,31 @@ def test_narrow_to_a_missing_layer_names_those_held(store):
         CodeStore(store[0]).spec.narrow("block3")
 
 
+def test_one_rule_finds_a_layer_by_alias_or_node():
+    """Check that an alias wins over a node of the same name, a node gives its alias, and a name
+    that is neither gives None: in a layer table and in the layers a spec holds alike."""
+    from cnncodes._backbones import get_backbone
+    from cnncodes._spec import find_alias
+
+    layers = {"block4": "features.13", "features.13x": "block4", "block5": "features.18"}
+    assert find_alias(layers, "block4") == "block4"  # an alias, though it is also a node
+    assert find_alias(layers, "features.18") == "block5"
+    assert find_alias(layers, "block9") is None
+    mobilenet = get_backbone("mobilenet_v2")
+    assert mobilenet.layer("features.13").alias == "block4" and mobilenet.layer("block4").node == "features.13"
+
+
+def test_alias_of_a_held_layer(store):
+    """Check that `alias` gives the deepest layer by default, an alias for a node, and refuses a
+    layer not held with the caller's words and error, or by default naming the layers held."""
+    spec = CodeStore(store[0]).spec
+    assert (spec.alias(), spec.alias("features.13"), spec.alias("block5")) == ("block5", "block4", "block5")
+    with pytest.raises(StoreError, match=r"^x\{1\}.h5 lacks 'block2'$"):
+        spec.alias("block2", lambda name: StoreError(f"x{{1}}.h5 lacks {name!r}"))
+    with pytest.raises(UnknownLayerError, match=r"no layer 'block2' in these codes; they hold block4 \(features"):
+        spec.alias("block2")
+
+
 def test_extract_kwargs_make_the_same_codes(store, subset, tmp_path):
     """Check that extract(**spec.extract_kwargs()) makes a store with the same spec and codes."""
     out, text = store

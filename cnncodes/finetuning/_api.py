@@ -9,6 +9,8 @@ import numpy as np
 
 from .._accel import resolve_device, resolve_precision
 from .._backbones import get_backbone, weights_enum
+from .._choices import DEFAULT_BACKBONE
+from .._choices import FINETUNE_TTAS as TTAS
 from .._errors import InvalidParameterError
 from .._images import DEFAULT_MAX_PIXELS, Preprocess
 from .._outputs import CHECKPOINT, check_output
@@ -20,7 +22,6 @@ from ._head import describe_init, initialise_head
 from ._network import boundary
 from ._result import FinetuneResult, result_from
 
-TTAS = ("none", "flip")
 OPTIMIZERS = ("adamw", "sgd")
 
 
@@ -28,7 +29,7 @@ def finetune(
     source,
     *,
     out,
-    backbone: str = "mobilenet_v2",
+    backbone: str = DEFAULT_BACKBONE,
     weights=IMAGENET,
     unfreeze="block3",
     epochs: int = 8,
