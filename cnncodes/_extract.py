@@ -29,8 +29,7 @@ from ._errors import CnnCodesError, InvalidParameterError, StoreMismatchError
 from ._outputs import STORE, check_output
 from ._precision import measure_precision, resumed_choice, save_choice
 from ._images import DEFAULT_MAX_PIXELS, Preprocess, resize_batch
-from ._io import hash_item, read_hash_decode
-from ._sources import Item, change_key, data_root, read_source
+from ._sources import Item, change_key, data_root, hash_item, read_hash_decode, read_source
 from ._spec import ExtractorSpec
 from ._store import (FORMAT_VERSION, UNKNOWN_STAT, CodeStore, Journal, StoreLock, merge, remote_store, remove_unmapped,
                      store_path)

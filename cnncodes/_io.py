@@ -1,8 +1,9 @@
-"""Shared low-level pieces, written once: content hashing, read → hash → decode, atomic
-writes, the stratified sampler and top-k.
+"""Shared low-level pieces, written once: content hashes, atomic writes, the stratified
+sampler and top-k. A leaf: it imports nothing of the package but its errors.
 
-Everything above the data layer that hashes an image, writes a file that must never be seen
-half written, samples per class or ranks class probabilities comes here.
+Everything that hashes bytes or a large file, writes a file that must never be seen half
+written, samples per class or ranks class probabilities comes here. Reading an item's bytes
+(and hashing and decoding them) is the data layer's: `_sources.hash_item`, `read_hash_decode`.
 """
 from __future__ import annotations
 
@@ -15,41 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ._errors import ImageDecodeError
-from ._items import Item
-from ._sources import read_bytes
 
 
 def sha256_bytes(data: bytes) -> str:
     """The content key of an image: the hex sha256 of its bytes."""
     return hashlib.sha256(data).hexdigest()
-
-
-def hash_item(item: Item | str, storage_options=None) -> tuple[str | None, str | None]:
-    """``(sha256, None)`` of an item's bytes, or ``(None, why)`` when they cannot be read."""
-    try:
-        return sha256_bytes(read_bytes(item, storage_options)), None
-    except OSError as exc:  # ReadError is an OSError with a readable message
-        return None, str(exc)
-
-
-def read_hash_decode(item: Item | str, prep, max_pixels: int, storage_options=None):
-    """Read an item once, hash and decode it: ``(image, sha256, why)``.
-
-    ``image`` is None when the bytes cannot be read (``sha256`` is then ``""``) or do not
-    decode (``sha256`` is the content's); ``why`` says which, in words.
-    """
-    from ._images import decode  # PIL and torch load where images are decoded, not on import
-
-    try:
-        data = read_bytes(item, storage_options)
-    except OSError as exc:
-        return None, "", str(exc)
-    sha = sha256_bytes(data)
-    try:
-        return decode(data, prep, max_pixels), sha, None
-    except ImageDecodeError as exc:
-        return None, sha, str(exc)
 
 
 @lru_cache(maxsize=32)
@@ -67,7 +38,8 @@ def file_sha256(path: str | os.PathLike) -> str:
     return _file_sha256(os.fspath(path), st.st_size, st.st_mtime_ns)
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process's umask (read without changing it for long)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -104,7 +76,7 @@ def atomic_write(path: str | os.PathLike, *, fsync: bool = True):
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; files we write are shared as open() makes them
+        os.fchmod(fd, 0o666 & ~umask())  # mkstemp makes 0600; files we write are shared as open() makes them
         with os.fdopen(fd, "wb") as fh:
             yield fh
             fh.flush()

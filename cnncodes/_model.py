@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ._errors import CnnCodesError, InvalidParameterError, ModelFileError, StoreMismatchError
-from ._io import top_k as top_k_columns
+from ._io import atomic_write, top_k as top_k_columns
 from ._outputs import MODEL as MODEL_FILE
 from ._outputs import check_output
 from ._results import (  # below every kind of model, which all give these
@@ -65,7 +65,8 @@ def save(model, path, *, extractor: ExtractorSpec | dict | None = None) -> Path:
     path = Path(path)
     check_output(path, MODEL_FILE)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sio.dump(bundle, path)
+    with atomic_write(path) as fh:  # a model file is whole or absent
+        fh.write(sio.dumps(bundle))
     return path
 
 

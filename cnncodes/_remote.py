@@ -28,11 +28,13 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 import time
 from pathlib import Path
 
 from ._errors import StoreError, StoreLockedError
+from ._io import atomic_write
 from ._items import cache_root, filesystem, remote_key
 
 _BUCKETS = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "oss", "r2")
@@ -114,21 +116,14 @@ class RemoteStore:
             return {}
 
     def _save_manifest(self, manifest: dict) -> None:
-        tmp = self._manifest_path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(manifest))
-        os.replace(tmp, self._manifest_path)
+        with atomic_write(self._manifest_path) as fh:
+            fh.write(json.dumps(manifest).encode())
 
     # ------------------------------------------------------------------ pull / push
 
     def _get(self, remote: str, local: Path) -> None:
-        tmp = local.with_name(f".{local.name}.{os.getpid()}.get")
-        try:
-            self.fs.get_file(remote, str(tmp))
-            os.replace(tmp, local)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
+        with self.fs.open(remote, "rb", block_size=8 << 20) as src, atomic_write(local) as dst:
+            shutil.copyfileobj(src, dst, 8 << 20)
 
     def pull(self) -> Path:
         """Bring the working copy up to the object store; return its root's path.
@@ -154,7 +149,7 @@ class RemoteStore:
             if manifest.get("root") == key and self.local.is_file() \
                     and all((folder / s).is_file() for s in manifest.get("mapped", [])):
                 return self.local
-            tmp_root = self.local.with_name(f".{self.local.name}.{os.getpid()}.get")
+            tmp_root = self.local.with_name(f".{self.local.name}.{os.getpid()}.root")
             self._get(self.url, tmp_root)
             try:
                 names = mapped_segments(tmp_root)

@@ -23,7 +23,8 @@ import io
 import os
 from pathlib import Path
 
-from ._errors import SourceError
+from ._errors import ImageDecodeError, SourceError
+from ._io import sha256_bytes
 from ._items import (  # Item, ReadError, Source, is_url: imported from here by the commands too
     IMAGE_EXTENSIONS,
     Item,
@@ -50,6 +51,33 @@ def read_bytes(item, storage_options: dict | None = None) -> bytes:
     if item.part.startswith(("parquet:", "arrow:")):
         return read_cell(item, storage_options)
     return read_file(item, storage_options)
+
+
+def hash_item(item: Item | str, storage_options=None) -> tuple[str | None, str | None]:
+    """``(sha256, None)`` of an item's bytes, or ``(None, why)`` when they cannot be read."""
+    try:
+        return sha256_bytes(read_bytes(item, storage_options)), None
+    except OSError as exc:  # ReadError is an OSError with a readable message
+        return None, str(exc)
+
+
+def read_hash_decode(item: Item | str, prep, max_pixels: int, storage_options=None):
+    """Read an item once, hash and decode it: ``(image, sha256, why)``.
+
+    ``image`` is None when the bytes cannot be read (``sha256`` is then ``""``) or do not
+    decode (``sha256`` is the content's); ``why`` says which, in words.
+    """
+    from ._images import decode  # PIL and torch load where images are decoded, not on import
+
+    try:
+        data = read_bytes(item, storage_options)
+    except OSError as exc:
+        return None, "", str(exc)
+    sha = sha256_bytes(data)
+    try:
+        return decode(data, prep, max_pixels), sha, None
+    except ImageDecodeError as exc:
+        return None, sha, str(exc)
 
 
 def change_key(item: Item, storage_options: dict | None = None) -> tuple[int, int, int]:

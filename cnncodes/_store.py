@@ -21,6 +21,7 @@ import h5py
 import numpy as np
 
 from ._errors import StoreError, StoreLockedError, StoreWriteError
+from ._io import atomic_write, fsync_dir, remove_quietly, umask
 from ._items import _local, is_url
 from ._spec import SPEC_KEYS, ExtractorSpec, check_spec, normalize_spec  # noqa: F401 - re-exported
 
@@ -135,13 +136,6 @@ def _kept(path: Path, journal: "Journal | None") -> str:
     return f"{old}, and the {rows} rows already journalled are kept." if rows else f"{old}."
 
 
-def _remove_quietly(path) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
 class _GuardedFile(io.RawIOBase):
     """A new file for h5py's ``fileobj`` driver whose writes never fail under HDF5.
 
@@ -252,31 +246,6 @@ def _check_room(folder: Path, nbytes: int) -> None:
 # --------------------------------------------------------------------------- journal
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_savez(path: Path, arrays: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npz")
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the journal is the store's, as shared
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
-
-
 UNKNOWN_STAT = (-1, -1, -1)
 
 
@@ -330,13 +299,13 @@ class Journal:
         except OSError as exc:
             self.remove()
             raise _write_error(exc, meta, _kept(self.store_path, None)) from None
-        _fsync_dir(self.folder)
+        fsync_dir(self.folder)
 
     def clean(self) -> None:
         """Remove the temporaries of writes a killed run left half done."""
         if self.exists():
             for stray in [*self.folder.glob(".tmp-*.npz"), *self.folder.glob("*.tmp")]:
-                _remove_quietly(stray)
+                remove_quietly(stray)
 
     def batches(self) -> list[Path]:
         # Numeric order: Ray shards are numbered by image position, past six digits.
@@ -382,7 +351,8 @@ class Journal:
             arrays[f"codes/{alias}"] = array
         target = self.folder / f"batch-{index:06d}.npz"
         try:
-            _atomic_savez(target, arrays)
+            with atomic_write(target) as fh:
+                np.savez(fh, **arrays)
         except OSError as exc:
             raise _write_error(exc, target, _kept(self.store_path, self)) from None
 
@@ -411,7 +381,7 @@ class Journal:
                 g.create_dataset("stat", data=_stat_array(fail_stat, len(failures)))
             os.replace(tmp, target)
         except (OSError, RuntimeError) as exc:
-            _remove_quietly(tmp)
+            remove_quietly(tmp)
             raise _write_error(exc, target, _kept(self.store_path, self)) from None
         return target
 
@@ -952,7 +922,7 @@ def _write_commit(path: Path, journal: Journal, batch_paths: list, files: list, 
             os.replace(tmp_seg, folder / name)
             tmp_seg = None
             written.append(folder / name)
-            _fsync_dir(folder)
+            fsync_dir(folder)
             segments.append((name, len(plan.ids)))
             runs.append((len(segments) - 1, 0, len(plan.ids)))
         for bi in sorted(plan.adopted):  # the actors' segments join the store as they are: no copy
@@ -973,21 +943,21 @@ def _write_commit(path: Path, journal: Journal, batch_paths: list, files: list, 
                 moved.append((target, batch_paths[bi]))
             _map_adopted(segments, runs, name, len(files[bi]["ids"]), plan.adopted[bi])
         if plan.adopted and folder.is_dir():
-            _fsync_dir(folder)
+            fsync_dir(folder)
         fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
         tmp_root, target = Path(tmp_name), path
-        os.chmod(tmp_root, 0o666 & ~_umask())
+        os.chmod(tmp_root, 0o666 & ~umask())
         _write_root(tmp_root, folder_name=folder.name, attrs=attrs, spec=spec,
                     classes=classes, failures=failures, segments=segments, runs=runs,
                     code_dims=code_dims, next_segment=next_segment)
         os.replace(tmp_root, path)
         tmp_root = None
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except (OSError, RuntimeError, ValueError) as exc:
         for stray in [tmp_seg, tmp_root, *written]:
             if stray is not None:
-                _remove_quietly(stray)
+                remove_quietly(stray)
         for there, back in moved:
             with contextlib.suppress(OSError):
                 os.replace(there, back)
@@ -1024,12 +994,6 @@ def _conflicts(new: dict, old: "_Old | None", dead: np.ndarray, classes: list) -
     return sorted(sorted(g) for g in groups.values() if len({lab for _, lab in g}) > 1)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def remove_unmapped(path: Path) -> list[Path]:
     """Delete segment files the root does not map and temporaries of killed runs (lock held)."""
     path = Path(path)
@@ -1046,7 +1010,7 @@ def remove_unmapped(path: Path) -> list[Path]:
                 return []  # an unreadable root: touch nothing
         removed += [p for p in folder.iterdir() if p.name not in mapped]
     for p in removed:
-        _remove_quietly(p)
+        remove_quietly(p)
     return removed
 
 
@@ -1329,14 +1293,9 @@ class CodeStore:
         return [s.decode() for s in self._read("segments/names")]
 
     def _alias(self, layer: str | None) -> str:
-        layer = layer or self.layers[-1]
-        alias = self.spec.find_layer(layer)
-        if alias is None:
-            raise StoreError(
-                f"{self.path.name} has no layer {layer!r}; it holds {', '.join(self.layers)}. "
-                f"Extract that layer into another store."
-            )
-        return alias
+        return self.spec.alias(layer, lambda name: StoreError(
+            f"{self.path.name} has no layer {name!r}; it holds {', '.join(self.layers)}. "
+            f"Extract that layer into another store."))
 
     def codes(self, layer: str | None = None) -> np.ndarray:
         """Return the (n_rows, dim) codes of one layer (the only or deepest one by default)."""

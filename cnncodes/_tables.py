@@ -19,6 +19,7 @@ import tarfile
 from pathlib import Path
 
 from ._errors import SourceError
+from ._io import atomic_write
 from ._items import (IMAGE_EXTENSIONS, Item, ReadError, Source, as_read_error, cache_root, filesystem, is_url,
                      path_key, read_file, token)
 
@@ -167,9 +168,8 @@ def _shard_listing(url: str, storage_options, label_column) -> tuple[list, list,
         if key[1] >= 0:
             try:
                 cache.parent.mkdir(parents=True, exist_ok=True)
-                tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-                tmp.write_text(json.dumps({"url": url, "samples": samples, "skipped": skipped}))
-                os.replace(tmp, cache)
+                with atomic_write(cache, fsync=False) as fh:  # a cache: rebuilt if lost
+                    fh.write(json.dumps({"url": url, "samples": samples, "skipped": skipped}).encode())
             except OSError:
                 pass  # no cache: the next listing reads the headers again
         return samples, skipped, key

@@ -20,9 +20,9 @@ from ._errors import CnnCodesError, FailedImagesError, InvalidParameterError, So
 from ._accel import resolve_device, resolve_precision
 from ._choices import DEFAULT_BACKBONE, DTYPES, IMAGENET, TTAS
 from ._extract import DEFAULT_RESIZE, extract
-from ._io import hash_item, sha256_bytes
+from ._io import sha256_bytes
 from ._spec import ExtractorSpec
-from ._sources import Item, ReadError, change_key, is_url
+from ._sources import Item, ReadError, change_key, hash_item, is_url
 from ._store import CodeStore
 from ._weights import preprocess_for, resolve
 

@@ -191,14 +191,14 @@ def cli_without():
 @pytest.fixture
 def reads(monkeypatch):
     """The images (paths or URLs) this process reads to hash or decode them, through read_bytes."""
-    import cnncodes._io
+    import cnncodes._sources
 
     seen = []
-    real = cnncodes._io.read_bytes
+    real = cnncodes._sources.read_bytes
 
     def spy(item, storage_options=None):
         seen.append(item.path)
         return real(item, storage_options)
 
-    monkeypatch.setattr(cnncodes._io, "read_bytes", spy)
+    monkeypatch.setattr(cnncodes._sources, "read_bytes", spy)
     return seen

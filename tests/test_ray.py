@@ -189,14 +189,14 @@ def test_cli_ray_flags_need_engine_ray(sample_dir, tmp_path, capsys):
 def test_ray_reads_objects_on_the_workers_only(cluster, reference, s3, sample_dir, tmp_path, monkeypatch):
     """Check that on S3 objects the driver lists and reads no image (the Ray tasks read them),
     and that the store equals the single-process store of the folder."""
-    import cnncodes._io
+    import cnncodes._sources
 
     fs, endpoint = s3
     for f in sorted(sample_dir.rglob("*.jpg")):
         fs.pipe(f"photos/ray/{f.relative_to(sample_dir).as_posix()}", f.read_bytes())
     driver_reads = []
-    real = cnncodes._io.read_bytes
-    monkeypatch.setattr(cnncodes._io, "read_bytes", lambda item, o=None: driver_reads.append(item) or real(item, o))
+    real = cnncodes._sources.read_bytes
+    monkeypatch.setattr(cnncodes._sources, "read_bytes", lambda item, o=None: driver_reads.append(item) or real(item, o))
     # The workers started before the server: its address goes to them as storage options.
     opts = {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
     out = tmp_path / "ray.h5"

@@ -10,8 +10,7 @@ import torch
 
 from .._errors import SourceError
 from .._images import DEFAULT_MAX_PIXELS, Preprocess
-from .._io import read_hash_decode
-from .._sources import Item, Source, read_source
+from .._sources import Item, Source, read_hash_decode, read_source
 
 # Augmentation of the training split: crops of 50-100 % of the image (ImageNet training
 # uses 8-100 %, too strong for a few epochs on small photos), mirror images, and light

@@ -12,9 +12,9 @@ from .._accel import resolve_device, resolve_precision
 from .._backbones import build_model, finish_model, get_backbone
 from .._errors import CnnCodesError, WeightsError
 from .._images import Preprocess
-from .._io import hash_item, top_k as top_k_columns
+from .._io import top_k as top_k_columns
 from .._results import Evaluation, PhotoModel, Prediction, Predictions, all_failed_error, evaluation
-from .._sources import Source, read_source
+from .._sources import Source, hash_item, read_source
 from .._stats import CONFIDENCE, N_RESAMPLES
 from ._checkpoint import read_checkpoint
 from ._data import image_loader, progress_bar, workers_for
