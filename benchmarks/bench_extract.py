@@ -79,14 +79,14 @@ def _prep(backbone: str, weights):
 
 def decode_only(folder: Path, backbone: str, weights, batch_size: int):
     """cnncodes' reading, hashing and decoding in DataLoader workers; returns seconds and the batches."""
-    from cnncodes._extract import _collate, _default_workers, _Images
+    from cnncodes._forward import Images, collate, default_workers
 
     from cnncodes._sources import read_source
 
     items, prep = read_source(folder).items, _prep(backbone, weights)
     loader = torch.utils.data.DataLoader(
-        _Images(items, prep, 10**9), batch_size=batch_size, num_workers=_default_workers(len(items), batch_size),
-        collate_fn=_collate,
+        Images(items, prep, 10**9), batch_size=batch_size, num_workers=default_workers(len(items), batch_size),
+        collate_fn=collate,
     )
     t0 = time.perf_counter()
     batches = [batch for _, batch, _, _ in loader]
@@ -97,7 +97,7 @@ def model_only(batches, backbone: str, weights, layer: str, precision: str, comp
                reuse: bool = True):
     """cnncodes' forward pass on decoded uint8 batches; returns (seconds, warm-up seconds)."""
     from cnncodes._accel import resolve_device, resolve_precision, reuse_freed_memory
-    from cnncodes._extract import CodesForward
+    from cnncodes._forward import CodesForward
 
     spec, w = _model(backbone, weights)
     prep = _prep(backbone, weights)

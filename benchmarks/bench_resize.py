@@ -37,10 +37,10 @@ def _prep(resize: str):
 
 def decode_all(items, prep, batch_size: int, workers: int):
     """extract's reading, hashing and decoding (DataLoader workers); seconds and the batches."""
-    from cnncodes._extract import _collate, _Images
+    from cnncodes._forward import Images, collate
 
-    loader = torch.utils.data.DataLoader(_Images(items, prep, 10**9), batch_size=batch_size,
-                                         num_workers=workers, collate_fn=_collate)
+    loader = torch.utils.data.DataLoader(Images(items, prep, 10**9), batch_size=batch_size,
+                                         num_workers=workers, collate_fn=collate)
     t0 = time.perf_counter()
     batches = [batch for _, batch, _, _ in loader]
     return time.perf_counter() - t0, batches
@@ -48,7 +48,7 @@ def decode_all(items, prep, batch_size: int, workers: int):
 
 def main(argv=None):
     from cnncodes._accel import resolve_device
-    from cnncodes._extract import _default_workers
+    from cnncodes._forward import default_workers
     from cnncodes._images import resize_batch
     from cnncodes._sources import read_source
 
@@ -62,7 +62,7 @@ def main(argv=None):
 
     items = read_source(args.data).items[: args.n]
     n = len(items)
-    workers = _default_workers(n, args.batch_size) if args.workers is None else args.workers
+    workers = default_workers(n, args.batch_size) if args.workers is None else args.workers
     dev = resolve_device(args.device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
     print(f"# {cpu_name()}, {os.cpu_count()} cores; device {dev} ({name}); torch {torch.__version__}; "

@@ -52,8 +52,8 @@ class Counter:
 
     def __init__(self):
         self.images = self.bytes = 0
-        self.real = cnncodes._extract.read_bytes
-        cnncodes._extract.read_bytes = self
+        self.real = cnncodes._sources.read_bytes
+        cnncodes._sources.read_bytes = self
 
     def __call__(self, item, storage_options=None):
         data = self.real(item, storage_options)

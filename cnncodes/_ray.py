@@ -80,12 +80,12 @@ def _decode_batch(batch: dict, *, prep, max_pixels: int, storage_options=None) -
     """
     import torch
 
-    from ._extract import _Images
+    from ._forward import Images
     from ._images import resize_batch
 
     items = [Item(str(i), str(p), str(lab) or None, part=str(part))
              for i, p, lab, part in zip(batch["id"], batch["path"], batch["label"], batch["part"])]
-    images = _Images(items, prep, max_pixels, storage_options=storage_options)
+    images = Images(items, prep, max_pixels, storage_options=storage_options)
     pixels = np.zeros((len(items), 3, prep.crop_size, prep.crop_size), dtype=np.uint8)
     shas, errors, decoded = [], [], {}
     for k in range(len(items)):
@@ -132,7 +132,7 @@ class _CodesWorker:
         import torch
 
         from ._backbones import get_backbone
-        from ._extract import CodesForward
+        from ._forward import CodesForward
         from ._store import Journal
 
         spec_b = get_backbone(backbone)

@@ -221,23 +221,23 @@ def test_auto_workers_decode_in_process_when_decoding_is_cheap(sample_dir, monke
     """Check the measured choice of num_workers="auto": the first batches are decoded in the
     calling process; the rest too when decoding costs under a quarter of the forward pass, in
     worker processes otherwise; every image comes once, in order, whichever was chosen."""
-    import cnncodes._extract as ex
+    import cnncodes._forward as fw
     from cnncodes._sources import read_source
 
-    monkeypatch.setattr(ex.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(fw.os, "cpu_count", lambda: 2)
     loaders = []
-    real = ex._loader
+    real = fw.loader
 
     def spy(items, prep, max_pixels, batch_size, workers, pin, start=0, storage_options=None):
         loaders.append((len(items), workers, start))
         return real(items, prep, max_pixels, batch_size, workers, pin, start, storage_options)
 
-    monkeypatch.setattr(ex, "_loader", spy)
+    monkeypatch.setattr(fw, "loader", spy)
     items = read_source(sample_dir).items
     prep = Preprocess(64, 56, (0.5, 0.5, 0.5), (0.2, 0.2, 0.2))
     timed = [0.0]
     seen = []
-    for idx, batch, shas, bad in ex._batches(items, prep, 10**8, 4, "auto", False, timed):
+    for idx, batch, shas, bad in fw.batches(items, prep, 10**8, 4, "auto", False, timed):
         assert batch.shape == (len(idx), 3, 56, 56) and not bad
         seen += idx
         timed.append(forward_seconds)
@@ -245,7 +245,7 @@ def test_auto_workers_decode_in_process_when_decoding_is_cheap(sample_dir, monke
     assert loaders == [(8, 0, 0), (len(items), workers, 8)]
     loaders.clear()
     # An explicit number of workers is used as it is, without probing.
-    assert len(list(ex._batches(items, prep, 10**8, 4, 0, False, [0.0]))) == 10
+    assert len(list(fw.batches(items, prep, 10**8, 4, 0, False, [0.0]))) == 10
     assert loaders == [(len(items), 0, 0)]
 
 
@@ -253,14 +253,15 @@ def test_auto_workers_decode_in_process_when_decoding_is_cheap(sample_dir, monke
 def test_auto_compile_decides_from_the_first_batches(photos, tmp_path, fast, monkeypatch, compiles):
     """Check that compile='auto' times two eager batches, then compiles only when the rest is long."""
     import cnncodes._extract as ex
+    import cnncodes._forward as fw
 
     calls, seen = [], []
     # 12 photos, batch 4: two timed eager batches, then one more. A tiny / huge threshold
     # makes the 4 photos left a long / short run; compiling is recorded, not done (~30 s).
     monkeypatch.setattr(ex, "COMPILE_MIN_SECONDS", 1e-9 if compiles else 1e9)
-    monkeypatch.setattr(ex.CodesForward, "enable_compile", lambda self: calls.append(len(seen)))
-    original = ex.CodesForward.__call__
-    monkeypatch.setattr(ex.CodesForward, "__call__", lambda self, b: seen.append(len(b)) or original(self, b))
+    monkeypatch.setattr(fw.CodesForward, "enable_compile", lambda self: calls.append(len(seen)))
+    original = fw.CodesForward.__call__
+    monkeypatch.setattr(fw.CodesForward, "__call__", lambda self, b: seen.append(len(b)) or original(self, b))
     result = extract(photos, out=tmp_path / "auto.h5", compile="auto", **fast)
     assert result.n_extracted == 12 and seen == [4, 4, 4]
     assert calls == ([2] if compiles else [])  # decided once, after the two timed batches

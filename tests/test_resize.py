@@ -11,7 +11,7 @@ from torchvision.models import MobileNet_V2_Weights
 from cnncodes import CodeStore, StoreMismatchError, extract
 from cnncodes._cli import main as cli
 from cnncodes._errors import CnnCodesError
-from cnncodes._extract import _collate
+from cnncodes._forward import collate
 from cnncodes._images import Preprocess, decode, resize_batch
 
 WEIGHTS = MobileNet_V2_Weights.IMAGENET1K_V1
@@ -42,10 +42,10 @@ def test_device_resize_on_a_cpu_enlarges_to_the_workers_pixels(sample_dir):
     raw = [decode(b, DEVICE) for b in photos]
     assert tuple(raw[0].shape) == (3, 128, 128)  # left at the photo's own size
     assert tuple(raw[6].shape) == (3, 200, 300) and tuple(raw[7].shape) == (3, 333, 97)
-    stacked = _collate([(i, x, "", None) for i, x in enumerate(raw[:6])])[1]
+    stacked = collate([(i, x, "", None) for i, x in enumerate(raw[:6])])[1]
     assert isinstance(stacked, torch.Tensor) and tuple(stacked.shape) == (6, 3, 128, 128)
     assert stacked.is_contiguous(memory_format=torch.channels_last)
-    mixed = _collate([(i, x, "", None) for i, x in enumerate(raw)])[1]
+    mixed = collate([(i, x, "", None) for i, x in enumerate(raw)])[1]
     assert isinstance(mixed, list) and len(mixed) == 8
     assert torch.equal(resize_batch(stacked, DEVICE, CPU), want[:6])
     out = resize_batch(mixed, DEVICE, CPU)
@@ -61,7 +61,7 @@ def test_device_resize_on_a_cpu_reduces_within_two_grey_levels():
     from sklearn.datasets import load_sample_images
 
     from cnncodes._backbones import get_backbone
-    from cnncodes._extract import CodesForward
+    from cnncodes._forward import CodesForward
     from cnncodes._weights import resolve
 
     rng = np.random.default_rng(1)

@@ -80,9 +80,9 @@ def _train_decode(prep: Preprocess) -> Preprocess:
 
 def default_workers(n: int, batch_size: int) -> int:
     """Decoding and augmenting processes: as for extraction, at most 4."""
-    from .._extract import _default_workers
+    from .._forward import default_workers
 
-    return _default_workers(n, batch_size, most=4)
+    return default_workers(n, batch_size, most=4)
 
 
 def workers_for(num_workers, n: int, batch_size: int) -> int:
