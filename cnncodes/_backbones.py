@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
-from ._choices import POOLINGS
-from ._errors import CnnCodesError, InvalidParameterError, UnknownBackboneError, UnknownLayerError
+from ._choices import POOLINGS, SPP_LEVELS, TOKEN_POOLINGS, check_pooling  # noqa: F401 - re-exported
+from ._errors import CnnCodesError, UnknownBackboneError, UnknownLayerError
 from ._spec import find_alias
 
 if TYPE_CHECKING:
@@ -17,10 +17,6 @@ if TYPE_CHECKING:
 # and torchvision are imported by the functions that build or trace a network; the network
 # wrappers that subclass torch's modules live in _codesmodel.
 
-# Spatial pyramid: average pools over 1x1, 2x2 and 4x4 grids of a feature map, concatenated.
-SPP_LEVELS = (1, 2, 4)
-# Poolings of a ViT's token outputs only: the class token, or it and the patch tokens' mean.
-TOKEN_POOLINGS = ("cls", "cls+avg")
 
 
 @dataclass(frozen=True)
@@ -387,8 +383,3 @@ def layer_table(name: str, *, pooling: str = "avg", image_size: int | None = Non
         for info in spec.layers
     ]
 
-
-def check_pooling(pooling: str) -> str:
-    if pooling not in POOLINGS:
-        raise InvalidParameterError(f"unknown pooling {pooling!r}. Valid poolings: {', '.join(POOLINGS)}.")
-    return pooling

@@ -8,6 +8,10 @@ its tuple from here under the name they always had (``_extract.DTYPES``, ``_fit.
 # extraction (`extract`, `CNNCodes`)
 ENGINES = ("local", "ray")
 POOLINGS = ("avg", "max", "gem", "flatten", "spp", "cls", "cls+avg")
+# Spatial pyramid: average pools over 1x1, 2x2 and 4x4 grids of a feature map, concatenated.
+SPP_LEVELS = (1, 2, 4)
+# Poolings of a ViT's token outputs only: the class token, or it and the patch tokens' mean.
+TOKEN_POOLINGS = ("cls", "cls+avg")
 DTYPES = ("float32", "float16")
 TTAS = ("none", "flip", "mirror")  # mirror: the mirror image's codes alone (augmentation rows for fit)
 RESIZES = ("workers", "device")
@@ -26,3 +30,12 @@ FINETUNE_TTAS = ("none", "flip")
 
 # export
 FORMATS = ("onnx", "torchscript")
+
+
+def check_pooling(pooling: str) -> str:
+    """`pooling`, or `InvalidParameterError` naming the valid ones."""
+    from ._errors import InvalidParameterError
+
+    if pooling not in POOLINGS:
+        raise InvalidParameterError(f"unknown pooling {pooling!r}. Valid poolings: {', '.join(POOLINGS)}.")
+    return pooling

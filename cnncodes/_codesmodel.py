@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._backbones import SPP_LEVELS, check_pooling
+from ._choices import SPP_LEVELS, check_pooling
 
 
 class _Autocast(nn.Module):

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import os
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from ._backbones import BackboneSpec, LayerInfo
-from ._errors import CnnCodesError, UnknownBackboneError, UnknownLayerError, WeightsError
+from ._errors import CnnCodesError, UnknownBackboneError, UnknownLayerError
 from ._images import Preprocess
 
 TIMM_PREFIX = "timm:"
@@ -285,80 +284,3 @@ def hooked_shapes(spec: BackboneSpec, nodes: tuple[str, ...], image_size: int) -
     with torch.no_grad():
         out = run_hooked(model.eval(), list(nodes), torch.empty(1, 3, image_size, image_size, device="meta"))
     return {n: tuple(out[n].shape[1:]) for n in nodes}
-
-
-def resolve_custom(spec: BackboneSpec, weights):
-    """The `Weights` of a registered module (its own) or a timm model (file, timm's, random)."""
-    from ._spec import WeightsRef
-    from ._io import file_sha256
-    from ._weights import IMAGENET, OFFLINE_ENV, Weights
-
-    entry = _entry(spec)
-    if entry.module is not None:
-        if weights not in (IMAGENET, "module", "DEFAULT", "default"):
-            raise WeightsError(
-                f"{spec.name} is a registered nn.Module and runs with the parameters it holds: load "
-                f"your checkpoint into it (model.load_state_dict) before register_backbone, and "
-                f"leave weights unset.")
-        return Weights(WeightsRef("module").id, state_dict_sha256(entry.module), "", "")
-    model_name = spec.name[len(TIMM_PREFIX):]
-    if weights is None:
-        return Weights(WeightsRef("random").id, "", "", "")
-    if isinstance(weights, os.PathLike) or (isinstance(weights, str) and (
-            os.sep in weights or weights.endswith((".pth", ".pt", ".bin", ".safetensors")) or os.path.exists(weights))):
-        path = os.path.abspath(os.path.expanduser(os.fspath(weights)))
-        if not os.path.isfile(path):
-            raise WeightsError(f"checkpoint file {path!r} does not exist. Give the path of a state-dict "
-                               f"file of {model_name} (.pth/.pt/.safetensors), or weights=None for random weights.")
-        return Weights(WeightsRef("file", os.path.basename(path)).id, file_sha256(path), path, "")
-    tag = "" if str(weights).lower() in (IMAGENET, "default") else str(weights)
-    if os.environ.get(OFFLINE_ENV, "") not in ("", "0"):
-        raise WeightsError(
-            f"{spec.name}'s pretrained weights come from the network, and {OFFLINE_ENV} is set. On a "
-            f"machine with network save them (torch.save(timm.create_model({model_name!r}, pretrained=True)"
-            f".state_dict(), 'w.pth')) and pass --weights PATH/w.pth, or --weights random.")
-    full = f"{model_name}.{tag}" if tag else model_name
-    try:
-        model = _create_timm(full, pretrained=True)
-    except Exception as exc:  # noqa: BLE001 - any download failure means "not available"
-        raise WeightsError(f"cannot load timm's pretrained weights of {full!r} ({type(exc).__name__}: "
-                           f"{str(exc)[:200]}). Pass --weights PATH to a local state-dict file.") from None
-    tag = tag or model.pretrained_cfg.get("tag") or ""
-    return Weights(WeightsRef("timm", tag).id, state_dict_sha256(model), "", "")
-
-
-def load_custom(spec: BackboneSpec, weights):
-    """The network with the resolved parameters, in eval mode."""
-    import torch
-
-    from ._weights import RANDOM_SEED, _state_dict
-
-    entry = _entry(spec)
-    if entry.module is not None:
-        return entry.module.eval()
-    model_name = spec.name[len(TIMM_PREFIX):]
-    ref = weights.ref
-    if ref.is_random:
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(RANDOM_SEED)
-            return _create_timm(model_name).eval()
-    if ref.kind == "timm":
-        return _create_timm(f"{model_name}.{ref.name}" if ref.name else model_name, pretrained=True).eval()
-    model = _create_timm(model_name)
-    if weights.path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        state = load_file(weights.path)
-    else:
-        state = _state_dict(weights.path)[0]
-    try:
-        result = model.load_state_dict(state, strict=False)
-        bad = (result.missing_keys or result.unexpected_keys) and (
-            f"{len(result.missing_keys)} missing keys (e.g. {result.missing_keys[:2]}), "
-            f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[:2]})")
-    except RuntimeError:  # size mismatches raise even with strict=False
-        bad = "parameters of other shapes"
-    if bad:
-        raise WeightsError(f"checkpoint {weights.path!r} does not fit {spec.name}: {bad}. "
-                           f"Pick the timm model the checkpoint was saved from.")
-    return model.eval()

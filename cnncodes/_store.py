@@ -246,6 +246,12 @@ def _check_room(folder: Path, nbytes: int) -> None:
 # --------------------------------------------------------------------------- journal
 
 
+def _atomic_savez(path: Path, arrays: dict) -> None:
+    """One journal batch, whole or absent."""
+    with atomic_write(path) as fh:
+        np.savez(fh, **arrays)
+
+
 UNKNOWN_STAT = (-1, -1, -1)
 
 
@@ -351,8 +357,7 @@ class Journal:
             arrays[f"codes/{alias}"] = array
         target = self.folder / f"batch-{index:06d}.npz"
         try:
-            with atomic_write(target) as fh:
-                np.savez(fh, **arrays)
+            _atomic_savez(target, arrays)
         except OSError as exc:
             raise _write_error(exc, target, _kept(self.store_path, self)) from None
 

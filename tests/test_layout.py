@@ -10,7 +10,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "cnncodes"
-KNOWN_TANGLE = {"_backbones", "_codesmodel", "_custom", "_tvweights", "_weights"}
+KNOWN_TANGLE = {"_backbones", "_custom"}
 
 
 def _module_name(path: Path) -> str:
