@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from cnncodes import CodeStore, extract
-from cnncodes._store import Journal
+from cnncodes._store.store import Journal
 
 
 def actor_pids() -> list[int]:

@@ -29,7 +29,7 @@ def cli(data, out, layers, backbone):
 
 def main():
     from cnncodes import CodeStore
-    from cnncodes._store import Journal
+    from cnncodes._store.store import Journal
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", type=Path)

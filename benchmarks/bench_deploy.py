@@ -134,8 +134,8 @@ def main(argv=None):
     import torch
 
     from cnncodes import CodeStore, OnnxModel, export, fit, predict, save, split_store
-    from cnncodes._export import build
-    from cnncodes._images import Preprocess, decode, resize_batch
+    from cnncodes._models.export import build
+    from cnncodes._input.images import Preprocess, decode, resize_batch
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--store", required=True, help="a flowers5 store with block5")

@@ -11,7 +11,7 @@ ratios, not the absolute rates):
   alternating with model-only in `--rounds` rounds (medians, and the median of the rounds'
   ratios: on a shared machine the rate drifts by 10 % within minutes);
 - an unchanged re-run, and a re-run after adding 1 % new images: soon after a run (its freed
-  memory still kept, see `cnncodes._accel.reuse_freed_memory`) and with that memory given
+  memory still kept, see `cnncodes._extract.accel.reuse_freed_memory`) and with that memory given
   back first, as a new process starts.
 
     python benchmarks/bench_extract.py ../shared/datasets/flowers5 --n 1000
@@ -39,8 +39,8 @@ from _machine import cpu_name  # benchmarks/ is on sys.path when a script runs
 
 
 def _model(backbone: str, weights):
-    from cnncodes._backbones import get_backbone
-    from cnncodes._weights import resolve
+    from cnncodes._backbones.registry import get_backbone
+    from cnncodes._backbones.weights import resolve
 
     spec = get_backbone(backbone)
     return spec, resolve(spec, weights)
@@ -51,7 +51,7 @@ def plain_loop(folder: Path, backbone: str, weights, node: str, batch_size: int)
     from torchvision import datasets
     from torchvision.models import get_model_weights
 
-    from cnncodes._weights import load_model
+    from cnncodes._backbones.weights import load_model
 
     spec, w = _model(backbone, weights)
     model = load_model(spec, w)  # the same network; torchvision's builder would download
@@ -70,8 +70,8 @@ def plain_loop(folder: Path, backbone: str, weights, node: str, batch_size: int)
 
 def _prep(backbone: str, weights):
     """extract's preprocessing for these weights (JPEG draft on, as for a new store)."""
-    from cnncodes._backbones import weights_enum
-    from cnncodes._images import Preprocess
+    from cnncodes._backbones.registry import weights_enum
+    from cnncodes._input.images import Preprocess
 
     spec, w = _model(backbone, weights)
     return Preprocess.from_weights(weights_enum(spec)[w.preprocessing_from], jpeg_draft=True)
@@ -79,9 +79,9 @@ def _prep(backbone: str, weights):
 
 def decode_only(folder: Path, backbone: str, weights, batch_size: int):
     """cnncodes' reading, hashing and decoding in DataLoader workers; returns seconds and the batches."""
-    from cnncodes._forward import Images, collate, default_workers
+    from cnncodes._extract.forward import Images, collate, default_workers
 
-    from cnncodes._sources import read_source
+    from cnncodes._input.sources import read_source
 
     items, prep = read_source(folder).items, _prep(backbone, weights)
     loader = torch.utils.data.DataLoader(
@@ -96,8 +96,8 @@ def decode_only(folder: Path, backbone: str, weights, batch_size: int):
 def model_only(batches, backbone: str, weights, layer: str, precision: str, compile_: bool, batch_size: int,
                reuse: bool = True):
     """cnncodes' forward pass on decoded uint8 batches; returns (seconds, warm-up seconds)."""
-    from cnncodes._accel import resolve_device, resolve_precision, reuse_freed_memory
-    from cnncodes._forward import CodesForward
+    from cnncodes._extract.accel import resolve_device, resolve_precision, reuse_freed_memory
+    from cnncodes._extract.forward import CodesForward
 
     spec, w = _model(backbone, weights)
     prep = _prep(backbone, weights)
@@ -162,7 +162,7 @@ def _spread(xs, fmt="{:.2f}"):
 
 def main():
     from cnncodes import CodeStore, extract
-    from cnncodes._accel import cpu_has_fast_bf16, release_freed_memory
+    from cnncodes._extract.accel import cpu_has_fast_bf16, release_freed_memory
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", type=Path, help="a folder of class subfolders, e.g. ../shared/datasets/flowers5")
@@ -180,8 +180,8 @@ def main():
     p.add_argument("--no-reruns", action="store_true", help="skip the re-run rows")
     args = p.parse_args()
 
-    from cnncodes._accel import resolve_device, resolve_precision
-    from cnncodes._backbones import get_backbone
+    from cnncodes._extract.accel import resolve_device, resolve_precision
+    from cnncodes._backbones.registry import get_backbone
 
     weights = None if args.weights == "random" else args.weights
     spec = get_backbone(args.backbone)
@@ -285,7 +285,7 @@ def reruns(work: Path, out: Path, src: Path, rest: list[Path], settings: dict, t
     the first run's store: soon after a run (its freed memory still kept, as for a re-run or
     a grid search in one process), and after that memory went back to the system."""
     from cnncodes import extract
-    from cnncodes._accel import release_freed_memory
+    from cnncodes._extract.accel import release_freed_memory
 
     n = sum(1 for _ in (work / "data").rglob("*.*"))
     added = []

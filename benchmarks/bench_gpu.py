@@ -48,9 +48,9 @@ def repeated_sample(dst: Path, n: int) -> None:
 
 def _weights(backbone: str, weights):
     """The weights to use, and how the table names them (random when the real ones are missing)."""
-    from cnncodes._backbones import get_backbone
+    from cnncodes._backbones.registry import get_backbone
     from cnncodes._errors import CnnCodesError
-    from cnncodes._weights import resolve
+    from cnncodes._backbones.weights import resolve
 
     if weights is None:
         return None, "random"
@@ -64,7 +64,7 @@ def _weights(backbone: str, weights):
 def backbone_rows(data: Path, backbone: str, weights, precisions: list[str], batch_size: int, work: Path):
     """(run, precision, images/s, note) rows of one backbone: model-only, then end to end."""
     from cnncodes import extract
-    from cnncodes._backbones import get_backbone
+    from cnncodes._backbones.registry import get_backbone
 
     layer = get_backbone(backbone).default_layer
     t_dec, batches = decode_only(data, backbone, weights, batch_size)

@@ -21,7 +21,7 @@ import sklearn
 from sklearn.neighbors import KNeighborsClassifier
 
 import faiss
-from cnncodes._knn import FaissKNNClassifier
+from cnncodes._classify.knn import FaissKNNClassifier
 
 from _machine import cpu_name  # benchmarks/ is on sys.path when a script runs
 
@@ -80,7 +80,7 @@ def main(argv=None):
 
     rows = []  # (method, fit s, predict s, recall@10, accuracy)
 
-    from cnncodes._accel import cpu_has_fast_bf16
+    from cnncodes._extract.accel import cpu_has_fast_bf16
 
     native = cpu_has_fast_bf16()
     print(f"native bfloat16 units: {'yes' if native else 'no (the bfloat16 search is emulated: slow)'}")

@@ -31,7 +31,7 @@ import time
 import faiss
 import numpy as np
 
-from cnncodes._knn import FaissKNNClassifier, default_nlist
+from cnncodes._classify.knn import FaissKNNClassifier, default_nlist
 
 from _machine import cpu_name  # benchmarks/ is on sys.path when a script runs
 

@@ -30,8 +30,8 @@ from bench_extract import _median, subset
 
 def main():
     from cnncodes import extract
-    from cnncodes._accel import release_freed_memory, resolve_device
-    from cnncodes._precision import candidates
+    from cnncodes._extract.accel import release_freed_memory, resolve_device
+    from cnncodes._extract.precision import candidates
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", type=Path, help="a folder of class subfolders, e.g. ../shared/datasets/flowers5")

@@ -31,7 +31,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from cnncodes import CodeStore, fit, split_store
-from cnncodes._fit import _augment_rows, _half_decades, _normalizer, layer_codes
+from cnncodes._classify.fit import _augment_rows, _half_decades, _normalizer, layer_codes
 
 TODAY_GRID = _half_decades(-4, 1)  # the grid C="auto" searched for logreg before
 BOOT = 2000

@@ -28,8 +28,8 @@ from _machine import cpu_name  # benchmarks/ is on sys.path when a script runs
 
 
 def _prep(resize: str):
-    from cnncodes._backbones import get_backbone, weights_enum
-    from cnncodes._images import Preprocess
+    from cnncodes._backbones.registry import get_backbone, weights_enum
+    from cnncodes._input.images import Preprocess
 
     spec = get_backbone("mobilenet_v2")
     return Preprocess.from_weights(weights_enum(spec)["IMAGENET1K_V1"], jpeg_draft=True, resize=resize)
@@ -37,7 +37,7 @@ def _prep(resize: str):
 
 def decode_all(items, prep, batch_size: int, workers: int):
     """extract's reading, hashing and decoding (DataLoader workers); seconds and the batches."""
-    from cnncodes._forward import Images, collate
+    from cnncodes._extract.forward import Images, collate
 
     loader = torch.utils.data.DataLoader(Images(items, prep, 10**9), batch_size=batch_size,
                                          num_workers=workers, collate_fn=collate)
@@ -47,10 +47,10 @@ def decode_all(items, prep, batch_size: int, workers: int):
 
 
 def main(argv=None):
-    from cnncodes._accel import resolve_device
-    from cnncodes._forward import default_workers
-    from cnncodes._images import resize_batch
-    from cnncodes._sources import read_source
+    from cnncodes._extract.accel import resolve_device
+    from cnncodes._extract.forward import default_workers
+    from cnncodes._input.images import resize_batch
+    from cnncodes._input.sources import read_source
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("data", help="a folder of images, e.g. ../shared/datasets/flowers5")
@@ -104,7 +104,7 @@ def resize_one_core(items, pil, device, dev_batches):
 
     from PIL import Image
 
-    from cnncodes._images import preprocess, resize_batch, to_rgb
+    from cnncodes._input.images import preprocess, resize_batch, to_rgb
 
     images = []
     for item in items:  # decoded beforehand: only the resize is timed

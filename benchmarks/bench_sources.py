@@ -40,9 +40,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import cpu_name  # noqa: E402
 
-import cnncodes._extract  # noqa: E402
+import cnncodes._extract.extract  # noqa: E402
 from cnncodes import CodeStore, extract  # noqa: E402
-from cnncodes._sources import read_source  # noqa: E402
+from cnncodes._input.sources import read_source  # noqa: E402
 
 SETTINGS = dict(backbone="mobilenet_v2", layers=["block5"], precision="float32", progress=False)
 
@@ -52,8 +52,8 @@ class Counter:
 
     def __init__(self):
         self.images = self.bytes = 0
-        self.real = cnncodes._sources.read_bytes
-        cnncodes._sources.read_bytes = self
+        self.real = cnncodes._input.sources.read_bytes
+        cnncodes._input.sources.read_bytes = self
 
     def __call__(self, item, storage_options=None):
         data = self.real(item, storage_options)
@@ -184,7 +184,7 @@ def remote_store_rows(folder: Path, work: Path, ray: bool = False) -> list[dict]
                     target.symlink_to(p.resolve())
 
     url = f"s3://bench/stores/codes-{os.getpid()}.h5"
-    from cnncodes._items import filesystem
+    from cnncodes._input.items import filesystem
 
     filesystem(url)[0].mkdir("bench")
     rows = []
@@ -229,7 +229,7 @@ def _print_remote(rows) -> None:
 
 
 def _sizes(url: str) -> dict:
-    from cnncodes._items import filesystem
+    from cnncodes._input.items import filesystem
 
     fs, inner = filesystem(url)
     return {p: fs.info(p)["size"] for p in fs.find(inner.rsplit("/", 1)[0]) if p.startswith(inner)}

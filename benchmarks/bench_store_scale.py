@@ -12,7 +12,7 @@ start-up is the same for both, and each size is measured for both versions in tu
 Part 1, adding photos to a store of N rows: flowers5 without 100 held-back photos is
 extracted for real once per version (MobileNetV2 block5, float32 codes); for each N a copy of
 that store is grown to N rows with synthetic rows (random codes, ids `synthetic/0000123.jpg`,
-random sha256, a class label: raw h5py for v1, `cnncodes._store.append_rows` for v2, 100k
+random sha256, a class label: raw h5py for v1, `cnncodes._store.store.append_rows` for v2, 100k
 rows at a time). Then 1 held-back photo is added to the folder and `extract` run, then 43
 more (1 % of flowers5) and `extract` run again. Measured in the subprocess: the `extract()`
 call (torch and torchvision imported beforehand: extract imports torchvision lazily, ~3 s
@@ -161,7 +161,7 @@ def _child_append(task: dict) -> dict:
         classes = [c.decode() if isinstance(c, bytes) else c for c in f["classes"][:]]
         dims = {alias: (f["codes"][alias].shape[1], f["codes"][alias].dtype) for alias in f["codes"]}
     if version == "v2":
-        from cnncodes._store import append_rows
+        from cnncodes._store.store import append_rows
     else:
         append_rows = None
     if task.get("manifest"):
@@ -370,7 +370,8 @@ def make_files(src: Path, folder: Path, n: int, seed: int) -> Path:
 
 def _v2_ready(root: Path) -> bool:
     try:
-        return "def append_rows" in (root / "cnncodes" / "_store.py").read_text()
+        flat, moved = root / "cnncodes" / "_store.py", root / "cnncodes" / "_store" / "store.py"
+        return "def append_rows" in (moved if moved.exists() else flat).read_text()
     except OSError:
         return False
 
@@ -411,7 +412,7 @@ def main(argv=None):
 
     versions = list(args.versions)
     if "v2" in versions and not _v2_ready(args.v2_root):
-        print(f"# v2 skipped: {args.v2_root}/cnncodes/_store.py has no append_rows yet", flush=True)
+        print(f"# v2 skipped: {args.v2_root}/cnncodes/_store/store.py has no append_rows yet", flush=True)
         versions.remove("v2")
     need = max(args.sizes) * 1280 * 4 * 3 + max(args.files or [0]) * 5000 + (1 << 30)
     work = _work_root(args.workdir, need)

@@ -66,7 +66,7 @@ class SmallCNN(nn.Module):
 def from_scratch(data, *, size, epochs, patience, batch_size, lr, test_size, val_fraction, random_state,
                  workers, progress):
     """Train SmallCNN on finetune's exact split; return held-out accuracy, best epoch, seconds."""
-    from cnncodes.finetuning._data import (
+    from cnncodes._finetune._data import (
         _augmentation,
         _loader,
         _Photos,
@@ -75,8 +75,8 @@ def from_scratch(data, *, size, epochs, patience, batch_size, lr, test_size, val
         _train_decode,
         default_workers,
     )
-    from cnncodes._images import Preprocess
-    from cnncodes._sources import read_source
+    from cnncodes._input.images import Preprocess
+    from cnncodes._input.sources import read_source
 
     t0 = time.perf_counter()
     torch.manual_seed(random_state)
@@ -141,10 +141,10 @@ def precision_rates(unfreeze, batch_size, rounds, image_size=224):
     The variants run interleaved (round-robin, 3 steps each per round), so that load from
     other processes falls on all of them alike; the median step time of each is reported.
     """
-    from cnncodes._accel import autocast
-    from cnncodes._backbones import get_backbone
-    from cnncodes.finetuning._network import build_net, param_groups
-    from cnncodes._weights import resolve
+    from cnncodes._extract.accel import autocast
+    from cnncodes._backbones.registry import get_backbone
+    from cnncodes._finetune._network import build_net, param_groups
+    from cnncodes._backbones.weights import resolve
 
     spec = get_backbone("mobilenet_v2")
     w = resolve(spec, "imagenet")

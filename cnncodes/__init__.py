@@ -7,7 +7,7 @@
 
 __version__ = "0.1.0"
 
-from ._errors import (  # dependency-free, so eager: `except cnncodes.StoreError` costs nothing
+from cnncodes._errors import (  # dependency-free, so eager: `except cnncodes.StoreError` costs nothing
     CnnCodesError,
     ExportError,
     FailedImagesError,
@@ -27,28 +27,28 @@ from ._errors import (  # dependency-free, so eager: `except cnncodes.StoreError
 # The rest of the public API is imported on first use (PEP 562): `import cnncodes` and the
 # command line start without torch, torchvision, faiss or scikit-learn (seconds each).
 _LAZY_MODULES = {
-    "_advise": ("Advice", "AdviceRun", "advise"),
-    "_backbones": ("layer_table", "list_backbones"),
-    "_custom": ("register_backbone",),
-    "_images": ("Preprocess",),
-    "_export": ("export",),
-    "_curve": ("CurvePoint", "LearningCurve", "learning_curve"),
-    "_extract": ("ExtractResult", "extract"),
-    "finetuning": ("EpochStats", "FinetuneResult", "FineTunedModel", "finetune"),
-    "_fit": ("fit", "split_store"),
-    "_stream": ("fit_streaming",),
-    "_knn": ("FaissKNNClassifier",),
-    "_model": ("Comparison", "Model", "compare", "evaluate", "load", "predict", "save"),
-    "_onnxrun": ("OnnxModel",),
-    "_report": ("report",),
-    "_results": ("Evaluation", "Prediction", "Predictions"),
-    "_rules": ("Measurements", "Recommendation", "Scenario"),
-    "_serve": ("make_app", "serve"),
+    "_analysis.advise": ("Advice", "AdviceRun", "advise"),
+    "_backbones.registry": ("layer_table", "list_backbones"),
+    "_backbones.custom": ("register_backbone",),
+    "_input.images": ("Preprocess",),
+    "_models.export": ("export",),
+    "_analysis.curve": ("CurvePoint", "LearningCurve", "learning_curve"),
+    "_extract.extract": ("ExtractResult", "extract"),
+    "_finetune": ("EpochStats", "FinetuneResult", "FineTunedModel", "finetune"),
+    "_classify.fit": ("fit", "split_store"),
+    "_classify.stream": ("fit_streaming",),
+    "_classify.knn": ("FaissKNNClassifier",),
+    "_models.model": ("Comparison", "Model", "compare", "evaluate", "load", "predict", "save"),
+    "_models.onnx_run": ("OnnxModel",),
+    "_analysis.report": ("report",),
+    "_models.results": ("Evaluation", "Prediction", "Predictions"),
+    "_analysis.rules": ("Measurements", "Recommendation", "Scenario"),
+    "_models.serve": ("make_app", "serve"),
     "_spec": ("ExtractorSpec", "WeightsRef"),
     "_stats": ("Interval",),
-    "_store": ("CodeStore",),
-    "_sweep": ("LayerScore", "SweepResult", "sweep"),
-    "_transformer": ("CNNCodes",),
+    "_store.store": ("CodeStore",),
+    "_analysis.sweep": ("LayerScore", "SweepResult", "sweep"),
+    "_transform.transformer": ("CNNCodes",),
 }
 _LAZY = {name: module for module, names in _LAZY_MODULES.items() for name in names}
 
@@ -126,7 +126,7 @@ def sample_dir():
 
 
 def __getattr__(name: str):
-    """Import a public name, or a private submodule (``cnncodes._store``), on first access."""
+    """Import a public name, or a private submodule (``cnncodes._store.store``), on first access."""
     import importlib
 
     if name in _LAZY:

@@ -1,5 +1,5 @@
 """`python -m cnncodes` runs the command-line interface."""
 
-from ._cli import main
+from cnncodes._cli.main import main
 
 raise SystemExit(main())

@@ -34,7 +34,7 @@ FORMATS = ("onnx", "torchscript")
 
 def check_pooling(pooling: str) -> str:
     """`pooling`, or `InvalidParameterError` naming the valid ones."""
-    from ._errors import InvalidParameterError
+    from cnncodes._errors import InvalidParameterError
 
     if pooling not in POOLINGS:
         raise InvalidParameterError(f"unknown pooling {pooling!r}. Valid poolings: {', '.join(POOLINGS)}.")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from ._errors import MissingExtraError
+from cnncodes._errors import MissingExtraError
 
 # Top-level package -> the cnncodes extra that installs it. Another extra adds one line here.
 EXTRAS = {

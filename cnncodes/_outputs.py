@@ -5,7 +5,7 @@ from __future__ import annotations
 import zipfile
 from pathlib import Path
 
-from ._errors import OutputExistsError
+from cnncodes._errors import OutputExistsError
 
 # The kinds of file cnncodes writes, as `file_kind` names them.
 STORE, SEGMENT, MODEL, CHECKPOINT, PNG, PREDICTIONS, EXPORT, REPORT = (

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from operator import itemgetter
 from typing import ClassVar
 
-from ._errors import StoreError, StoreMismatchError, UnknownLayerError
+from cnncodes._errors import StoreError, StoreMismatchError, UnknownLayerError
 
 # The settings that make codes comparable; a store refuses rows made with other values.
 SPEC_KEYS = ("backbone", "weights", "weights_sha256", "layers", "pooling", "preprocessing",
@@ -222,7 +222,7 @@ def find_alias(layers: Mapping[str, str], name: str) -> str | None:
     an alias, else the alias of the node it names; None if it is neither.
 
     The one rule by which a layer is found, in a backbone's layer table
-    (:meth:`BackboneSpec.layer <cnncodes._backbones.BackboneSpec.layer>`) and among the
+    (:meth:`BackboneSpec.layer <cnncodes._backbones.registry.BackboneSpec.layer>`) and among the
     layers some codes hold (:meth:`ExtractorSpec.alias`).
     """
     if name in layers:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._errors import CnnCodesError, InvalidParameterError
+from cnncodes._errors import CnnCodesError, InvalidParameterError
 
 N_RESAMPLES = 1000
 CONFIDENCE = 0.95

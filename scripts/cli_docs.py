@@ -19,7 +19,7 @@ WIDTH = "100"
 def render() -> str:
     """The reference: the top-level help, then each command's, at a fixed width."""
     os.environ["COLUMNS"] = WIDTH  # argparse wraps at the terminal's width
-    from cnncodes._cli import _parser
+    from cnncodes._cli.main import _parser
 
     parser = _parser()
     parts = ["# Command line\n\n",

@@ -182,7 +182,7 @@ def cli_without():
 
     def run(module, *args):
         code = (f"import sys; sys.modules[{module!r}] = None\n"
-                f"from cnncodes._cli import main\nsys.exit(main({list(map(str, args))!r}))")
+                f"from cnncodes._cli.main import main\nsys.exit(main({list(map(str, args))!r}))")
         return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
 
     return run
@@ -191,14 +191,14 @@ def cli_without():
 @pytest.fixture
 def reads(monkeypatch):
     """The images (paths or URLs) this process reads to hash or decode them, through read_bytes."""
-    import cnncodes._sources
+    import cnncodes._input.sources
 
     seen = []
-    real = cnncodes._sources.read_bytes
+    real = cnncodes._input.sources.read_bytes
 
     def spy(item, storage_options=None):
         seen.append(item.path)
         return real(item, storage_options)
 
-    monkeypatch.setattr(cnncodes._sources, "read_bytes", spy)
+    monkeypatch.setattr(cnncodes._input.sources, "read_bytes", spy)
     return seen

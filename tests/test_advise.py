@@ -17,9 +17,9 @@ from cnncodes import (
     load,
     predict,
 )
-from cnncodes._measure import imagenet_head
-from cnncodes._rules import SIMILAR_CONFIDENCE_RATIO
-from cnncodes._cli import main
+from cnncodes._analysis.measure import imagenet_head
+from cnncodes._analysis.rules import SIMILAR_CONFIDENCE_RATIO
+from cnncodes._cli.main import main
 
 ALIASES = ["block1", "block2", "block3", "block4", "block5"]
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -114,7 +114,7 @@ def test_advise_run_linear(digits_advice, digits, tmp_path):
 
 def test_advise_run_finetune_calls_finetune(digits_advice, digits, tmp_path, monkeypatch):
     """Check that a fine-tuning recommendation calls cnncodes.finetune with its settings."""
-    import cnncodes.finetuning
+    import cnncodes._finetune
 
     calls = []
 
@@ -126,7 +126,7 @@ def test_advise_run_finetune_calls_finetune(digits_advice, digits, tmp_path, mon
         calls.append((source, kwargs))
         return Done()
 
-    monkeypatch.setattr(cnncodes.finetuning, "finetune", fake)
+    monkeypatch.setattr(cnncodes._finetune, "finetune", fake)
     rec = Recommendation("finetune", "block4", "fine-tune", [], unfreeze="block4", blocks=2, lr=3e-4,
                          head_lr=1e-3, epochs=10)
     done = replace(digits_advice, recommendation=rec).run(tmp_path / "ft.pt", progress=False, n_jobs=1)

@@ -10,7 +10,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 import cnncodes
 from cnncodes import CnnCodesError, UnknownBackboneError, UnknownLayerError, layer_table, list_backbones
-from cnncodes._backbones import (
+from cnncodes._backbones.registry import (
     LayerInfo,
     check_pooling,
     code_sizes,
@@ -20,9 +20,9 @@ from cnncodes._backbones import (
     output_shapes,
     shallow_to_deep,
 )
-from cnncodes._cli import main
-from cnncodes._codesmodel import CodesModel
-from cnncodes._weights import load_model, resolve
+from cnncodes._cli.main import main
+from cnncodes._backbones.codes_model import CodesModel
+from cnncodes._backbones.weights import load_model, resolve
 
 BACKBONES = list_backbones()
 # Small inputs keep the real forward passes cheap on a CPU; both are multiples of 32 and
@@ -99,8 +99,8 @@ def test_fold_batchnorm_keeps_the_codes_and_leaves_the_network_alone(sample_dir)
     """Check that folding BatchNorm into the convolutions (every one of MobileNetV2's 52)
     gives the unfolded network's float32 codes on real photos, and leaves the network it was
     traced from as it was; a network in training mode is not folded."""
-    from cnncodes._codesmodel import fold_batchnorm
-    from cnncodes._images import Preprocess, decode
+    from cnncodes._backbones.codes_model import fold_batchnorm
+    from cnncodes._input.images import Preprocess, decode
     from torchvision.models import MobileNet_V2_Weights
 
     spec = get_backbone("mobilenet_v2")

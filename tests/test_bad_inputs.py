@@ -9,7 +9,7 @@ from PIL import Image
 
 import oddimages as odd
 from cnncodes import CodeStore, extract
-from cnncodes._cli import main
+from cnncodes._cli.main import main
 
 REASONS = {
     "truncated.jpg": "cannot decode: image file is truncated",

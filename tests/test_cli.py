@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from cnncodes import CodeStore
-from cnncodes._cli import EXAMPLES, HANDLERS, main
+from cnncodes._cli.main import EXAMPLES, HANDLERS, main
 
 COMMANDS = sorted(HANDLERS)
 

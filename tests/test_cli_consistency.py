@@ -4,9 +4,9 @@ from types import SimpleNamespace
 
 import pytest
 
-import cnncodes._extract
-import cnncodes._model
-from cnncodes._cli import HANDLERS, _parser, main
+import cnncodes._extract.extract
+import cnncodes._models.model
+from cnncodes._cli.main import HANDLERS, _parser, main
 
 
 class _Called(Exception):
@@ -24,21 +24,21 @@ def _record(monkeypatch, module, name, seen):
 def test_predict_and_evaluate_take_run_options(command, monkeypatch):
     """Check that --device, --batch-size and --workers reach predict/evaluate and from there extract."""
     seen = {}
-    _record(monkeypatch, cnncodes._model, command, seen)
+    _record(monkeypatch, cnncodes._models.model, command, seen)
     with pytest.raises(_Called):
         main([command, "m.skops", "photos/", "--device", "cpu", "--batch-size", "8", "--workers", "2", "--quiet"])
     assert seen["device"] == "cpu" and seen["batch_size"] == 8 and seen["num_workers"] == 2
 
     # The library passes them to extract, leaving the defaults to extract itself.
     extracted = {}
-    _record(monkeypatch, cnncodes._extract, "extract", extracted)
+    _record(monkeypatch, cnncodes._extract.extract, "extract", extracted)
     spec = SimpleNamespace(layers={"block5": "features.18"}, extract_kwargs=lambda: {"backbone": "mobilenet_v2"})
     model = SimpleNamespace(extractor=spec)
     with pytest.raises(_Called):
-        with cnncodes._model._codes_for(model, "photos/", None, False, {"device": "cpu", "batch_size": 8}):
+        with cnncodes._models.model._codes_for(model, "photos/", None, False, {"device": "cpu", "batch_size": 8}):
             pass
     assert extracted["device"] == "cpu" and extracted["batch_size"] == 8 and extracted["backbone"] == "mobilenet_v2"
-    assert cnncodes._model._run_options(None, "auto", "auto") == {}
+    assert cnncodes._models.model._run_options(None, "auto", "auto") == {}
 
 
 @pytest.mark.parametrize("command", sorted(HANDLERS), ids=sorted(HANDLERS))
@@ -70,8 +70,8 @@ def test_top_k_below_one_is_refused(k, capsys):
     assert main(["predict", "m.skops", "photos/", "--top-k", k]) == 2
     err = capsys.readouterr().err
     assert err == f"cnncodes predict: error: --top-k must be 1 or more, got {k}.\n"
-    with pytest.raises(cnncodes._model.CnnCodesError, match="top_k must be an integer >= 1, got 0"):
-        cnncodes._model.predict("m.skops", "photos/", top_k=0)
+    with pytest.raises(cnncodes._models.model.CnnCodesError, match="top_k must be an integer >= 1, got 0"):
+        cnncodes._models.model.predict("m.skops", "photos/", top_k=0)
 
 
 def test_layer_takes_comma_separated_names(capsys):
@@ -94,35 +94,35 @@ def test_layer_takes_comma_separated_names(capsys):
 
 def _library_choices() -> dict:
     """(command, option) -> the tuple of values the library checks that setting against."""
-    import cnncodes._accel
-    import cnncodes._backbones
-    import cnncodes._export
-    import cnncodes._fit
-    import cnncodes._knn
-    import cnncodes._sweep
-    import cnncodes.finetuning._api
+    import cnncodes._extract.accel
+    import cnncodes._backbones.registry
+    import cnncodes._models.export
+    import cnncodes._classify.fit
+    import cnncodes._classify.knn
+    import cnncodes._analysis.sweep
+    import cnncodes._finetune._api
 
     return {
-        ("extract", "--pooling"): cnncodes._backbones.POOLINGS,
-        ("extract", "--dtype"): cnncodes._extract.DTYPES,
-        ("extract", "--precision"): cnncodes._accel.PRECISIONS,
-        ("extract", "--tta"): cnncodes._extract.TTAS,
-        ("extract", "--resize"): cnncodes._extract.RESIZES,
-        ("extract", "--engine"): cnncodes._extract.ENGINES,
-        ("fit", "--classifier"): cnncodes._fit.CLASSIFIERS,
-        ("fit", "--metric"): cnncodes._knn.METRICS,
-        ("finetune", "--tta"): cnncodes.finetuning._api.TTAS,
-        ("finetune", "--precision"): cnncodes._accel.PRECISIONS,
-        ("sweep", "--classifier"): cnncodes._sweep.PROBES,
-        ("export", "--format"): cnncodes._export.FORMATS,
+        ("extract", "--pooling"): cnncodes._backbones.registry.POOLINGS,
+        ("extract", "--dtype"): cnncodes._extract.extract.DTYPES,
+        ("extract", "--precision"): cnncodes._extract.accel.PRECISIONS,
+        ("extract", "--tta"): cnncodes._extract.extract.TTAS,
+        ("extract", "--resize"): cnncodes._extract.extract.RESIZES,
+        ("extract", "--engine"): cnncodes._extract.extract.ENGINES,
+        ("fit", "--classifier"): cnncodes._classify.fit.CLASSIFIERS,
+        ("fit", "--metric"): cnncodes._classify.knn.METRICS,
+        ("finetune", "--tta"): cnncodes._finetune._api.TTAS,
+        ("finetune", "--precision"): cnncodes._extract.accel.PRECISIONS,
+        ("sweep", "--classifier"): cnncodes._analysis.sweep.PROBES,
+        ("export", "--format"): cnncodes._models.export.FORMATS,
     }
 
 
 def test_every_choices_list_is_the_librarys_constant():
     """Check that every option with choices offers the very tuple the library checks the setting
     against (not a literal copy of it), so that the two cannot drift apart."""
-    import cnncodes._fit
-    import cnncodes._knn
+    import cnncodes._classify.fit
+    import cnncodes._classify.knn
 
     library = _library_choices()
     offered = {}
@@ -130,11 +130,11 @@ def test_every_choices_list_is_the_librarys_constant():
         for action in sub._actions:
             if action.choices is not None and action.option_strings:
                 offered[command, action.option_strings[-1]] = action.choices
-    assert offered.pop(("fit", "--normalize")) == ("none", *cnncodes._fit.NORMALIZE)  # "none": no normalisation
+    assert offered.pop(("fit", "--normalize")) == ("none", *cnncodes._classify.fit.NORMALIZE)  # "none": no normalisation
     assert set(offered) == set(library), "map each option with choices to the library constant it offers"
     literal = [f"{c} {o}" for (c, o), choices in offered.items() if choices is not library[c, o]]
     assert literal == [], f"choices written out instead of taken from the library: {literal}"
-    assert set(cnncodes._knn.METRICS) <= set(cnncodes._knn._METRICS)  # every metric offered is one the knn knows
+    assert set(cnncodes._classify.knn.METRICS) <= set(cnncodes._classify.knn._METRICS)  # every metric offered is one the knn knows
 
 
 def test_backbone_and_weights_defaults_are_the_librarys(monkeypatch):
@@ -143,13 +143,13 @@ def test_backbone_and_weights_defaults_are_the_librarys(monkeypatch):
     constants are changed here and the defaults must change with them)."""
     import inspect
 
-    import cnncodes._cli
+    import cnncodes._cli.main
     from cnncodes import _choices, extract
 
     params = inspect.signature(extract).parameters
     assert (params["backbone"].default, params["weights"].default) == (_choices.DEFAULT_BACKBONE, _choices.IMAGENET)
-    monkeypatch.setattr(cnncodes._cli, "DEFAULT_BACKBONE", "resnet50")
-    monkeypatch.setattr(cnncodes._cli, "IMAGENET", "DEFAULT")
+    monkeypatch.setattr(cnncodes._cli.main, "DEFAULT_BACKBONE", "resnet50")
+    monkeypatch.setattr(cnncodes._cli.main, "IMAGENET", "DEFAULT")
     parser = _parser()
     for command in ("extract", "finetune", "sweep", "advise"):
         actions = {a.dest: a for a in parser.commands[command]._actions}

@@ -23,12 +23,12 @@ from cnncodes import (
     predict,
     register_backbone,
 )
-from cnncodes._backbones import code_size, get_backbone
-from cnncodes._cli import main
-from cnncodes._codesmodel import HookedCodesModel, pool, run_hooked
-from cnncodes._custom import state_dict_sha256
+from cnncodes._backbones.registry import code_size, get_backbone
+from cnncodes._cli.main import main
+from cnncodes._backbones.codes_model import HookedCodesModel, pool, run_hooked
+from cnncodes._backbones.custom import state_dict_sha256
 from cnncodes._io import file_sha256
-from cnncodes._weights import load_model, resolve
+from cnncodes._backbones.weights import load_model, resolve
 
 timm = pytest.importorskip("timm")  # the dev extra installs it; the structural tests need it
 
@@ -201,7 +201,7 @@ def test_custom_backbone_errors_say_what_to_do(monkeypatch, call, error, match):
 
 def test_missing_timm_names_the_extra(monkeypatch, capsys):
     """Check that without timm a timm backbone names `pip install 'cnncodes[timm]'` (CLI: one line)."""
-    from cnncodes._custom import _timm_entry
+    from cnncodes._backbones.custom import _timm_entry
 
     _timm_entry.cache_clear()
     monkeypatch.setitem(sys.modules, "timm", None)  # what an environment without timm imports

@@ -12,9 +12,9 @@ import pytest
 
 import cnncodes
 from cnncodes import CodeStore, OutputExistsError, StoreMismatchError, extract, finetune, save
-from cnncodes._cli import main
+from cnncodes._cli.main import main
 from cnncodes._outputs import file_kind
-from cnncodes._store import StoreLock, _atomic_savez
+from cnncodes._store.store import StoreLock, _atomic_savez
 
 CLI_FAST = ["--image-size", "64", "--batch-size", "4", "--workers", "0", "--quiet"]
 

@@ -1,4 +1,4 @@
-"""Unit tests of cnncodes._images: PIL modes to RGB, preprocessing, decode failures."""
+"""Unit tests of cnncodes._input.images: PIL modes to RGB, preprocessing, decode failures."""
 
 import io
 
@@ -10,7 +10,7 @@ from PIL import Image, features
 from torchvision.models import MobileNet_V2_Weights
 
 import oddimages as odd
-from cnncodes._images import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocess, decode, preprocess, to_rgb
+from cnncodes._input.images import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocess, decode, preprocess, to_rgb
 
 WEIGHTS = MobileNet_V2_Weights.IMAGENET1K_V1
 PREP = Preprocess.from_weights(WEIGHTS)  # 256 -> 224, the weights' own

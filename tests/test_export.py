@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cnncodes import ExportError, OnnxModel, export, fit, load, predict, save
-from cnncodes._cli import main
+from cnncodes._cli.main import main
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "deploy.md"
 

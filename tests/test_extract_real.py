@@ -48,8 +48,8 @@ def test_default_codes_are_the_pre_logits_features(ten_photos, tmp_path):
     from PIL import Image
     from torchvision.models import MobileNet_V2_Weights
 
-    from cnncodes._backbones import get_backbone
-    from cnncodes._weights import load_model, resolve
+    from cnncodes._backbones.registry import get_backbone
+    from cnncodes._backbones.weights import load_model, resolve
 
     store, codes = _codes(ten_photos, tmp_path, "pre", precision="float32")
     spec = get_backbone("mobilenet_v2")
@@ -71,7 +71,7 @@ def test_decoding_threads_keep_warnings_quiet_and_the_filters_intact(photos, tmp
     import time
     import warnings
 
-    import cnncodes._images as images
+    import cnncodes._input.images as images
 
     real = images.to_rgb
 

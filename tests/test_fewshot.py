@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cnncodes import advise, extract, sweep
-from cnncodes._rules import Measurements, place
+from cnncodes._analysis.rules import Measurements, place
 
 FAST = dict(batch_size=16, num_workers=0, progress=False, n_jobs=1)
 

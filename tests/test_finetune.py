@@ -25,14 +25,14 @@ from cnncodes import (
     predict,
     split_store,
 )
-from cnncodes.finetuning import _data, _loop
-from cnncodes._backbones import get_backbone, weights_enum
-from cnncodes._sources import read_bytes
-from cnncodes._cli import main
-from cnncodes.finetuning._head import head_from_logreg
-from cnncodes.finetuning._network import build_net, param_groups
-from cnncodes._images import Preprocess, decode
-from cnncodes._weights import resolve
+from cnncodes._finetune import _data, _loop
+from cnncodes._backbones.registry import get_backbone, weights_enum
+from cnncodes._input.sources import read_bytes
+from cnncodes._cli.main import main
+from cnncodes._finetune._head import head_from_logreg
+from cnncodes._finetune._network import build_net, param_groups
+from cnncodes._input.images import Preprocess, decode
+from cnncodes._backbones.weights import resolve
 
 SPEC = get_backbone("mobilenet_v2")
 # Small and exact: 64 px photos, float32 arithmetic, decoding in the main process.

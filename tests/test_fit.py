@@ -10,9 +10,9 @@ from sklearn.datasets import make_blobs
 from sklearn.linear_model import LogisticRegression
 
 from cnncodes import CnnCodesError, CodeStore, StoreMismatchError, extract
-from cnncodes._cli import main
-from cnncodes._fit import fit, split_store
-from cnncodes._model import ModelFileError, evaluate, load, predict, save
+from cnncodes._cli.main import main
+from cnncodes._classify.fit import fit, split_store
+from cnncodes._models.model import ModelFileError, evaluate, load, predict, save
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ from sklearn.exceptions import NotFittedError
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-import cnncodes._knn
-from cnncodes._knn import FaissKNNClassifier, default_nlist
+import cnncodes._classify.knn
+from cnncodes._classify.knn import FaissKNNClassifier, default_nlist
 
 skops_io = pytest.importorskip("skops.io")
 
@@ -330,7 +330,7 @@ def test_skops_round_trip(params):
 
     data = skops_io.dumps(clf)
     untrusted = skops_io.get_untrusted_types(data=data)
-    assert untrusted == ["cnncodes._knn.FaissKNNClassifier"]
+    assert untrusted == ["cnncodes.FaissKNNClassifier"]  # its public name, stable across moves
     loaded = skops_io.loads(data, trusted=untrusted)
     np.testing.assert_array_equal(loaded.predict(Q), clf.predict(Q))
     np.testing.assert_array_equal(loaded.predict_proba(Q), clf.predict_proba(Q))
@@ -349,7 +349,7 @@ def test_clone_is_unfitted_with_same_params():
 
 def test_docstring_example():
     """Check that the examples in the module's docstrings run as written."""
-    result = doctest.testmod(cnncodes._knn, optionflags=doctest.NORMALIZE_WHITESPACE)
+    result = doctest.testmod(cnncodes._classify.knn, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
 
 
@@ -372,7 +372,7 @@ def test_bfloat16_scores_stay_within_their_proven_bound(metric):
     """Check that every bfloat16 score lies within the error bound the search certifies with."""
     import torch
 
-    from cnncodes._bfsearch import C_OUT, BFloat16Flat
+    from cnncodes._classify.bfsearch import C_OUT, BFloat16Flat
 
     X, _ = clustered(2000, 384, sep=0.4, seed=1)
     X[:10] *= 1000.0  # far-off rows with large norms widen the range of scores
@@ -395,7 +395,7 @@ def test_bfloat16_scores_stay_within_their_proven_bound(metric):
 @pytest.mark.parametrize("metric", ["l2", "ip"])
 def test_bfloat16_search_finds_the_float64_neighbours(metric):
     """Check that the bfloat16 search returns the neighbours and values of a float64 brute force."""
-    from cnncodes._bfsearch import BFloat16Flat
+    from cnncodes._classify.bfsearch import BFloat16Flat
 
     X, _ = clustered(6000, 256, sep=0.4, seed=3)
     Q, _ = clustered(700, 256, sep=0.4, seed=4)
@@ -409,7 +409,7 @@ def test_bfloat16_search_finds_the_float64_neighbours(metric):
 
 def test_bfloat16_search_falls_back_when_the_bound_cannot_separate():
     """Check that near-ties bfloat16 cannot tell apart are re-searched and answered exactly."""
-    from cnncodes._bfsearch import BFloat16Flat
+    from cnncodes._classify.bfsearch import BFloat16Flat
 
     rng = np.random.default_rng(5)
     # 3,000 codes on a shell around the query, at distances 1 +- 1e-5: far below bfloat16's
@@ -429,14 +429,14 @@ def test_bfloat16_search_falls_back_when_the_bound_cannot_separate():
 
 def test_precision_auto_follows_the_cpu(monkeypatch):
     """Check that precision='auto' searches in bfloat16 only on a CPU with native bfloat16 units."""
-    import cnncodes._accel
+    import cnncodes._extract.accel
 
     X, y, Q = gaussian()
-    monkeypatch.setattr(cnncodes._accel, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(cnncodes._extract.accel, "cpu_has_fast_bf16", lambda: False)
     clf = FaissKNNClassifier().fit(X, y)
     clf.predict(Q)
     assert not clf._uses_bfloat16() and "bfloat16" not in clf._cache
-    monkeypatch.setattr(cnncodes._accel, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(cnncodes._extract.accel, "cpu_has_fast_bf16", lambda: True)
     clf = FaissKNNClassifier().fit(X, y)
     assert clf._uses_bfloat16() and clf._cache["bfloat16"].stats["queries"] == 0
     assert "faiss" not in clf._cache  # the float32 index is built only when needed
@@ -472,7 +472,7 @@ def test_bfloat16_search_survives_pickling():
 
 def test_bfloat16_search_orders_equal_distances_by_row():
     """Check that duplicated codes (equal float64 distances) come back lower row first."""
-    from cnncodes._bfsearch import BFloat16Flat
+    from cnncodes._classify.bfsearch import BFloat16Flat
 
     X, _ = clustered(1500, 128, sep=0.4, seed=6)
     X = np.concatenate([X, X[::-1]])  # every code twice, the copies in reverse order
@@ -486,7 +486,7 @@ def test_bfloat16_search_orders_equal_distances_by_row():
 @pytest.mark.parametrize("metric", ["l2", "ip"])
 def test_bfloat16_search_of_few_codes_is_a_float64_brute_force(metric, monkeypatch):
     """Check that an index too small for candidates, searched in small blocks, is still exact."""
-    import cnncodes._bfsearch as bf
+    import cnncodes._classify.bfsearch as bf
 
     monkeypatch.setattr(bf, "FALLBACK_ROWS", 3)  # blocks of codes and of queries to merge
     monkeypatch.setattr(bf, "BUILD_ROWS", 3)
@@ -507,7 +507,7 @@ def test_top_scores_equal_torch_topk(n, kp):
     """Check that the grouped top-k gives torch.topk's scores, with distinct in-range columns."""
     import torch
 
-    from cnncodes._bfsearch import TOP_GROUPS, top_scores
+    from cnncodes._classify.bfsearch import TOP_GROUPS, top_scores
 
     assert TOP_GROUPS == 16  # the sizes above straddle n // TOP_GROUPS == kp and the tail
     gen = torch.Generator().manual_seed(n * 100 + kp)

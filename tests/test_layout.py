@@ -1,33 +1,45 @@
-"""The package's import graph: no new import cycle (function-level imports count too).
+"""The package's layout: subpackages by responsibility, each saying what it holds, and its
+import graph: no new import cycle (function-level imports count too).
 
-Subpackages count module by module (``finetuning._loop``). Two cycles are left from version
-0.1 (issue 16): weights and the backbone registry import each other, and extraction and its
-Ray engine, most of it through imports inside functions. They may only shrink: a module that
-leaves them is removed from KNOWN_TANGLE here, and a new cycle anywhere fails.
+Subpackages count module by module (``_finetune._loop``), relative and absolute imports alike.
+One cycle is left from version 0.1 (issue 16): the backbone registry dispatches to the timm /
+nn.Module backbones, which build on its types. It may only shrink: a module that leaves it
+is removed from KNOWN_TANGLE here, and a new cycle anywhere fails.
 """
 
 import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "cnncodes"
-KNOWN_TANGLE = {"_backbones", "_custom"}
+KNOWN_TANGLE = {"_backbones.registry", "_backbones.custom"}
+# The top level: what every layer may import, and the names files written before 0.2 record.
+FOUNDATION = {"_errors", "_choices", "_spec", "_io", "_optional", "_cache", "_outputs", "_stats"}
+SHIMS = {"_knn", "_fit", "_transformer"}
 
 
 def _module_name(path: Path) -> str:
-    """``_model`` for cnncodes/_model.py, ``finetuning._loop`` in a subpackage, ``finetuning`` for its __init__."""
+    """``_io`` for cnncodes/_io.py, ``_store.store`` for cnncodes/_store/store.py, ``_store`` for its __init__."""
     parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _imported(name: str, is_package: bool, node: ast.ImportFrom) -> set[str]:
-    """The package modules a relative ``from ... import`` names (a module's parent packages count too)."""
-    package = name.split(".") if is_package else name.split(".")[:-1]
-    base = package[: len(package) - node.level + 1]
-    if node.module:
-        target = base + node.module.split(".")
-        found = {".".join(target[:k]) for k in range(1, len(target) + 1)}
-        return found | {".".join(target + [a.name]) for a in node.names}  # `from .pkg import module`
-    return {".".join(base + [a.name]) for a in node.names}
+def _imported(name: str, is_package: bool, node: ast.AST) -> set[str]:
+    """The package modules an import names: relative (``from ..x import``), absolute
+    (``from cnncodes._store.store import``, ``import cnncodes._io``); a module's parent
+    packages count too (importing it runs them)."""
+    if isinstance(node, ast.Import):
+        targets = [a.name.split(".")[1:] for a in node.names if a.name.startswith("cnncodes.")]
+        return {".".join(t[:k]) for t in targets for k in range(1, len(t) + 1)}
+    if node.level == 0:
+        if not (node.module or "").startswith("cnncodes.") and node.module != "cnncodes":
+            return set()
+        base, module = [], node.module.split(".")[1:]
+    else:
+        package = name.split(".") if is_package else name.split(".")[:-1]
+        base, module = package[: len(package) - node.level + 1], (node.module.split(".") if node.module else [])
+    target = base + module
+    found = {".".join(target[:k]) for k in range(1, len(target) + 1)}
+    return found | {".".join(target + [a.name]) for a in node.names}  # `from .pkg import module`
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -38,18 +50,32 @@ def import_graph() -> dict[str, set[str]]:
     for name, path in paths.items():
         deps = set()
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level >= 1:
+            if isinstance(node, ast.Import) or (isinstance(node, ast.ImportFrom) and node.module != "__future__"):
                 deps |= _imported(name, path.name == "__init__.py", node)
         graph[name] = {d for d in deps if d in paths and d != name}
     return graph
 
 
 def test_import_graph_sees_subpackages():
-    """Check that modules of a subpackage and their relative imports, both ways, are in the graph."""
+    """Check that modules of a subpackage and their imports, relative and absolute, both ways,
+    are in the graph."""
     graph = import_graph()
-    assert "finetuning._checkpoint" in graph["_weights"] and "finetuning" in graph["_weights"]
-    assert {"_io", "_errors"} <= graph["finetuning._checkpoint"]
-    assert "finetuning._network" in graph["finetuning._loop"]
+    assert "_finetune._checkpoint" in graph["_backbones.weights"] and "_finetune" in graph["_backbones.weights"]
+    assert {"_io", "_errors"} <= graph["_finetune._checkpoint"]
+    assert "_finetune._network" in graph["_finetune._loop"]
+    assert {"_store", "_store.store"} <= graph["_extract.extract"]
+
+
+def test_every_subpackage_says_what_it_holds():
+    """Check that each subpackage's __init__ is one docstring (what it is responsible for) and
+    that the top level holds only the shared foundation and the compatibility shims."""
+    for init in sorted(PACKAGE.glob("*/__init__.py")):
+        if init.parent.name == "_data":
+            continue
+        doc = ast.get_docstring(ast.parse(init.read_text()))
+        assert doc and len(doc) > 20, f"{init.parent.name}/__init__.py has no docstring saying what it holds"
+    top = {p.stem for p in PACKAGE.glob("*.py")}
+    assert top == FOUNDATION | SHIMS | {"__init__", "__main__"}, sorted(top - FOUNDATION - SHIMS)
 
 
 def cycles(graph: dict[str, set[str]]) -> list[set[str]]:
@@ -104,10 +130,10 @@ def test_reading_the_checkpoint_format_loads_no_training_code():
     import subprocess
     import sys
 
-    code = ("import sys, cnncodes._weights, cnncodes.finetuning._checkpoint; "
+    code = ("import sys, cnncodes._backbones.weights, cnncodes._finetune._checkpoint; "
             "print(sorted(m for m in sys.modules if m.startswith('cnncodes.')))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert "cnncodes.finetuning._checkpoint" in loaded
-    for module in ("cnncodes.finetuning._api", "cnncodes.finetuning._loop", "cnncodes.finetuning._network",
-                   "cnncodes.finetuning._predict", "cnncodes._model"):
+    assert "cnncodes._finetune._checkpoint" in loaded
+    for module in ("cnncodes._finetune._api", "cnncodes._finetune._loop", "cnncodes._finetune._network",
+                   "cnncodes._finetune._predict", "cnncodes._models.model"):
         assert f"'{module}'" not in loaded, f"{module} is imported with the checkpoint format"

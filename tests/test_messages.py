@@ -9,9 +9,9 @@ from PIL import Image
 
 import cnncodes
 from cnncodes import CodeStore, StoreMismatchError, evaluate, extract, predict, split_store
-from cnncodes._cli import main
+from cnncodes._cli.main import main
 from cnncodes._errors import CnnCodesError, SourceError, StoreError
-from cnncodes._sources import read_source
+from cnncodes._input.sources import read_source
 
 SMALL = dict(layers=["block5"], image_size=64, num_workers=0, progress=False)
 

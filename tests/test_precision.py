@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 
 from cnncodes import CodeStore, StoreMismatchError, extract
-from cnncodes._accel import cpu_has_fast_bf16, resolve_device, resolve_precision
+from cnncodes._extract.accel import cpu_has_fast_bf16, resolve_device, resolve_precision
 from cnncodes._errors import CnnCodesError
-from cnncodes._images import Preprocess, decode
+from cnncodes._input.images import Preprocess, decode
 
 needs_bf16 = pytest.mark.skipif(not cpu_has_fast_bf16(), reason="CPU without native bfloat16 (AVX-512 BF16 / AMX)")
 
@@ -70,8 +70,8 @@ def test_bfloat16_codes_agree_with_float32_per_row(precision_pair):
 @needs_bf16
 def test_bfloat16_keeps_the_imagenet_top1(precision_pair):
     """Check that the ImageNet head gives the same top-1 class on bfloat16 and float32 codes."""
-    from cnncodes._backbones import get_backbone
-    from cnncodes._weights import load_model, resolve
+    from cnncodes._backbones.registry import get_backbone
+    from cnncodes._backbones.weights import load_model, resolve
 
     spec = get_backbone("mobilenet_v2")
     head = load_model(spec, resolve(spec)).classifier
@@ -221,8 +221,8 @@ def test_auto_workers_decode_in_process_when_decoding_is_cheap(sample_dir, monke
     """Check the measured choice of num_workers="auto": the first batches are decoded in the
     calling process; the rest too when decoding costs under a quarter of the forward pass, in
     worker processes otherwise; every image comes once, in order, whichever was chosen."""
-    import cnncodes._forward as fw
-    from cnncodes._sources import read_source
+    import cnncodes._extract.forward as fw
+    from cnncodes._input.sources import read_source
 
     monkeypatch.setattr(fw.os, "cpu_count", lambda: 2)
     loaders = []
@@ -252,8 +252,8 @@ def test_auto_workers_decode_in_process_when_decoding_is_cheap(sample_dir, monke
 @pytest.mark.parametrize("compiles", [True, False], ids=["long-run", "short-run"])
 def test_auto_compile_decides_from_the_first_batches(photos, tmp_path, fast, monkeypatch, compiles):
     """Check that compile='auto' times two eager batches, then compiles only when the rest is long."""
-    import cnncodes._extract as ex
-    import cnncodes._forward as fw
+    import cnncodes._extract.extract as ex
+    import cnncodes._extract.forward as fw
 
     calls, seen = [], []
     # 12 photos, batch 4: two timed eager batches, then one more. A tiny / huge threshold
@@ -280,7 +280,7 @@ def test_a_failing_compile_stops_only_when_it_was_asked_for(photos, tmp_path, fa
         return run
 
     monkeypatch.setattr(torch, "compile", broken)
-    import cnncodes._extract as ex
+    import cnncodes._extract.extract as ex
 
     monkeypatch.setattr(ex, "COMPILE_MIN_SECONDS", 0.0)  # auto decides to compile after two batches
     with pytest.warns(UserWarning, match=r"torch.compile failed on this machine \(RuntimeError: no C\+\+ "
@@ -308,7 +308,7 @@ def _resident_bytes():
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-@pytest.mark.skipif(__import__("cnncodes._accel", fromlist=["_glibc"])._glibc() is None, reason="glibc only")
+@pytest.mark.skipif(__import__("cnncodes._extract.accel", fromlist=["_glibc"])._glibc() is None, reason="glibc only")
 def test_reuse_freed_memory_stops_refaulting_large_blocks(monkeypatch):
     """Check that inside reuse_freed_memory freed 64 MB blocks are soon reused without page
     faults (glibc's default unmaps them, and each allocation faults its 16,384 pages in
@@ -318,7 +318,7 @@ def test_reuse_freed_memory_stops_refaulting_large_blocks(monkeypatch):
     import time
 
     from cnncodes import _accel
-    from cnncodes._accel import release_freed_memory, reuse_freed_memory
+    from cnncodes._extract.accel import release_freed_memory, reuse_freed_memory
 
     monkeypatch.setattr(_accel, "RELEASE_AFTER_SECONDS", 0.5)
     with reuse_freed_memory():
@@ -347,12 +347,12 @@ def test_reuse_freed_memory_stops_refaulting_large_blocks(monkeypatch):
     release_freed_memory()  # nothing kept: a no-op
 
 
-@pytest.mark.skipif(__import__("cnncodes._accel", fromlist=["_glibc"])._glibc() is None, reason="glibc only")
+@pytest.mark.skipif(__import__("cnncodes._extract.accel", fromlist=["_glibc"])._glibc() is None, reason="glibc only")
 def test_release_freed_memory_at_once(monkeypatch):
     """Check that RELEASE_AFTER_SECONDS = 0 gives the memory back as the block ends, and that
     release_freed_memory() gives it back at once, except while a block runs."""
     from cnncodes import _accel
-    from cnncodes._accel import release_freed_memory, reuse_freed_memory
+    from cnncodes._extract.accel import release_freed_memory, reuse_freed_memory
 
     monkeypatch.setattr(_accel, "RELEASE_AFTER_SECONDS", 0)
     with reuse_freed_memory():

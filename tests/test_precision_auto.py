@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-import cnncodes._extract as ex
-import cnncodes._precision as pr
+import cnncodes._extract.extract as ex
+import cnncodes._extract.precision as pr
 from cnncodes import CodeStore, extract
-from cnncodes._accel import resolve_precision
-from cnncodes._cli import main
-from cnncodes._store import Journal
+from cnncodes._extract.accel import resolve_precision
+from cnncodes._cli.main import main
+from cnncodes._store.store import Journal
 
 # The 40 sample photos at 64 px in batches of 8; the probe (see `timed`) times 4 of them.
 SETTINGS = dict(backbone="mobilenet_v2", image_size=64, batch_size=8, num_workers=0, progress=False)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from cnncodes import CnnCodesError, CodeStore, StoreMismatchError, extract
-from cnncodes._cli import main
-from cnncodes._fit import CodeNormalizer, _folds, fit, layer_codes
-from cnncodes._model import load, predict, save
+from cnncodes._cli.main import main
+from cnncodes._classify.fit import CodeNormalizer, _folds, fit, layer_codes
+from cnncodes._models.model import load, predict, save
 
 RUN = dict(image_size=64, batch_size=8, num_workers=0, progress=False, precision="float32")
 

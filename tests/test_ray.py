@@ -9,10 +9,10 @@ import pytest
 
 from cnncodes import CodeStore, extract
 from cnncodes._errors import CnnCodesError
-from cnncodes._store import Journal
+from cnncodes._store.store import Journal
 
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'cnncodes[ray]'")
-import cnncodes._ray as cray  # noqa: E402
+import cnncodes._extract.ray_engine as cray  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -52,7 +52,7 @@ def assert_same_store(store, ref):
 def test_ray_equals_local_and_rerun_skips(cluster, reference, sample_dir, tmp_path, monkeypatch):
     """Check that 2 Ray workers give the single-process store, that the store's segments are
     the files the actors wrote (the commit copies no code), and that a re-run computes nothing."""
-    import cnncodes._store as cstore
+    import cnncodes._store.store as cstore
 
     copied = []
     real = cstore._write_segment
@@ -166,7 +166,7 @@ def test_ray_missing_is_explained(monkeypatch, sample_dir, tmp_path):
 
 def test_cli_engine_ray(cluster, reference, sample_dir, tmp_path, capsys):
     """Check that `cnncodes extract --engine ray --ray-workers 2` writes the single-process store."""
-    from cnncodes._cli import main
+    from cnncodes._cli.main import main
 
     out = tmp_path / "cli.h5"
     rc = main(["extract", str(sample_dir), "-o", str(out), "--engine", "ray", "--ray-workers", "2",
@@ -178,7 +178,7 @@ def test_cli_engine_ray(cluster, reference, sample_dir, tmp_path, capsys):
 
 def test_cli_ray_flags_need_engine_ray(sample_dir, tmp_path, capsys):
     """Check that Ray flags without --engine ray are refused with what to add."""
-    from cnncodes._cli import main
+    from cnncodes._cli.main import main
 
     rc = main(["extract", str(sample_dir), "-o", str(tmp_path / "x.h5"), "--ray-workers", "2"])
     assert rc == 2
@@ -189,14 +189,14 @@ def test_cli_ray_flags_need_engine_ray(sample_dir, tmp_path, capsys):
 def test_ray_reads_objects_on_the_workers_only(cluster, reference, s3, sample_dir, tmp_path, monkeypatch):
     """Check that on S3 objects the driver lists and reads no image (the Ray tasks read them),
     and that the store equals the single-process store of the folder."""
-    import cnncodes._sources
+    import cnncodes._input.sources
 
     fs, endpoint = s3
     for f in sorted(sample_dir.rglob("*.jpg")):
         fs.pipe(f"photos/ray/{f.relative_to(sample_dir).as_posix()}", f.read_bytes())
     driver_reads = []
-    real = cnncodes._sources.read_bytes
-    monkeypatch.setattr(cnncodes._sources, "read_bytes", lambda item, o=None: driver_reads.append(item) or real(item, o))
+    real = cnncodes._input.sources.read_bytes
+    monkeypatch.setattr(cnncodes._input.sources, "read_bytes", lambda item, o=None: driver_reads.append(item) or real(item, o))
     # The workers started before the server: its address goes to them as storage options.
     opts = {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
     out = tmp_path / "ray.h5"
@@ -215,7 +215,7 @@ def test_ray_writes_a_store_in_object_storage(cluster, reference, s3, sample_dir
     them and commits by mapping them where they are (the driver downloads none: its working
     copy has none of them), every image exactly once, the store equal to the single-process
     one, the marker gone."""
-    from cnncodes._remote import PENDING, mapped_segments
+    from cnncodes._store.remote import PENDING, mapped_segments
 
     fs, endpoint = s3
     for f in sorted(sample_dir.rglob("*.jpg")):

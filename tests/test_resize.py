@@ -9,10 +9,10 @@ from PIL import Image
 from torchvision.models import MobileNet_V2_Weights
 
 from cnncodes import CodeStore, StoreMismatchError, extract
-from cnncodes._cli import main as cli
+from cnncodes._cli.main import main as cli
 from cnncodes._errors import CnnCodesError
-from cnncodes._forward import collate
-from cnncodes._images import Preprocess, decode, resize_batch
+from cnncodes._extract.forward import collate
+from cnncodes._input.images import Preprocess, decode, resize_batch
 
 WEIGHTS = MobileNet_V2_Weights.IMAGENET1K_V1
 WORKERS = Preprocess.from_weights(WEIGHTS)  # 256 -> 224, resized by PIL where decoded
@@ -60,9 +60,9 @@ def test_device_resize_on_a_cpu_reduces_within_two_grey_levels():
     that the codes agree to cosine 0.99999 (measured: 0.2 % of the pixels, 0.999996)."""
     from sklearn.datasets import load_sample_images
 
-    from cnncodes._backbones import get_backbone
-    from cnncodes._forward import CodesForward
-    from cnncodes._weights import resolve
+    from cnncodes._backbones.registry import get_backbone
+    from cnncodes._extract.forward import CodesForward
+    from cnncodes._backbones.weights import resolve
 
     rng = np.random.default_rng(1)
     photos = []

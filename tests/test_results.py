@@ -8,7 +8,7 @@ import pytest
 
 import cnncodes
 from cnncodes import compare, evaluate, extract, fit, learning_curve, save, split_store
-from cnncodes._cli import main
+from cnncodes._cli.main import main
 from cnncodes._errors import CnnCodesError, MissingExtraError
 from cnncodes._optional import require
 from cnncodes._errors import OutputExistsError
@@ -303,7 +303,7 @@ def test_report_in_chromium(fitted, tmp_path, browser):
 def test_predict_and_evaluate_hand_any_model_kind_to_its_own_methods():
     """Check that predict and evaluate call the model's `predict_photos` / `evaluate` (the one
     interface every kind of model has) with the caller's settings, whatever the kind."""
-    from cnncodes._results import PhotoModel, Predictions
+    from cnncodes._models.results import PhotoModel, Predictions
 
     calls = []
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cnncodes import CodeStore, extract
-from cnncodes._store import Journal
+from cnncodes._store.store import Journal
 
 
 def _start(data, out, *extra, workers=0):

@@ -6,9 +6,9 @@ import sys
 import numpy as np
 import pytest
 
-import cnncodes._rules as rules
+import cnncodes._analysis.rules as rules
 from cnncodes import CnnCodesError, Measurements
-from cnncodes._rules import HeadStats, place, recommend
+from cnncodes._analysis.rules import HeadStats, place, recommend
 
 ALIASES = ["block1", "block2", "block3", "block4", "block5"]
 
@@ -184,12 +184,12 @@ def test_measurements_properties():
 
 def test_rules_import_nothing_heavy():
     """Check that importing the rules loads no torch, scikit-learn, h5py or PIL, and no other cnncodes module."""
-    code = ("import sys, cnncodes._rules; "
+    code = ("import sys, cnncodes._analysis.rules; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in "
             "('torch', 'torchvision', 'sklearn', 'h5py', 'PIL', 'faiss') or m.startswith('cnncodes')))")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.strip() == "['cnncodes', 'cnncodes._errors', 'cnncodes._rules']"
+    assert run.stdout.strip() == "['cnncodes', 'cnncodes._errors', 'cnncodes._analysis.rules']"
 
 
 def with_head(per_class, confidence, accuracy, layers=TOP_BEST, gain_std=0.008):

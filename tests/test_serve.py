@@ -189,7 +189,7 @@ def test_a_knn_model_serves_through_its_estimator(deployable, photos):
     """Check that a kNN .skops (no export possible) is served: the codes network, then the faiss
     index's predict_proba, equal to predict's."""
     from cnncodes import fit, save
-    from cnncodes._serve import Classifier
+    from cnncodes._models.serve import Classifier
 
     knn = save(fit(deployable.store, layer="block5", classifier="knn", n_neighbors=3), deployable.root / "knn-serve.skops")
     clf = Classifier(knn)
@@ -201,7 +201,7 @@ def test_a_knn_model_serves_through_its_estimator(deployable, photos):
 
 def test_the_model_thread_outlives_a_failing_batch():
     """Check that when the model raises, that batch's requests get the error and later ones are served."""
-    from cnncodes._serve import Batcher
+    from cnncodes._models.serve import Batcher
 
     def model(batch):
         if (batch < 0).any():
@@ -220,7 +220,7 @@ def test_the_model_thread_outlives_a_failing_batch():
 
 def test_cli_serve_binds_localhost_by_default_and_refuses_a_missing_model(tmp_path, capsys):
     """Check that serve's default host is 127.0.0.1, and a missing model file is one line, exit 2."""
-    from cnncodes._cli import _parser, main
+    from cnncodes._cli.main import _parser, main
 
     assert _parser().parse_args(["serve", "m.onnx"]).host == "127.0.0.1"
     for name, words in [("gone.onnx", "does not exist. Make one with `cnncodes export`"),

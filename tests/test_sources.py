@@ -19,8 +19,8 @@ import pytest
 
 from cnncodes import CodeStore, extract
 from cnncodes._errors import CnnCodesError, SourceError
-from cnncodes._sources import read_source
-from cnncodes._tables import expand_braces
+from cnncodes._input.sources import read_source
+from cnncodes._input.tables import expand_braces
 
 pa = pytest.importorskip("pyarrow", reason="the sources extra: pip install 'cnncodes[sources]'")
 import pyarrow.parquet as pq  # noqa: E402
@@ -349,7 +349,7 @@ def test_a_store_in_object_storage_moves_only_what_is_new(tmp_path, folder, file
     unchanged re-run moves no byte either way; another machine (another cache) reads the
     folder's codes; one more photo uploads one segment, and that machine then downloads that
     segment only; `cnncodes info` reads the URL."""
-    from cnncodes._cli import main
+    from cnncodes._cli.main import main
 
     fs, _ = s3
     url = "s3://photos/stores/codes.h5"

@@ -140,7 +140,7 @@ def test_narrow_to_a_missing_layer_names_those_held(store):
 def test_one_rule_finds_a_layer_by_alias_or_node():
     """Check that an alias wins over a node of the same name, a node gives its alias, and a name
     that is neither gives None: in a layer table and in the layers a spec holds alike."""
-    from cnncodes._backbones import get_backbone
+    from cnncodes._backbones.registry import get_backbone
     from cnncodes._spec import find_alias
 
     layers = {"block4": "features.13", "features.13x": "block4", "block5": "features.18"}

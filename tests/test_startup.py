@@ -74,7 +74,7 @@ def test_every_public_name_resolves_lazily():
     """Check that each name of __all__ comes through the module's __getattr__ and dir() lists it."""
     fresh = {name: getattr(cnncodes, name) for name in cnncodes.__all__}
     assert fresh["CodeStore"] is CodeStore
-    assert fresh["extract"].__module__ == "cnncodes._extract"
+    assert fresh["extract"].__module__ == "cnncodes._extract.extract"
     assert fresh["CnnCodesError"].__module__ == "cnncodes._errors"
     assert set(cnncodes.__all__) <= set(dir(cnncodes))
     assert cnncodes.__all__ == sorted(cnncodes.__all__)
@@ -83,9 +83,9 @@ def test_every_public_name_resolves_lazily():
 
 
 def test_private_submodules_stay_reachable():
-    """Check that `cnncodes._store` and the like are attributes of the package, as before."""
-    assert cnncodes._store.CodeStore is CodeStore
-    assert cnncodes._backbones.list_backbones() == cnncodes.list_backbones()
+    """Check that `cnncodes._store.store` and the like are attributes of the package, as before."""
+    assert cnncodes._store.store.CodeStore is CodeStore
+    assert cnncodes._backbones.registry.list_backbones() == cnncodes.list_backbones()
 
 
 @pytest.mark.parametrize("name", ["no_such_name", "_no_such_module"], ids=["public", "private"])
@@ -100,12 +100,12 @@ def test_weights_snapshot_is_torchvision():
     """Check that the weights snapshot holds the installed torchvision's values, aliases in order."""
     from importlib.metadata import version
 
-    from cnncodes._backbones import _REGISTRY
-    from cnncodes._tvweights import SNAPSHOT, SNAPSHOT_OF, take_snapshot
+    from cnncodes._backbones.registry import _REGISTRY
+    from cnncodes._backbones.tv_weights import SNAPSHOT, SNAPSHOT_OF, take_snapshot
 
     if version("torchvision") != SNAPSHOT_OF:
         pytest.skip(f"the snapshot is of torchvision {SNAPSHOT_OF} (unused with {version('torchvision')}): "
-                    f"print a new one with `python -m cnncodes._tvweights`")
+                    f"print a new one with `python -m cnncodes._backbones.tv_weights`")
     assert take_snapshot(spec.weights_enum for spec in _REGISTRY.values()) == SNAPSHOT
 
 
@@ -116,8 +116,8 @@ def test_shapes_snapshot_is_what_tracing_gives():
     that another crop is traced."""
     from importlib.metadata import version
 
-    from cnncodes._backbones import _REGISTRY, default_image_size, output_shapes
-    from cnncodes._tvweights import SHAPES, SNAPSHOT_OF
+    from cnncodes._backbones.registry import _REGISTRY, default_image_size, output_shapes
+    from cnncodes._backbones.tv_weights import SHAPES, SNAPSHOT_OF
 
     if version("torchvision") != SNAPSHOT_OF:
         pytest.skip(f"the snapshot is of torchvision {SNAPSHOT_OF} (unused with {version('torchvision')})")
@@ -132,9 +132,9 @@ def test_shapes_snapshot_is_what_tracing_gives():
 @pytest.mark.parametrize("backbone", cnncodes.list_backbones())
 def test_weights_snapshot_gives_the_same_preprocessing_and_names(backbone, monkeypatch):
     """Check that each weights name resolves and preprocesses the same through the snapshot."""
-    from cnncodes._backbones import get_backbone, weights_enum, weights_names
-    from cnncodes._images import Preprocess
-    from cnncodes._weights import _enum_member
+    from cnncodes._backbones.registry import get_backbone, weights_enum, weights_names
+    from cnncodes._input.images import Preprocess
+    from cnncodes._backbones.weights import _enum_member
 
     spec = get_backbone(backbone)
     real = weights_enum(spec)
@@ -150,7 +150,7 @@ def test_weights_snapshot_gives_the_same_preprocessing_and_names(backbone, monke
         return [[(m.name, m.url) for m in members], [(p.as_dict(), p.describe()) for p in preps], str(bad.value)]
 
     expected = seen()
-    monkeypatch.setattr("cnncodes._tvweights._snapshot_usable", lambda: True)
+    monkeypatch.setattr("cnncodes._backbones.tv_weights._snapshot_usable", lambda: True)
     assert weights_names(spec) is not real
     assert list(weights_names(spec).__members__) == list(real.__members__)
     assert seen() == expected

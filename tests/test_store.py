@@ -21,7 +21,7 @@ from cnncodes import (
     StoreMismatchError,
     extract,
 )
-from cnncodes._store import FORMAT, Journal
+from cnncodes._store.store import FORMAT, Journal
 
 
 def _sha(path):
@@ -78,10 +78,10 @@ def test_codes_match_a_direct_forward_pass(photos, tmp_path, fast):
     """Check that each row holds the codes of its own image (no misalignment)."""
     import torch
 
-    from cnncodes._backbones import get_backbone
-    from cnncodes._codesmodel import CodesModel
-    from cnncodes._images import Preprocess, decode, resize_batch
-    from cnncodes._weights import load_model, resolve
+    from cnncodes._backbones.registry import get_backbone
+    from cnncodes._backbones.codes_model import CodesModel
+    from cnncodes._input.images import Preprocess, decode, resize_batch
+    from cnncodes._backbones.weights import load_model, resolve
     from torchvision.models import MobileNet_V2_Weights
 
     out = tmp_path / "codes.h5"
@@ -129,7 +129,7 @@ def test_files_hash_alike_in_this_thread_or_in_threads(tmp_path, monkeypatch, sl
     whether the reads come quickly (this thread) or slowly (the rest by 8 threads)."""
     import hashlib
 
-    import cnncodes._extract as ex
+    import cnncodes._extract.extract as ex
 
     monkeypatch.setattr(ex, "HASH_CHUNK", 4)
     # Every chunk slow (from the second chunk on, threads), or none, whatever the machine's load.
@@ -224,7 +224,7 @@ def test_second_writer_is_refused(photos, tmp_path, fast):
     holder = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(f"""
             import sys, time
-            from cnncodes._store import StoreLock
+            from cnncodes._store.store import StoreLock
             with StoreLock({str(out)!r}):
                 print("locked", flush=True)
                 time.sleep(60)
@@ -239,7 +239,7 @@ def test_second_writer_is_refused(photos, tmp_path, fast):
         holder.kill()
         holder.wait()
     # The kernel drops the lock with its holder: the next run goes through.
-    from cnncodes._store import StoreLock
+    from cnncodes._store.store import StoreLock
 
     with StoreLock(out):  # the same process cannot lock twice either
         with pytest.raises(StoreLockedError, match="this process"):
@@ -249,7 +249,7 @@ def test_second_writer_is_refused(photos, tmp_path, fast):
 
 def test_failed_merge_keeps_old_store_and_journal(photos, tmp_path, sample_dir, fast, monkeypatch):
     """Check that a crash while merging leaves the old store intact and the rerun completes."""
-    import cnncodes._store as store_mod
+    import cnncodes._store.store as store_mod
 
     out = tmp_path / "codes.h5"
     extract(photos, out=out, **fast)
@@ -294,7 +294,7 @@ def test_journal_of_other_settings_is_refused(photos, tmp_path, fast, monkeypatc
     def killed(*args, **kwargs):
         raise KeyboardInterrupt  # the run dies after journalling, before merging
 
-    monkeypatch.setattr("cnncodes._extract.merge", killed)
+    monkeypatch.setattr("cnncodes._extract.extract.merge", killed)
     with pytest.raises(KeyboardInterrupt):
         extract(photos, out=out, **fast)
     monkeypatch.undo()

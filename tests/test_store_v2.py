@@ -15,12 +15,12 @@ import h5py
 import numpy as np
 import pytest
 
-import cnncodes._extract
-import cnncodes._store
+import cnncodes._extract.extract
+import cnncodes._store.store
 from cnncodes import CodeStore, StoreError, extract, load
-from cnncodes._cli import main
+from cnncodes._cli.main import main
 from cnncodes._errors import StoreWriteError
-from cnncodes._store import TIER_FANOUT, append_rows, check
+from cnncodes._store.store import TIER_FANOUT, append_rows, check
 
 V1 = Path(__file__).parent / "data" / "v1"
 
@@ -277,10 +277,10 @@ def test_a_version_1_store_is_converted_once(tmp_path, sample_dir, reads):
 def _cli_in_child(args, limit_bytes, *, preflight=True):
     """Run the CLI in a child process with a file-size limit (as a full disk would stop it)."""
     code = (
-        "import sys, resource, cnncodes._store as s\n"
+        "import sys, resource, cnncodes._store.store as s\n"
         f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit_bytes}, {limit_bytes}))\n"
         + ("" if preflight else "s._check_room = lambda *a: None\n")
-        + "from cnncodes._cli import main\n"
+        + "from cnncodes._cli.main import main\n"
         f"sys.exit(main({args!r}))\n"
     )
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
@@ -323,7 +323,7 @@ def test_no_space_left_while_journalling(aged, tmp_path, sample_dir, fast, monke
         shutil.copy(sorted((sample_dir / "rose").iterdir())[k % 8], aged / "rose" / f"new{k}.jpg")
     _age(aged)
     digest = _sha(out)
-    real, room = cnncodes._store._atomic_savez, [1]  # batches that still fit
+    real, room = cnncodes._store.store._atomic_savez, [1]  # batches that still fit
 
     def full_disk(path, arrays):
         if not room[0]:
@@ -331,7 +331,7 @@ def test_no_space_left_while_journalling(aged, tmp_path, sample_dir, fast, monke
         room[0] -= 1
         real(path, arrays)
 
-    monkeypatch.setattr(cnncodes._store, "_atomic_savez", full_disk)
+    monkeypatch.setattr(cnncodes._store.store, "_atomic_savez", full_disk)
     with pytest.raises(StoreWriteError, match=r"^no space left on device while writing .*codes.h5.partial/"
                                               r"batch-000001.npz; free space and re-run: codes.h5 is "
                                               r"unchanged, and the 4 rows already journalled are kept.$"):
@@ -358,7 +358,7 @@ def test_no_space_left_for_the_root(aged, tmp_path, sample_dir, fast, monkeypatc
         Path(tmp).write_bytes(b"partial")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(cnncodes._store, "_write_root", full_disk)
+    monkeypatch.setattr(cnncodes._store.store, "_write_root", full_disk)
     with pytest.raises(StoreWriteError, match=r"no space left on device while writing .*codes.h5; free "
                                               r"space and re-run: codes.h5 is unchanged, and the 1 rows"):
         extract(aged, out=out, **fast)
@@ -392,14 +392,14 @@ def test_rows_are_found_by_id_hash_and_checked_against_the_id(aged, tmp_path, fa
     store = CodeStore(out)
     ids = list(store.ids)
     with h5py.File(out, "r") as f:
-        np.testing.assert_array_equal(f["id_hash"][:], cnncodes._store.id_hashes(ids))
-        np.testing.assert_array_equal(f["sha_key"][:], cnncodes._store.sha_keys(f["sha256"][:].tolist()))
+        np.testing.assert_array_equal(f["id_hash"][:], cnncodes._store.store.id_hashes(ids))
+        np.testing.assert_array_equal(f["sha_key"][:], cnncodes._store.store.sha_keys(f["sha256"][:].tolist()))
     asked = [ids[5], "daisy/not-there.jpg", ids[0], ids[11]]
     assert store.rows_of(asked).tolist() == [5, -1, 0, 11]
     assert store.rows_with_sha([store.sha256[3], "0" * 64]).tolist() == [3]
     # Every id hashed alike (written and asked so): the index matches each id to the first row,
     # and the check against the ids themselves sorts it out.
-    monkeypatch.setattr(cnncodes._store, "id_hashes", lambda xs: np.zeros(len(xs), dtype=np.int64))
+    monkeypatch.setattr(cnncodes._store.store, "id_hashes", lambda xs: np.zeros(len(xs), dtype=np.int64))
     collided = tmp_path / "collided.h5"
     extract(aged, out=collided, **fast)
     store = CodeStore(collided)

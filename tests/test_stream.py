@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.preprocessing import StandardScaler
 
-import cnncodes._stream
+import cnncodes._classify.stream
 from cnncodes import CodeStore, extract, fit, fit_streaming, load, save, split_store
 from cnncodes._errors import CnnCodesError
 
@@ -23,14 +23,14 @@ def store(tmp_path_factory, sample_dir):
 def test_reads_chunk_by_chunk(store, monkeypatch):
     """Check that the codes are read in slices, never more than chunk_rows rows at a time."""
     reads = []
-    real = cnncodes._stream._read_rows
+    real = cnncodes._classify.stream._read_rows
 
     def spy(ds, start, stop):
         assert isinstance(ds, h5py.Dataset)  # straight from the file, not a loaded array
         reads.append((start, stop))
         return real(ds, start, stop)
 
-    monkeypatch.setattr(cnncodes._stream, "_read_rows", spy)
+    monkeypatch.setattr(cnncodes._classify.stream, "_read_rows", spy)
     train, _ = split_store(store)
     model = fit_streaming(store, rows=train, chunk_rows=16, epochs=3)
     info = model.cnncodes_["fit"]

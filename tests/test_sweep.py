@@ -13,8 +13,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from cnncodes import CnnCodesError, CodeStore, SweepResult, UnknownLayerError, extract, sweep
-from cnncodes._cli import main
-from cnncodes._sweep import SWEEP_CS
+from cnncodes._cli.main import main
+from cnncodes._analysis.sweep import SWEEP_CS
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

@@ -17,7 +17,7 @@ from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_val_sco
 from sklearn.pipeline import make_pipeline
 from sklearn.utils import estimator_checks
 
-import cnncodes._transformer as transformer_module
+import cnncodes._transform.transformer as transformer_module
 from cnncodes import (
     CnnCodesError,
     CodeStore,
@@ -26,7 +26,7 @@ from cnncodes import (
     UnknownLayerError,
     extract,
 )
-from cnncodes._store import StoreLock
+from cnncodes._store.store import StoreLock
 from cnncodes import CNNCodes, FailedImagesError
 
 SMALL = dict(image_size=64, num_workers=0)

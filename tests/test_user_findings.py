@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from cnncodes import CnnCodesError, FailedImagesError, extract
-from cnncodes._cli import main
-from cnncodes._fit import fit
-from cnncodes._model import Predictions, evaluate, predict, save
+from cnncodes._cli.main import main
+from cnncodes._classify.fit import fit
+from cnncodes._models.model import Predictions, evaluate, predict, save
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def test_all_photos_failing_is_an_error_naming_them(model_file, tmp_path, capsys
 
 def test_csv_in_a_missing_folder_is_refused_before_extracting(model_file, mixed, tmp_path, capsys, monkeypatch):
     """Check that --csv in a folder that does not exist is a one-line error before any extraction."""
-    import cnncodes._extract as ext
+    import cnncodes._extract.extract as ext
 
     def no_extract(*args, **kwargs):
         raise AssertionError("extracted before checking --csv")

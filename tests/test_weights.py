@@ -14,8 +14,8 @@ from PIL import Image
 from torchvision.models import MobileNet_V2_Weights, mobilenet_v2, resnet18
 
 from cnncodes import WeightsError
-from cnncodes._backbones import build_model, get_backbone
-from cnncodes._weights import Weights, load_model, resolve, search_dirs
+from cnncodes._backbones.registry import build_model, get_backbone
+from cnncodes._backbones.weights import Weights, load_model, resolve, search_dirs
 
 SPEC = get_backbone("mobilenet_v2")
 V1 = MobileNet_V2_Weights.IMAGENET1K_V1

@@ -1,0 +1,1 @@
+"""The scikit-learn transformer CNNCodes and its content-keyed cache."""
