@@ -349,7 +349,13 @@ def test_clone_is_unfitted_with_same_params():
 
 def test_docstring_example():
     """Check that the examples in the module's docstrings run as written."""
-    result = doctest.testmod(cnncodes._classify.knn, optionflags=doctest.NORMALIZE_WHITESPACE)
+    # The class's __module__ is its public name (cnncodes), so the examples are found from it.
+    runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+    module = cnncodes._classify.knn
+    for test in doctest.DocTestFinder().find(module, globs=vars(module)) + doctest.DocTestFinder().find(
+            module.FaissKNNClassifier, "FaissKNNClassifier", globs=vars(module)):
+        runner.run(test)
+    result = runner.summarize(verbose=False)
     assert result.attempted > 0 and result.failed == 0
 
 

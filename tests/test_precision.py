@@ -317,7 +317,7 @@ def test_reuse_freed_memory_stops_refaulting_large_blocks(monkeypatch):
     back to the system, glibc's default restored."""
     import time
 
-    from cnncodes import _accel
+    from cnncodes._extract import accel as _accel
     from cnncodes._extract.accel import release_freed_memory, reuse_freed_memory
 
     monkeypatch.setattr(_accel, "RELEASE_AFTER_SECONDS", 0.5)
@@ -351,7 +351,7 @@ def test_reuse_freed_memory_stops_refaulting_large_blocks(monkeypatch):
 def test_release_freed_memory_at_once(monkeypatch):
     """Check that RELEASE_AFTER_SECONDS = 0 gives the memory back as the block ends, and that
     release_freed_memory() gives it back at once, except while a block runs."""
-    from cnncodes import _accel
+    from cnncodes._extract import accel as _accel
     from cnncodes._extract.accel import release_freed_memory, reuse_freed_memory
 
     monkeypatch.setattr(_accel, "RELEASE_AFTER_SECONDS", 0)

@@ -352,18 +352,18 @@ def test_a_store_in_object_storage_moves_only_what_is_new(tmp_path, folder, file
     from cnncodes._cli.main import main
 
     fs, _ = s3
-    url = "s3://photos/stores/codes.h5"
+    url = "s3://photos/local-stores/codes.h5"
     monkeypatch.setenv("CNNCODES_CACHE_DIR", str(tmp_path / "here"))
     first = extract(folder, out=url, **FAST)
     assert first.n_extracted == 9 and first.uploaded["segments"] == ["segment-000000.h5"]
     assert first.path == url and url in first.summary()
-    assert sorted(p.rsplit("/", 1)[-1] for p in fs.find("photos/stores")) == ["codes.h5", "segment-000000.h5"]
-    stamp = fs.info("photos/stores/codes.h5")["LastModified"]
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.find("photos/local-stores")) == ["codes.h5", "segment-000000.h5"]
+    stamp = fs.info("photos/local-stores/codes.h5")["LastModified"]
     here = next((tmp_path / "here" / "stores").iterdir())
     before = _copy_state(here)
     again = extract(folder, out=url, **FAST)
     assert again.n_unchanged == 9 and again.uploaded is None
-    assert _copy_state(here) == before and fs.info("photos/stores/codes.h5")["LastModified"] == stamp
+    assert _copy_state(here) == before and fs.info("photos/local-stores/codes.h5")["LastModified"] == stamp
 
     monkeypatch.setenv("CNNCODES_CACHE_DIR", str(tmp_path / "there"))
     got, ref = by_content(url), by_content(folder_store)

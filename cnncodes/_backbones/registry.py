@@ -164,7 +164,7 @@ def list_backbones() -> list[str]:
     """Return the names of the built-in backbones and those given to `register_backbone`, sorted."""
     import sys
 
-    custom = sys.modules.get(f"{__package__}._custom")  # not imported: nothing registered (and no torch)
+    custom = sys.modules.get(f"{__package__}.custom")  # not imported: nothing registered (and no torch)
     return sorted([*_REGISTRY, *(custom.registered_names() if custom else ())])
 
 
