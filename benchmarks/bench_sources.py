@@ -147,7 +147,7 @@ class Moved:
     """Bytes a remote store's working copy downloaded (RemoteStore._get) in this process."""
 
     def __init__(self):
-        from cnncodes import _remote
+        from cnncodes._store import remote as _remote
 
         self.bytes, self.files, real = 0, [], _remote.RemoteStore._get
 
