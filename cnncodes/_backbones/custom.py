@@ -14,13 +14,31 @@ import hashlib
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
-from cnncodes._backbones.registry import BackboneSpec, LayerInfo
+from cnncodes._backbones.spec import _REGISTRY, BackboneSpec, LayerInfo
 from cnncodes._errors import CnnCodesError, UnknownBackboneError, UnknownLayerError
 from cnncodes._input.images import Preprocess
 
 TIMM_PREFIX = "timm:"
 # torchvision's ImageNet preprocessing: what a module given without one gets.
 IMAGENET_PREPROCESS = Preprocess(256, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+@dataclass(frozen=True)
+class CustomSpec(BackboneSpec):
+    """A timm model or a registered nn.Module: tap points are module paths, read with forward
+    hooks; its network, crop and shapes come from its entry here, not from torchvision."""
+
+    def build(self, *, pretrained: bool = False):
+        return build_custom(self)
+
+    def nodes(self) -> tuple[str, ...]:
+        return module_paths(self)
+
+    def image_size(self) -> int:
+        return custom_image_size(self)
+
+    def shapes(self, nodes: tuple[str, ...], image_size: int, traced: bool = False) -> dict[str, tuple]:
+        return hooked_shapes(self, tuple(nodes), image_size)
 
 
 @dataclass(frozen=True)
@@ -127,8 +145,6 @@ def register_backbone(name: str, model, *, layers, preprocessing=None, image_siz
     """
     from torch import nn
 
-    from cnncodes._backbones.registry import _REGISTRY, graph_nodes, output_shapes
-
     if not isinstance(name, str) or not name or name in _REGISTRY or name.startswith(TIMM_PREFIX):
         raise UnknownBackboneError(
             f"cannot register a backbone as {name!r}: give a new name, not empty, not a built-in "
@@ -147,11 +163,9 @@ def register_backbone(name: str, model, *, layers, preprocessing=None, image_siz
                 f"it has: {', '.join(sorted(paths)[:12])}{' ...' if len(paths) > 12 else ''}.")
     prep = _as_preprocess(preprocessing, image_size)
     model.eval()
-    spec = BackboneSpec(name, "", tuple(LayerInfo(a, p, -1, None) for a, p in pairs),
+    spec = CustomSpec(name, "", tuple(LayerInfo(a, p, -1, None) for a, p in pairs),
                         default_layer or pairs[-1][0], source="module", prefix_tokens=int(prefix_tokens))
     _MODULES[name] = _Entry(spec, prep, model)
-    graph_nodes.cache_clear()  # a name registered again: other module paths and shapes
-    output_shapes.cache_clear()
     shapes = hooked_shapes(spec, tuple(p for _, p in pairs), prep.crop_size)
     infos = tuple(LayerInfo(a, p, *_channels_stride(shapes[p], prep.crop_size)) for a, p in pairs)
     _MODULES[name] = _Entry(replace(spec, layers=infos), prep, model)
@@ -229,7 +243,7 @@ def _timm_entry(name: str) -> _Entry:
     prep = Preprocess(int(side / cfg["crop_pct"]), side, tuple(cfg["mean"]), tuple(cfg["std"]),
                       str(cfg["interpolation"]), True)
     prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
-    return _Entry(BackboneSpec(name, "", infos, infos[-1].alias, source="timm", prefix_tokens=prefix), prep)
+    return _Entry(CustomSpec(name, "", infos, infos[-1].alias, source="timm", prefix_tokens=prefix), prep)
 
 
 # ----------------------------------------------------------------------------- shared
