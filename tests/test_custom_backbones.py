@@ -32,6 +32,18 @@ from cnncodes._backbones.weights import load_model, resolve
 
 timm = pytest.importorskip("timm")  # the dev extra installs it; the structural tests need it
 
+
+@pytest.fixture(scope="module", autouse=True)
+def _registrations_stay_here():
+    """The networks this module registers are forgotten after it: `list_backbones` elsewhere
+    (`cnncodes backbones`) sees the built-ins only, whatever order the tests run in."""
+    from cnncodes._backbones import custom
+
+    before = dict(custom._MODULES)
+    yield
+    custom._MODULES.clear()
+    custom._MODULES.update(before)
+
 SIZE = 64
 TIMM_MODELS = ["timm:resnet18", "timm:mobilenetv3_small_050", "timm:vit_tiny_patch16_224"]
 RUN = dict(image_size=SIZE, batch_size=4, num_workers=0, progress=False)
