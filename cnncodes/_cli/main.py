@@ -82,6 +82,19 @@ def _parser() -> argparse.ArgumentParser:
             epilog=f"Example:\n  {EXAMPLES[name]}", formatter_class=argparse.RawDescriptionHelpFormatter,
         )
 
+    for add in (_add_extract, _add_backbones, _add_layers, _add_info, _add_check, _add_fit, _add_predict,
+                _add_evaluate, _add_compare, _add_curve, _add_report, _add_finetune, _add_demo, _add_sweep,
+                _add_advise, _add_export, _add_serve):  # one function per command, in --help's order
+        add(command)
+    for name, command_parser in sub.choices.items():
+        if "--quiet" not in command_parser._option_string_actions:
+            # Every command takes --quiet, so a script can pass it throughout.
+            command_parser.add_argument("--quiet", action="store_true",
+                                        help="accepted by every command; this one shows no progress")
+    return p
+
+
+def _add_extract(command) -> None:
     e = command("extract", "extract CNN codes of images into an HDF5 store",
                 "Extract CNN codes of a folder (one subfolder per class, or flat), a CSV of "
                 "path[,label], image paths, an fsspec URL (s3://bucket/photos/), WebDataset tar "
@@ -114,8 +127,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="read and hash every file again; by default a file whose size, mtime and "
                    "inode are those stored with its row is not read")
 
+
+def _add_backbones(command) -> None:
     command("backbones", "list the registered backbones", "List the registered backbones.")
 
+
+def _add_layers(command) -> None:
     lay = command("layers", "show a backbone's layer aliases",
                   "Show a backbone's layer aliases: node, channels, stride and code size.")
     lay.add_argument("backbone")
@@ -123,10 +140,14 @@ def _parser() -> argparse.ArgumentParser:
     lay.add_argument("--image-size", type=int, help="input size (default: the weights' crop size)")
     lay.add_argument("--nodes", action="store_true", help="list every raw FX node name instead")
 
+
+def _add_info(command) -> None:
     info = command("info", "describe a code store", "Describe a code store: rows, layers, classes, "
                    "failures, label conflicts and provenance.")
     info.add_argument("store")
 
+
+def _add_check(command) -> None:
     chk = command("check", "verify a code store",
                   "Verify a code store: its segment files present and readable, row counts in "
                   "agreement, no non-finite codes; with --rehash, every image still matches its "
@@ -136,6 +157,8 @@ def _parser() -> argparse.ArgumentParser:
     chk.add_argument("--root", help="where the images are, for --rehash (default: the data root the "
                      "store recorded)")
 
+
+def _add_fit(command) -> None:
     fit = command("fit", "fit a classifier on the codes of a store",
                   "Fit logistic regression, a linear SVM or faiss kNN on a store's codes and save "
                   "it with its extractor spec as a .skops file (loads without running code).")
@@ -159,6 +182,8 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--cv", type=int, default=5, help="folds for C='auto' (default %(default)s)")
     fit.add_argument("--jobs", type=int, default=-1, help="parallel jobs for the cross-validation (default: all cores)")
 
+
+def _add_predict(command) -> None:
     pred = command("predict", "classify photos with a saved model",
                    "Extract photos with the model's own extractor spec and print the top-k labels "
                    "with probabilities.")
@@ -172,6 +197,8 @@ def _parser() -> argparse.ArgumentParser:
     _run_options(pred)
     pred.add_argument("--quiet", action="store_true", help="no progress bar")
 
+
+def _add_evaluate(command) -> None:
     ev = command("evaluate", "accuracy, per-class report and confusion matrix of a model",
                  "Evaluate a saved model on a store (its held-out rows when the model was fit with "
                  "--test-size on it) or on a labelled folder.")
@@ -183,6 +210,8 @@ def _parser() -> argparse.ArgumentParser:
     _run_options(ev, " (of a folder)")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
 
+
+def _add_compare(command) -> None:
     cmp = command("compare", "two models on the same test images: is the difference more than noise?",
                   "Evaluate two models on the same data and print the paired, stratified bootstrap "
                   "confidence interval of their accuracy difference (a - b), and whether it excludes 0.")
@@ -192,6 +221,8 @@ def _parser() -> argparse.ArgumentParser:
     _interval_options(cmp)
     _run_options(cmp, " (of a folder)")
 
+
+def _add_curve(command) -> None:
     cur = command("curve", "learning curve: held-out accuracy against training images per class",
                   "Split a store as `fit --test-size` does, fit logistic regression on repeated "
                   "training subsets of N images per class, and print held-out accuracy with its "
@@ -207,6 +238,8 @@ def _parser() -> argparse.ArgumentParser:
     cur.add_argument("--jobs", type=int, default=-1, help="parallel jobs of choosing C (default: all cores)")
     _interval_options(cur)
 
+
+def _add_report(command) -> None:
     rep = command("report", "one self-contained HTML report of a model: accuracy, mistakes, provenance",
                   "Evaluate a model and write one HTML file (images inline, no network, readable "
                   "on a phone): accuracy with its interval, per-class table, confusion matrix, "
@@ -223,6 +256,8 @@ def _parser() -> argparse.ArgumentParser:
     _interval_options(rep)
     _run_options(rep, " (of a folder)")
 
+
+def _add_finetune(command) -> None:
     ft = command("finetune", "fine-tune the top blocks of a pretrained backbone on labelled photos",
                  "Fine-tune a pretrained backbone with a new head: the layers from --unfreeze on are "
                  "trained (lower learning rate than the head), the rest stay frozen (BatchNorm in "
@@ -271,6 +306,8 @@ def _parser() -> argparse.ArgumentParser:
     ft.add_argument("--jobs", type=int, default=-1, help="parallel jobs of the --init-head fit (default: all cores)")
     ft.add_argument("--quiet", action="store_true", help="no progress output")
 
+
+def _add_demo(command) -> None:
     demo = command("demo", "the whole job on the bundled photos: extract, fit, evaluate, predict, report",
                    "Extract the 200 flower photos shipped with cnncodes (MobileNetV2, block4 + "
                    "block5), describe the store, hold out a stratified quarter, fit logistic "
@@ -282,6 +319,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default="cnncodes-demo.skops", help="model to write (default %(default)s)")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
 
+
+def _add_sweep(command) -> None:
     sw = command("sweep", "cross-validated linear probe of every layer: where are the useful features?",
                  "Extract every layer alias of a backbone in one pass (or read a store's layers), "
                  "then score a linear probe per layer by stratified k-fold cross-validation grouped "
@@ -298,6 +337,8 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--max-images", type=int, help="probe a stratified sample of at most N images")
     _probe_options(sw)
 
+
+def _add_advise(command) -> None:
     adv = command("advise", "place a data set in the four-scenario guide and recommend what to do",
                   "Measure the data set (images per class), how the pretrained ImageNet head reacts "
                   "to it, and where its useful features are (a layer sweep); place it in the "
@@ -317,6 +358,8 @@ def _parser() -> argparse.ArgumentParser:
                      "finetuned.pt when fine-tuning)")
     _probe_options(adv)
 
+
+def _add_export(command) -> None:
     exp = command("export", "write a fitted model as one network (ONNX or TorchScript)",
                   "Write a fitted model as one network from uint8 RGB pixels (already resized and "
                   "centre-cropped; the network normalises them) to class probabilities: the backbone "
@@ -330,6 +373,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="default: onnx for an .onnx file, else torchscript")
     exp.add_argument("--opset", type=int, default=17, help="ONNX opset (default %(default)s)")
 
+
+def _add_serve(command) -> None:
     srv = command("serve", "serve a model over HTTP: POST /predict, GET /health, GET / (a page)",
                   "Serve a model over HTTP until Ctrl-C: POST /predict takes a photo (multipart field "
                   "'file', or the raw body; ?top_k=K) and answers the top classes with probabilities "
@@ -346,12 +391,6 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-upload-mb", type=float, default=20.0,
                      help="larger uploads are refused with 413 (default %(default)s)")
     srv.add_argument("--threads", type=int, help="threads of the model (default: the runtime's own)")
-    for name, command_parser in sub.choices.items():
-        if "--quiet" not in command_parser._option_string_actions:
-            # Every command takes --quiet, so a script can pass it throughout.
-            command_parser.add_argument("--quiet", action="store_true",
-                                        help="accepted by every command; this one shows no progress")
-    return p
 
 
 def _interval_options(e) -> None:
