@@ -325,48 +325,10 @@ def extract(
     (4317, 96)
     """
     t0 = time.perf_counter()
-    check_pooling(pooling)
-    if dtype not in DTYPES:
-        raise InvalidParameterError(f"unknown dtype {dtype!r}. Valid dtypes: {', '.join(DTYPES)}.")
-    if tta is not None and tta not in TTAS:
-        raise InvalidParameterError(f"unknown tta {tta!r}. Valid values: {', '.join(TTAS)}.")
-    if engine not in ENGINES:
-        raise InvalidParameterError(f"unknown engine {engine!r}. Valid engines: {', '.join(map(repr, ENGINES))}.")
-    if engine == "ray":
-        from cnncodes._extract.ray_engine import import_ray
-
-        import_ray()  # fail before any file is touched
-    if compile not in ("auto", True, False):
-        raise InvalidParameterError(f"compile must be True, False or 'auto', got {compile!r}.")
-    if resize is not None and resize not in RESIZES:
-        raise InvalidParameterError(f"unknown resize {resize!r}. Valid values: {', '.join(RESIZES)} "
-                            f"(where images are resized: in the decoding processes, or on the "
-                            f"model's device).")
-    dev = resolve_device(device)
-    resolve_precision(precision, dev)  # validate early, before any file is touched
-    if batch_size < 1:
-        raise InvalidParameterError(f"batch_size must be >= 1, got {batch_size}.")
-    if model is not None:
-        from cnncodes._backbones.custom import register_backbone
-
-        if not name:
-            raise CnnCodesError("extract(model=...) needs name='my-net': the backbone name the store records.")
-        backbone = register_backbone(name, model, layers=layers, preprocessing=preprocessing)
-        layers = list(layers) if hasattr(layers, "items") else layers
-    spec_b = get_backbone(backbone)
-    if engine == "ray" and spec_b.source == "module":
-        raise CnnCodesError(f"{backbone} is an nn.Module registered in this process; Ray's actors cannot "
-                            f"build it by name. Extract it with engine='local', or use a timm or built-in backbone.")
-    if isinstance(layers, str):
-        layers = [layers]
-    infos = [spec_b.layer(name) for name in (layers or [spec_b.default_layer])]
-    by_node = {}
-    for info in infos:
-        by_node.setdefault(info.node, info)
-    infos = shallow_to_deep(spec_b, list(by_node.values()))
-    if on_other_root not in ON_OTHER_ROOT:
-        raise InvalidParameterError(f"unknown on_other_root {on_other_root!r}. Valid values: "
-                            f"{', '.join(ON_OTHER_ROOT)}.")
+    dev = _check_settings(pooling=pooling, dtype=dtype, tta=tta, engine=engine, compile=compile, resize=resize,
+                          device=device, precision=precision, batch_size=batch_size, on_other_root=on_other_root)
+    backbone, spec_b, infos = _backbone_layers(backbone, layers, engine, model=model, name=name,
+                                               preprocessing=preprocessing)
     remote = remote_store(out, storage_options)  # a store in object storage: a working copy here
     out = remote.local if remote is not None else store_path(out)
     if remote is None:
@@ -390,15 +352,8 @@ def extract(
         choice = resumed_choice(journal) if precision == "auto" and stored is None else None
         if choice is not None:  # an interrupted first run chose it: the journal holds its codes
             precision = choice.precision
-        if tta is None:
-            tta = stored.tta if stored is not None else "none"
-        if jpeg_draft is None:
-            jpeg_draft = stored.preprocessing.jpeg_draft if stored is not None else True
-        if resize is None:
-            resize = stored.preprocessing.resize if stored is not None else DEFAULT_RESIZE
-        if image_size is None and w.image_size is not None:  # a fine-tuned network: its training crop
-            image_size = w.image_size
-        prep = preprocess_for(spec_b, w, image_size, jpeg_draft, resize)
+        tta = tta if tta is not None else stored.tta if stored is not None else "none"
+        prep = _preprocess(spec_b, w, stored, image_size, jpeg_draft, resize)
 
         def make_forward(p):  # eager: the probe times eager models, and compile=True starts in _run
             return CodesForward(spec_b, w, infos, pooling, prep, dev, p, tta, batch_size=batch_size)
@@ -448,7 +403,6 @@ def extract(
                 storage_options=src.storage_options, classes=_class_table(store, src.items),
                 batch_size=batch_size, max_pixels=max_pixels, progress=progress, result=result,
                 address=ray_address, workers=ray_workers, gpus_per_worker=gpus_per_worker)
-            result.compute_seconds = time.perf_counter() - t1
         elif plan.compute:
             forward = make_forward(precision) if choice is None or choice.forward is None else choice.forward
             if compile is True:
@@ -458,22 +412,11 @@ def extract(
                                           num_workers, max_pixels, progress, result, plan.stat_of,
                                           compile_auto=compile == "auto" and dev.type == "cpu",
                                           storage_options=src.storage_options)
-            result.compute_seconds = time.perf_counter() - t1
         else:
             failed_shas = {}
-        reused = [(i, s) for i, s in plan.reused if s not in failed_shas]
-        late_failures = [(i.id, s, failed_shas[s]) for i, s in plan.reused if s in failed_shas]
-        result.n_reused = len(reused)
-        result.failures += [(rid, why) for rid, _, why in late_failures]
-        # Rows kept as they are, with the stat key their file has now (touched, copied back,
-        # or a version 1 store, which had none): their codes are copied, not recomputed.
-        kept = reused + plan.refresh
-        failures = plan.failures_with_sha + late_failures + plan.refresh_failures
-        if kept or failures:
-            journal.write(index, ids=[i.id for i, _ in kept], sha256=[s for _, s in kept],
-                          labels=[i.label for i, _ in kept],
-                          stat=[plan.stat_of[i.id] for i, _ in kept], failures=failures,
-                          fail_stat=[plan.stat_of.get(rid, UNKNOWN_STAT) for rid, _, _ in failures])
+        if plan.compute:
+            result.compute_seconds = time.perf_counter() - t1
+        _journal_kept(plan, failed_shas, journal, index, result)
         if journal.files():
             if store is not None and store.format_version < FORMAT_VERSION:
                 result.converted_from = store.format_version
@@ -489,6 +432,89 @@ def extract(
             result.n_rows = len(store) if store is not None else 0
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _check_settings(*, pooling, dtype, tta, engine, compile, resize, device, precision, batch_size,
+                    on_other_root):
+    """Refuse bad settings before any file is touched; return the device."""
+    check_pooling(pooling)
+    if dtype not in DTYPES:
+        raise InvalidParameterError(f"unknown dtype {dtype!r}. Valid dtypes: {', '.join(DTYPES)}.")
+    if tta is not None and tta not in TTAS:
+        raise InvalidParameterError(f"unknown tta {tta!r}. Valid values: {', '.join(TTAS)}.")
+    if engine not in ENGINES:
+        raise InvalidParameterError(f"unknown engine {engine!r}. Valid engines: {', '.join(map(repr, ENGINES))}.")
+    if engine == "ray":
+        from cnncodes._extract.ray_engine import import_ray
+
+        import_ray()
+    if compile not in ("auto", True, False):
+        raise InvalidParameterError(f"compile must be True, False or 'auto', got {compile!r}.")
+    if resize is not None and resize not in RESIZES:
+        raise InvalidParameterError(f"unknown resize {resize!r}. Valid values: {', '.join(RESIZES)} "
+                                    f"(where images are resized: in the decoding processes, or on the "
+                                    f"model's device).")
+    dev = resolve_device(device)
+    resolve_precision(precision, dev)
+    if batch_size < 1:
+        raise InvalidParameterError(f"batch_size must be >= 1, got {batch_size}.")
+    if on_other_root not in ON_OTHER_ROOT:
+        raise InvalidParameterError(f"unknown on_other_root {on_other_root!r}. Valid values: "
+                                    f"{', '.join(ON_OTHER_ROOT)}.")
+    return dev
+
+
+def _backbone_layers(backbone, layers, engine, *, model=None, name=None, preprocessing=None):
+    """(backbone name, its spec, the layers asked for as LayerInfo, once each, shallow to deep);
+    `model` is registered under `name` first."""
+    if model is not None:
+        from cnncodes._backbones.custom import register_backbone
+
+        if not name:
+            raise CnnCodesError("extract(model=...) needs name='my-net': the backbone name the store records.")
+        backbone = register_backbone(name, model, layers=layers, preprocessing=preprocessing)
+        layers = list(layers) if hasattr(layers, "items") else layers
+    spec_b = get_backbone(backbone)
+    if engine == "ray" and spec_b.source == "module":
+        raise CnnCodesError(f"{backbone} is an nn.Module registered in this process; Ray's actors cannot "
+                            f"build it by name. Extract it with engine='local', or use a timm or built-in backbone.")
+    if isinstance(layers, str):
+        layers = [layers]
+    by_node = {}
+    for info in (spec_b.layer(n) for n in (layers or [spec_b.default_layer])):
+        by_node.setdefault(info.node, info)
+    return backbone, spec_b, shallow_to_deep(spec_b, list(by_node.values()))
+
+
+def _preprocess(spec_b, w, stored, image_size, jpeg_draft, resize):
+    """The preprocessing of this run: settings left open follow the store being extended (so
+    that adding images never needs them repeated), then the weights' own."""
+    if jpeg_draft is None:
+        jpeg_draft = stored.preprocessing.jpeg_draft if stored is not None else True
+    if resize is None:
+        resize = stored.preprocessing.resize if stored is not None else DEFAULT_RESIZE
+    if image_size is None and w.image_size is not None:  # a fine-tuned network: its training crop
+        image_size = w.image_size
+    return preprocess_for(spec_b, w, image_size, jpeg_draft, resize)
+
+
+def _journal_kept(plan, failed_shas: dict, journal, index: int, result) -> None:
+    """Journal the rows kept as they are and this run's failures (one batch without codes).
+
+    Kept: identical content whose codes are stored (copied, not recomputed) and rows whose
+    file only got a new stat key (touched, copied back, or a version 1 store, which had none).
+    """
+    reused = [(i, s) for i, s in plan.reused if s not in failed_shas]
+    late_failures = [(i.id, s, failed_shas[s]) for i, s in plan.reused if s in failed_shas]
+    result.n_reused = len(reused)
+    result.failures += [(rid, why) for rid, _, why in late_failures]
+    kept = reused + plan.refresh
+    failures = plan.failures_with_sha + late_failures + plan.refresh_failures
+    if kept or failures:
+        journal.write(index, ids=[i.id for i, _ in kept], sha256=[s for _, s in kept],
+                      labels=[i.label for i, _ in kept],
+                      stat=[plan.stat_of[i.id] for i, _ in kept], failures=failures,
+                      fail_stat=[plan.stat_of.get(rid, UNKNOWN_STAT) for rid, _, _ in failures])
 
 
 def _class_table(store: CodeStore | None, items: list[Item]) -> list[str]:
