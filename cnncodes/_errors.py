@@ -80,3 +80,15 @@ class OutputExistsError(CnnCodesError):
 class ReadError(OSError):
     """An image's bytes could not be read; its message is the failure recorded (not raised to
     the user: a run records it and goes on)."""
+
+
+class BadUpload(Exception):
+    """A request the service refuses; ``status`` is its HTTP status, the message its reason."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status = status
+
+
+class LayersReached(Exception):
+    """Raised by a forward hook once every requested layer has run: the rest is not computed."""

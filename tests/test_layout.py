@@ -135,3 +135,16 @@ def test_reading_the_checkpoint_format_loads_no_training_code():
     for module in ("cnncodes._finetune._api", "cnncodes._finetune._loop", "cnncodes._finetune._network",
                    "cnncodes._finetune._predict", "cnncodes._models.model"):
         assert f"'{module}'" not in loaded, f"{module} is imported with the checkpoint format"
+
+
+def test_every_exception_is_defined_in_errors():
+    """Check that no module but _errors defines an exception class (issue 16: one module)."""
+    stray = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "_errors.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and any(
+                    getattr(b, "id", getattr(b, "attr", "")).endswith(("Error", "Exception")) for b in node.bases):
+                stray.append(f"{path.relative_to(PACKAGE)}:{node.name}")
+    assert stray == [], f"exceptions outside cnncodes/_errors.py: {stray}"

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from cnncodes._choices import SPP_LEVELS, check_pooling
+from cnncodes._errors import LayersReached
 
 
 class _Autocast(nn.Module):
@@ -175,10 +176,6 @@ class CodesModel(nn.Module):
         return {k: self._pool(out[k]) for k in self.outputs}
 
 
-class _Reached(Exception):
-    """Raised by a forward hook once every requested layer has run: the rest is not computed."""
-
-
 class HookedCodesModel(nn.Module):
     """Any network read at module paths by forward hooks, returning pooled codes.
 
@@ -217,7 +214,7 @@ def run_hooked(model: nn.Module, nodes: list[str], x: torch.Tensor, autocast=Non
             if node not in out:  # a module run twice: its first output
                 out[node] = result[0] if isinstance(result, (tuple, list)) else result
             if len(out) == len(nodes):
-                raise _Reached
+                raise LayersReached
         return hook
 
     handles = [model.get_submodule(node).register_forward_hook(keep(node)) for node in nodes]
@@ -225,7 +222,7 @@ def run_hooked(model: nn.Module, nodes: list[str], x: torch.Tensor, autocast=Non
     try:
         with ctx:
             model(x)
-    except _Reached:
+    except LayersReached:
         pass
     finally:
         for h in handles:

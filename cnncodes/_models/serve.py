@@ -12,19 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from cnncodes._errors import InvalidParameterError
+from cnncodes._errors import BadUpload, InvalidParameterError
 from cnncodes._io import top_k
 
 DEFAULT_MAX_UPLOAD_MB = 20.0
 MULTIPART_SLACK = 64 * 1024  # form boundaries and headers around the photo itself
-
-
-class BadUpload(Exception):
-    """A request the service refuses; ``status`` is its HTTP status, the message its reason."""
-
-    def __init__(self, status: int, reason: str):
-        super().__init__(reason)
-        self.status = status
 
 
 # --------------------------------------------------------------------------- the model
