@@ -49,8 +49,8 @@ class BackboneSpec:
     # (`custom.CustomSpec`) does it with forward hooks on module paths instead.
 
     def build(self, *, pretrained: bool) -> "nn.Module":
-        """The architecture without weights, shaped like the pretrained one (`build_model`)."""
-        return build_model(self, pretrained=pretrained)
+        """The architecture without weights, shaped like the pretrained one (`build_torchvision`)."""
+        return build_torchvision(self, pretrained=pretrained)
 
     def nodes(self) -> tuple[str, ...]:
         """The layer names the backbone accepts, shallow to deep (FX nodes and module paths)."""
@@ -194,7 +194,7 @@ def weights_names(spec: BackboneSpec):
     return weights_table(spec.weights_enum)
 
 
-def build_model(spec: BackboneSpec, *, pretrained: bool) -> nn.Module:
+def build_torchvision(spec: BackboneSpec, *, pretrained: bool) -> nn.Module:
     """Build the torchvision architecture without weights, shaped like the pretrained one.
 
     torchvision changes some constructor arguments when it loads weights (InceptionV3
@@ -230,7 +230,7 @@ def _graph_nodes(name: str) -> tuple[str, ...]:
 
     spec = _REGISTRY[name]
     with torch.device("meta"):
-        model = finish_model(spec, build_model(spec, pretrained=False))
+        model = finish_model(spec, build_torchvision(spec, pretrained=False))
     nodes = get_graph_node_names(model)[1]
     last = {}  # module path -> index of its last node
     for i, node in enumerate(nodes):
@@ -257,7 +257,7 @@ def _output_shapes(name: str, nodes: tuple[str, ...], image_size: int, traced: b
     from torchvision.models.feature_extraction import create_feature_extractor
 
     with torch.device("meta"):
-        model = finish_model(spec, build_model(spec, pretrained=False))
+        model = finish_model(spec, build_torchvision(spec, pretrained=False))
         fx = create_feature_extractor(model, {n: n for n in nodes})
         out = fx(torch.empty(1, 3, image_size, image_size))
     return {n: tuple(out[n].shape[1:]) for n in nodes}
