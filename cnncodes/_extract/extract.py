@@ -26,7 +26,7 @@ from cnncodes._errors import CnnCodesError, InvalidParameterError, StoreMismatch
 from cnncodes._extract.forward import PROBE_BATCHES, CodesForward, batches, loader
 from cnncodes._outputs import STORE, check_output
 from cnncodes._extract.precision import measure_precision, resumed_choice, save_choice
-from cnncodes._input.images import DEFAULT_MAX_PIXELS
+from cnncodes._input.images import DEFAULT_MAX_PIXELS, Preprocess
 from cnncodes._input.sources import Item, change_key, data_root, hash_item, read_source
 from cnncodes._spec import ExtractorSpec
 from cnncodes._store.store import (FORMAT_VERSION, UNKNOWN_STAT, CodeStore, Journal, StoreLock, merge, remote_store, remove_unmapped,
@@ -74,6 +74,12 @@ class ExtractResult:
     precision_choice: str = ""  # how precision="auto" chose a new store's precision
     # a store in object storage: {"segments": names uploaded, "bytes": bytes sent}
     uploaded: dict | None = None
+
+    def take_plan(self, plan) -> None:
+        """What the plan decided without computing: hashed, unchanged, resumed, known failures."""
+        self.n_hashed, self.n_unchanged, self.n_resumed = plan.n_hashed, plan.n_unchanged, plan.n_resumed
+        self.known_failures = plan.known_failures
+        self.failures = list(plan.failures)
 
     @property
     def images_per_second(self) -> float:
@@ -333,105 +339,165 @@ def extract(
     out = remote.local if remote is not None else store_path(out)
     if remote is None:
         check_output(out, STORE, option="out")  # a model, a photo, a folder ... is never overwritten
-    w = resolve(spec_b, weights)
-    src = read_source(source, labels, root=root, image_column=image_column, label_column=label_column,
-                      storage_options=storage_options)
+    run = _Run(out=out, remote=remote, backbone=backbone, spec_b=spec_b, infos=infos, dev=dev,
+               w=resolve(spec_b, weights),
+               src=read_source(source, labels, root=root, image_column=image_column, label_column=label_column,
+                               storage_options=storage_options),
+               pooling=pooling, dtype=dtype, precision=precision, tta=tta, compile=compile, batch_size=batch_size,
+               num_workers=num_workers, max_pixels=max_pixels, progress=progress, engine=engine,
+               ray=dict(address=ray_address, workers=ray_workers, gpus_per_worker=gpus_per_worker))
     out.parent.mkdir(parents=True, exist_ok=True)
-
     with StoreLock(out), (remote.lock() if remote is not None else contextlib.nullcontext()):
-        if remote is not None:
-            remote.pull()
-        remove_unmapped(out)  # what a killed run left half written: temporaries, orphan segments
-        store = CodeStore(out) if out.exists() else None
-        # Settings left open follow the store being extended, so that adding images to a
-        # store never needs its settings repeated (and never mixes precisions silently).
-        stored = store.spec if store is not None else None
-        if precision == "auto" and stored is not None:
-            precision = stored.precision
-        journal = Journal(out, remote, next_segment=int(store.attrs.get("next_segment", 0)) if store else 0)
-        choice = resumed_choice(journal) if precision == "auto" and stored is None else None
-        if choice is not None:  # an interrupted first run chose it: the journal holds its codes
-            precision = choice.precision
-        tta = tta if tta is not None else stored.tta if stored is not None else "none"
-        prep = _preprocess(spec_b, w, stored, image_size, jpeg_draft, resize)
-
-        def make_forward(p):  # eager: the probe times eager models, and compile=True starts in _run
-            return CodesForward(spec_b, w, infos, pooling, prep, dev, p, tta, batch_size=batch_size)
-
-        if precision == "auto" and engine == "local":  # a new store: measured before any write
-            def first_images(n):
-                return next(iter(loader(src.items[:n], prep, max_pixels, n, 0, False,
-                                         storage_options=src.storage_options)))[1]
-
-            choice = measure_precision(first_images, make_forward, dev, len(src.items))
-            precision = choice.precision
-        precision = resolve_precision(precision, dev)
-        code_dims = code_sizes(spec_b, infos, pooling, prep.crop_size)
-        spec = ExtractorSpec(
-            backbone=backbone, weights=w.ref, layers={i.alias: i.node for i in infos}, pooling=pooling,
-            preprocessing={**prep.as_dict(), "description": prep.describe()},
-            precision=precision, tta=tta, dtype=dtype,
-        )
-        result = ExtractResult(remote.url if remote is not None else str(out), len(src.items), skipped_files=src.skipped, layers=code_dims,
-                               precision_choice=choice.describe() if choice is not None else "")
-        if store is not None:
-            store.spec.check(spec, out.name)
-        journal.open(spec)
-        if choice is not None:
-            save_choice(journal, choice)
-        journal.clean()
+        _open_store(run, image_size=image_size, jpeg_draft=jpeg_draft, resize=resize)
+        _settle_spec(run)
         # Remote data, and every image of a Ray run, is read once, where it is decoded: the
         # plan decides from the listing's keys and never reads an image to hash it.
-        plan = _plan(src.items, store, journal, rehash=rehash,
-                     hash_in_plan=not src.remote and engine == "local", storage_options=src.storage_options)
-        new_root = store is not None and _check_root(store, src, plan, on_other_root, journal)
-        result.n_hashed = plan.n_hashed
-        result.n_unchanged = plan.n_unchanged
-        result.n_resumed = plan.n_resumed
-        result.known_failures = plan.known_failures
-        result.failures = list(plan.failures)
-        index = journal.next_index()
-        t1 = time.perf_counter()
-        if plan.compute and engine == "ray":
-            from cnncodes._extract.ray_engine import run_ray
+        plan = _plan(run.src.items, run.store, run.journal, rehash=rehash,
+                     hash_in_plan=not run.src.remote and engine == "local", storage_options=run.src.storage_options)
+        new_root = run.store is not None and _check_root(run.store, run.src, plan, on_other_root, run.journal)
+        run.result.take_plan(plan)
+        failed_shas, index = _compute(run, plan)
+        _journal_kept(plan, failed_shas, run.journal, index, run.result)
+        _commit(run, new_root)
+    run.result.seconds = time.perf_counter() - t0
+    return run.result
 
-            if remote is not None:  # the actors' segments there are this run's until it commits
-                remote.mark(spec.to_json())
-            failed_shas, index = run_ray(
-                plan.compute, backbone=backbone, weights=w, infos=infos, pooling=pooling, prep=prep,
-                precision=precision, tta=tta, dtype=dtype, journal=journal, index=index, stat_of=plan.stat_of,
-                storage_options=src.storage_options, classes=_class_table(store, src.items),
-                batch_size=batch_size, max_pixels=max_pixels, progress=progress, result=result,
-                address=ray_address, workers=ray_workers, gpus_per_worker=gpus_per_worker)
-        elif plan.compute:
-            forward = make_forward(precision) if choice is None or choice.forward is None else choice.forward
-            if compile is True:
-                forward.enable_compile(asked=True)
-            with reuse_freed_memory():  # activations reused, not faulted in anew each batch
-                failed_shas, index = _run(plan.compute, forward, prep, dtype, journal, index, batch_size,
-                                          num_workers, max_pixels, progress, result, plan.stat_of,
-                                          compile_auto=compile == "auto" and dev.type == "cpu",
-                                          storage_options=src.storage_options)
-        else:
-            failed_shas = {}
-        if plan.compute:
-            result.compute_seconds = time.perf_counter() - t1
-        _journal_kept(plan, failed_shas, journal, index, result)
-        if journal.files():
-            if store is not None and store.format_version < FORMAT_VERSION:
-                result.converted_from = store.format_version
-            attrs = _provenance(src, w)
-            if choice is not None:
-                attrs["precision_choice"] = choice.to_json()
-            commit = merge(out, journal, spec, code_dims, attrs, store=store, new_root=new_root)
-            if remote is not None:
-                result.uploaded = remote.push()
-            result.n_rows, result.conflicts = commit.rows, commit.conflicts
-        else:
-            journal.remove()
-            result.n_rows = len(store) if store is not None else 0
-    result.seconds = time.perf_counter() - t0
-    return result
+
+@dataclass
+class _Run:
+    """One extraction run: what it reads and writes, the settings asked for, and what opening
+    the store and settling the spec decide (settings left open follow the store)."""
+
+    out: Path
+    remote: object  # a RemoteStore, or None
+    backbone: str
+    spec_b: object
+    infos: list
+    dev: torch.device
+    w: object  # the resolved Weights
+    src: object  # the listed Source
+    pooling: str
+    dtype: str
+    precision: str
+    tta: str | None
+    compile: object
+    batch_size: int
+    num_workers: object
+    max_pixels: int
+    progress: bool
+    engine: str
+    ray: dict
+    store: CodeStore | None = None
+    journal: Journal | None = None
+    prep: Preprocess | None = None
+    choice: object = None  # how precision="auto" chose, or None
+    spec: ExtractorSpec | None = None
+    code_dims: dict = field(default_factory=dict)
+    result: ExtractResult | None = None
+
+    def forward(self, precision: str) -> CodesForward:
+        """The eager forward pass (the probe times eager models; compile=True starts in _run)."""
+        return CodesForward(self.spec_b, self.w, self.infos, self.pooling, self.prep, self.dev, precision,
+                            self.tta, batch_size=self.batch_size)
+
+
+def _open_store(run: _Run, *, image_size, jpeg_draft, resize) -> None:
+    """Bring a remote store's working copy up to date, open the store and its journal, and take
+    the settings left open from the store being extended (never mixing precisions silently) or
+    from an interrupted first run's journal."""
+    if run.remote is not None:
+        run.remote.pull()
+    remove_unmapped(run.out)  # what a killed run left half written: temporaries, orphan segments
+    run.store = CodeStore(run.out) if run.out.exists() else None
+    stored = run.store.spec if run.store is not None else None
+    if run.precision == "auto" and stored is not None:
+        run.precision = stored.precision
+    run.journal = Journal(run.out, run.remote,
+                          next_segment=int(run.store.attrs.get("next_segment", 0)) if run.store else 0)
+    run.choice = resumed_choice(run.journal) if run.precision == "auto" and stored is None else None
+    if run.choice is not None:  # an interrupted first run chose it: the journal holds its codes
+        run.precision = run.choice.precision
+    run.tta = run.tta if run.tta is not None else stored.tta if stored is not None else "none"
+    run.prep = _preprocess(run.spec_b, run.w, stored, image_size, jpeg_draft, resize)
+
+
+def _settle_spec(run: _Run) -> None:
+    """Choose a new store's precision by measuring (local engine), build the spec the store
+    records, check it against the store's, and open the journal with it."""
+    if run.precision == "auto" and run.engine == "local":  # a new store: measured before any write
+        def first_images(n):
+            return next(iter(loader(run.src.items[:n], run.prep, run.max_pixels, n, 0, False,
+                                    storage_options=run.src.storage_options)))[1]
+
+        run.choice = measure_precision(first_images, run.forward, run.dev, len(run.src.items))
+        run.precision = run.choice.precision
+    run.precision = resolve_precision(run.precision, run.dev)
+    run.code_dims = code_sizes(run.spec_b, run.infos, run.pooling, run.prep.crop_size)
+    run.spec = ExtractorSpec(
+        backbone=run.backbone, weights=run.w.ref, layers={i.alias: i.node for i in run.infos}, pooling=run.pooling,
+        preprocessing={**run.prep.as_dict(), "description": run.prep.describe()},
+        precision=run.precision, tta=run.tta, dtype=run.dtype,
+    )
+    run.result = ExtractResult(run.remote.url if run.remote is not None else str(run.out), len(run.src.items),
+                               skipped_files=run.src.skipped, layers=run.code_dims,
+                               precision_choice=run.choice.describe() if run.choice is not None else "")
+    if run.store is not None:
+        run.store.spec.check(run.spec, run.out.name)
+    run.journal.open(run.spec)
+    if run.choice is not None:
+        save_choice(run.journal, run.choice)
+    run.journal.clean()
+
+
+def _compute(run: _Run, plan) -> tuple[dict, int]:
+    """Compute the planned images on Ray or here: (sha256 -> reason of those that failed, the
+    journal's next index)."""
+    index = run.journal.next_index()
+    if not plan.compute:
+        return {}, index
+    t1 = time.perf_counter()
+    if run.engine == "ray":
+        from cnncodes._extract.ray_engine import run_ray
+
+        if run.remote is not None:  # the actors' segments there are this run's until it commits
+            run.remote.mark(run.spec.to_json())
+        failed_shas, index = run_ray(
+            plan.compute, backbone=run.backbone, weights=run.w, infos=run.infos, pooling=run.pooling,
+            prep=run.prep, precision=run.precision, tta=run.tta, dtype=run.dtype, journal=run.journal, index=index,
+            stat_of=plan.stat_of, storage_options=run.src.storage_options,
+            classes=_class_table(run.store, run.src.items), batch_size=run.batch_size, max_pixels=run.max_pixels,
+            progress=run.progress, result=run.result, **run.ray)
+    else:
+        reuse = run.choice is not None and run.choice.forward is not None
+        forward = run.choice.forward if reuse else run.forward(run.precision)
+        if run.compile is True:
+            forward.enable_compile(asked=True)
+        with reuse_freed_memory():  # activations reused, not faulted in anew each batch
+            failed_shas, index = _run(plan.compute, forward, run.prep, run.dtype, run.journal, index,
+                                      run.batch_size, run.num_workers, run.max_pixels, run.progress, run.result,
+                                      plan.stat_of, compile_auto=run.compile == "auto" and run.dev.type == "cpu",
+                                      storage_options=run.src.storage_options)
+    run.result.compute_seconds = time.perf_counter() - t1
+    return failed_shas, index
+
+
+def _commit(run: _Run, new_root: bool) -> None:
+    """Merge the journal into the store (and upload what is new to a remote one); or, with
+    nothing journalled, drop the journal."""
+    result, store = run.result, run.store
+    if not run.journal.files():
+        run.journal.remove()
+        result.n_rows = len(store) if store is not None else 0
+        return
+    if store is not None and store.format_version < FORMAT_VERSION:
+        result.converted_from = store.format_version
+    attrs = _provenance(run.src, run.w)
+    if run.choice is not None:
+        attrs["precision_choice"] = run.choice.to_json()
+    commit = merge(run.out, run.journal, run.spec, run.code_dims, attrs, store=store, new_root=new_root)
+    if run.remote is not None:
+        result.uploaded = run.remote.push()
+    result.n_rows, result.conflicts = commit.rows, commit.conflicts
 
 
 def _check_settings(*, pooling, dtype, tta, engine, compile, resize, device, precision, batch_size,
