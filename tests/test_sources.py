@@ -417,3 +417,45 @@ def test_a_store_in_object_storage_names_what_is_wrong(tmp_path, folder, s3, mon
         CodeStore(url)
     with pytest.raises(StoreError, match="names a bucket or folder, not a store file"):
         CodeStore("s3://photos/")
+
+
+def test_a_failed_upload_goes_up_with_the_next_run(tmp_path, folder, folder_store, s3, monkeypatch):
+    """Check that when uploading a commit fails, the run says so in one line (the store there
+    unchanged, the codes kept in the working copy), and the next run uploads them first: the
+    store in S3 then holds every row, without recomputing any."""
+    from cnncodes._errors import StoreError
+    from cnncodes._store.remote import RemoteStore
+
+    fs, _ = s3
+    url = "s3://photos/flaky-store/codes.h5"
+    monkeypatch.setenv("CNNCODES_CACHE_DIR", str(tmp_path / "here"))
+    real = RemoteStore.push
+
+    def offline(self):
+        self.fs, real_fs = _Unreachable(), self.fs
+        try:
+            return real(self)
+        finally:
+            self.fs = real_fs
+
+    monkeypatch.setattr(RemoteStore, "push", offline)
+    with pytest.raises(StoreError, match=r"cannot write the store at s3://photos/flaky-store/codes.h5: .*The "
+                                         r"store there is as it was .* go up with the next run"):
+        extract(folder, out=url, **FAST)
+    assert not fs.exists("photos/flaky-store/codes.h5")
+    monkeypatch.setattr(RemoteStore, "push", real)
+    again = extract(folder, out=url, **FAST)
+    assert again.n_extracted == 0 and again.n_unchanged == 9
+    monkeypatch.setenv("CNNCODES_CACHE_DIR", str(tmp_path / "there"))
+    got, ref = by_content(url), by_content(folder_store)
+    assert got.keys() == ref.keys()
+
+
+class _Unreachable:
+    """A file system whose every call fails as an unreachable endpoint does."""
+
+    def __getattr__(self, name):
+        def fail(*args, **kwargs):
+            raise OSError(f"endpoint unreachable ({name})")
+
+        return fail

@@ -133,6 +133,8 @@ class RemoteStore:
         """
         self.local.parent.mkdir(parents=True, exist_ok=True)
         folder = Path(f"{self.local}.d")
+        if self._manifest().get("unpushed") and self.local.is_file():
+            self.push()  # a commit whose upload failed: it goes first, then the copy is in step
         try:
             info = self._info(self.inner)
             manifest = self._manifest()
@@ -196,6 +198,7 @@ class RemoteStore:
         folder = Path(f"{self.local}.d")
         names = mapped_segments(self.local)
         sent, nbytes = [], 0
+        self._save_manifest({**self._manifest(), "unpushed": True})  # until the root is up
         try:
             listed = self.listing()
             for s in names:
@@ -218,7 +221,8 @@ class RemoteStore:
         except OSError as exc:
             raise StoreError(
                 f"cannot write the store at {self.url}: {exc}. The store there is as it was (segments "
-                f"first, the root last); the codes are kept in {self.local}: fix access and re-run.") from None
+                f"first, the root last); the codes are kept in {self.local} and go up with the next run "
+                f"or read of the store: fix access and re-run.") from None
         self._save_manifest({"url": self.url, "root": list(remote_key(info)) if info else None,
                              "mapped": names,  # an actor's segment, not here, is pulled when read
                              "segments": {s: listed[s] for s in names if s in listed and (folder / s).is_file()}})
