@@ -1,7 +1,7 @@
 """Backbones beyond torchvision's nine: your own nn.Module (by name) and timm models ("timm:<name>").
 
 Neither is traced with FX: each tap point is a module path whose output a forward hook reads
-(`_codesmodel.HookedCodesModel`). A registered module runs with the parameters it holds, and a
+(`codes_model.HookedCodesModel`). A registered module runs with the parameters it holds, and a
 store records the sha256 of its state dict; a timm model gets its tap points (``block1`` …
 ``blockN``, the stage ends of timm's ``feature_info``) and its preprocessing
 (``resolve_data_config``) from timm itself.

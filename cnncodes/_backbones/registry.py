@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 # The registry is plain data, without torch: `cnncodes backbones` lists it in a blink. torch
 # and torchvision are imported by the functions that build or trace a network; the network
-# wrappers that subclass torch's modules live in _codesmodel.
+# wrappers that subclass torch's modules live in codes_model.py.
 
 
 

@@ -36,7 +36,7 @@ class BackboneSpec:
     default_layer: str  # alias of the pre-logits features
     builder_kwargs: tuple[tuple[str, object], ...] = ()
     # "torchvision" (traced with FX), "timm" or "module" (a registered nn.Module): the last two
-    # are read with forward hooks on module paths (see _custom).
+    # are read with forward hooks on module paths (see custom.py).
     source: str = "torchvision"
     prefix_tokens: int = 0  # leading class / register tokens of token outputs (ViTs)
 
@@ -186,7 +186,7 @@ def weights_enum(spec: BackboneSpec):
 def weights_names(spec: BackboneSpec):
     """Return the backbone's weights enum for names, files and preprocessing only.
 
-    While torchvision is not imported this is a snapshot of it (see _tvweights): resolving a
+    While torchvision is not imported this is a snapshot of it (see tv_weights.py): resolving a
     weights name and building the preprocessing then cost no torchvision import (1-2 s).
     """
     from cnncodes._backbones.tv_weights import weights_table

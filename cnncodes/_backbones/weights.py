@@ -232,7 +232,7 @@ def load_model(spec: BackboneSpec, weights: Weights) -> torch.nn.Module:
 
 # --------------------------------------------------------------------------- timm models and registered modules
 # Their weights: a registered module's own parameters; a timm model's file, timm's download or
-# random ones. The network side of these backbones (entries, building, hooks) is `_custom`'s.
+# random ones. The network side of these backbones (entries, building, hooks) is `custom`'s.
 
 
 def _resolve_custom(spec: BackboneSpec, weights):

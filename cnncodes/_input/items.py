@@ -1,6 +1,6 @@
 """What a source is made of: an `Item` (an image's id, where its bytes are, its label, its
 change key), a `Source` (a listing of items), URLs and their file systems, and reading the
-bytes of a file, an object or a byte range of one. `_tables` and `_sources` build on it."""
+bytes of a file, an object or a byte range of one. `tables` and `sources` build on it."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 from cnncodes._errors import ReadError, SourceError
 
 UNKNOWN_KEY = (-1, -1, -1)
-# The files a folder or a shard lists as images (here, not in _images: listing needs no torch).
+# The files a folder or a shard lists as images (here, not in images.py: listing needs no torch).
 IMAGE_EXTENSIONS = (
     # .jfif and .jpe are JPEG files under other names; PIL reads them as JPEG.
     ".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm",

@@ -9,7 +9,7 @@ change key the listing gave) and `read_bytes` reads one item's encoded image. So
   ``file://``...), credentials the fsspec way (environment, config files, `storage_options`);
 - WebDataset tar shards (``shards/train-{000000..000009}.tar``, local or remote);
 - Parquet files, Hugging Face ``datasets`` folders (``save_to_disk``) and ``Dataset``
-  objects with an image column (see `_tables`).
+  objects with an image column (see `tables`).
 
 An unchanged re-run decides every item from its listing alone: local files by
 (size, mtime_ns, inode), objects by (size, mtime, ETag / version), tar members and table
