@@ -176,6 +176,9 @@ def test_incremental_add_and_label_conflict(photos, tmp_path, sample_dir, fast):
     assert store.class_names[labels["sunflower/same_as_rose.jpg"]] == "sunflower"
     assert result.conflicts == [[(f"rose/{duplicate.name}", "rose"), ("sunflower/same_as_rose.jpg", "sunflower")]]
     assert "1 identical images carry different labels" in result.summary()
+    # The reader finds the same group, over the whole store and among the run's contents.
+    shas = dict(zip(store.ids, store.sha256))
+    assert store.conflicts() == store.conflicts(among=[shas["sunflower/same_as_rose.jpg"]]) == result.conflicts
 
 
 def test_changed_file_is_recomputed(photos, tmp_path, sample_dir, fast):

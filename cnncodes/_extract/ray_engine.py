@@ -154,7 +154,8 @@ class _CodesWorker:
         if remote is not None:  # a store in object storage: each segment uploaded as written
             import tempfile
 
-            store = Path(tempfile.mkdtemp(prefix="cnncodes-actor-")) / "codes.h5"
+            self._scratch = tempfile.TemporaryDirectory(prefix="cnncodes-actor-")  # removed with the actor
+            store = Path(self._scratch.name) / "codes.h5"
         self.journal = Journal(Path(store))
         self.journal.folder.mkdir(parents=True, exist_ok=True)
         self.written = 0

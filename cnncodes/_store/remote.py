@@ -122,7 +122,8 @@ class RemoteStore:
     # ------------------------------------------------------------------ pull / push
 
     def _get(self, remote: str, local: Path) -> None:
-        with self.fs.open(remote, "rb", block_size=8 << 20) as src, atomic_write(local) as dst:
+        # A copy of what is in object storage: whole or absent, but no fsync (it can be fetched again).
+        with self.fs.open(remote, "rb", block_size=8 << 20) as src, atomic_write(local, fsync=False) as dst:
             shutil.copyfileobj(src, dst, 8 << 20)
 
     def pull(self) -> Path:

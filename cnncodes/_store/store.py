@@ -986,17 +986,20 @@ def _conflicts(new: dict, old: "_Old | None", dead: np.ndarray, classes: list) -
     """Conflict groups among the contents a commit wrote: its rows and the old rows it kept
     (read from the rows' tables, not from the new root: an actor's segment in object storage
     stays there)."""
+    rows = [(sha, key.decode(), classes[label] if label >= 0 else None) for key, (sha, label, _, _) in new.items()]
+    if old is not None and rows:
+        kept = old.store.rows_with_sha(sorted({bytes(r[0]) for r in rows}))
+        rows += old.store._sha_id_label(kept[~dead[kept]] if len(kept) else kept, classes)
+    return sorted(_label_conflicts(rows))
+
+
+def _label_conflicts(rows) -> list:
+    """(sha256, id, label name) rows -> groups of (id, label) that share a content under
+    different labels, each sorted, in the order their contents first come."""
     groups = defaultdict(list)
-    for key, (sha, label, _, _) in new.items():
-        groups[bytes(sha)].append((key.decode(), classes[label] if label >= 0 else None))
-    if old is not None and groups:
-        rows = old.store.rows_with_sha(sorted(groups))
-        rows = rows[~dead[rows]] if len(rows) else rows
-        if len(rows):
-            for sha, rid, lab in zip(old.store._sha_at(rows).tolist(), old.store._ids_at_rows(rows).tolist(),
-                                     old.store._labels_at(rows).tolist()):
-                groups[bytes(sha)].append((rid.decode(), classes[lab] if lab >= 0 else None))
-    return sorted(sorted(g) for g in groups.values() if len({lab for _, lab in g}) > 1)
+    for sha, rid, label in rows:
+        groups[bytes(sha)].append((rid, label))
+    return [sorted(g) for g in groups.values() if len({lab for _, lab in g}) > 1]
 
 
 def remove_unmapped(path: Path) -> list[Path]:
@@ -1192,6 +1195,13 @@ class CodeStore:
     def _ids_at_rows(self, rows) -> np.ndarray:
         return self._rows_read("ids", rows, "_raw_ids")
 
+    def _sha_id_label(self, rows, names) -> list:
+        """(sha256, id, label name) of these rows, names from `names` (a class table)."""
+        if not len(rows):
+            return []
+        return [(sha, rid.decode(), names[lab] if lab >= 0 else None) for sha, rid, lab in
+                zip(self._sha_at(rows).tolist(), self._ids_at_rows(rows).tolist(), self._labels_at(rows).tolist())]
+
     def _sha_at(self, rows) -> np.ndarray:
         return self._rows_read("sha256", rows, "_raw_sha256")
 
@@ -1337,13 +1347,7 @@ class CodeStore:
         `among`: only the groups of these sha256s (hex str or bytes), e.g. a run's new rows.
         """
         if among is not None:
-            rows = self.rows_with_sha(list(among))
-            names = self.class_names
-            groups = defaultdict(list)
-            for sha, rid, lab in zip(self._sha_at(rows).tolist(), self._ids_at_rows(rows).tolist(),
-                                     self._labels_at(rows).tolist()):
-                groups[sha].append((rid.decode(), names[lab] if lab >= 0 else None))
-            return [sorted(g) for g in groups.values() if len({lab for _, lab in g}) > 1]
+            return _label_conflicts(self._sha_id_label(self.rows_with_sha(list(among)), self.class_names))
         sha, labels = self._raw_sha256, self._labels
         if len(sha) < 2:
             return []
