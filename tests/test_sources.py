@@ -395,7 +395,8 @@ def test_a_store_in_object_storage_moves_only_what_is_new(tmp_path, folder, file
 def test_a_store_in_object_storage_names_what_is_wrong(tmp_path, folder, s3, monkeypatch):
     """Check the one-line errors of a store in object storage: a writer on another host holds
     it (say who, and what to delete when that run is dead); a segment object is missing; a
-    bucket given instead of a file; no store there."""
+    bucket or a folder given instead of a file; no store there; an object of another kind as
+    the output (refused, left as it was)."""
     from cnncodes._errors import StoreError, StoreLockedError
 
     fs, _ = s3
@@ -417,6 +418,13 @@ def test_a_store_in_object_storage_names_what_is_wrong(tmp_path, folder, s3, mon
         CodeStore(url)
     with pytest.raises(StoreError, match="names a bucket or folder, not a store file"):
         CodeStore("s3://photos/")
+    with pytest.raises(StoreError, match=re.escape("s3://photos/errors is a folder; give the store's file")):
+        CodeStore("s3://photos/errors")
+    # An object of another kind is never taken for a store, nor written over.
+    fs.pipe("photos/errors/photo.jpg", b"\xff\xd8\xff not a store")
+    with pytest.raises(StoreError, match=r"cannot read the store at s3://photos/errors/photo.jpg"):
+        extract(folder, out="s3://photos/errors/photo.jpg", **FAST)
+    assert fs.cat("photos/errors/photo.jpg") == b"\xff\xd8\xff not a store"
 
 
 def test_a_failed_upload_goes_up_with_the_next_run(tmp_path, folder, folder_store, s3, monkeypatch):
