@@ -7,8 +7,8 @@ ratios, not the absolute rates):
 - decode-only: cnncodes' readers and decoders (DataLoader workers), no model;
 - model-only: cnncodes' forward pass on already-decoded tensors, at the same settings (and
   once with glibc's default malloc, which faults the activations in anew at every batch);
-- `cnncodes extract`, first run, end to end (hashing, decoding, model, journal, merge),
-  alternating with model-only in `--rounds` rounds (medians, and the median of the rounds'
+- `cnncodes extract`, first run, end to end in a fresh process (model build and weight
+  loading, precision probe, hashing, decoding, model, journal, merge), alternating with model-only in `--rounds` rounds (medians, and the median of the rounds'
   ratios: on a shared machine the rate drifts by 10 % within minutes);
 - an unchanged re-run, and a re-run after adding 1 % new images: soon after a run (its freed
   memory still kept, see `cnncodes._extract.accel.reuse_freed_memory`) and with that memory given
@@ -120,22 +120,36 @@ from cnncodes import extract
 data, out, settings = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 t0 = time.perf_counter()
 r = extract(data, out=out, **settings)
-print(json.dumps({"seconds": time.perf_counter() - t0, "rate": r.images_per_second}))
+seconds = time.perf_counter() - t0
+from cnncodes import CodeStore
+print(json.dumps({"seconds": seconds, "rate": r.images_per_second, "choice": r.precision_choice,
+                  "precision": CodeStore(out).spec["precision"]}))
 """
 
 
-def compiled_extract(data: Path, out: Path, settings: dict, cache: Path, compile_=True) -> dict:
-    """`extract(compile=compile_)` in a fresh process whose compile cache is `cache`.
+def fresh_extract(data: Path, out: Path, settings: dict, cache: Path | None = None) -> dict:
+    """`extract(data, out=out, **settings)` in a fresh process, timed around the call.
 
-    torch.compile keeps compiled kernels on disk (and in memory), so a second compilation
-    in the same process or with the same cache takes seconds: a fresh process with an empty
-    `cache` measures a user's first run, one with the cache filled their later runs.
+    As a user's run: the model built and its weights loaded, precision="auto"'s probe, hashing,
+    decoding, journal and merge, none of it warmed by an earlier run in the same process (nor
+    slowed by this benchmark's own memory); the interpreter's start-up and imports are left out
+    (bench_whole_process.py has them). torch.compile keeps compiled kernels on disk (and in
+    memory), so a second compilation with the same `cache` takes seconds: an empty `cache`
+    measures a user's first compiled run, a filled one their later runs.
     """
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)}
-    settings = {**settings, "compile": compile_}
+    env = dict(os.environ)
+    if cache is not None:
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
     done = subprocess.run([sys.executable, "-c", _TIMED_EXTRACT, str(data), str(out), json.dumps(settings)],
-                          env=env, capture_output=True, text=True, check=True)
+                          env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"extract failed in a fresh process:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def compiled_extract(data: Path, out: Path, settings: dict, cache: Path, compile_=True) -> dict:
+    """`extract(compile=compile_)` in a fresh process whose compile cache is `cache`."""
+    return fresh_extract(data, out, {**settings, "compile": compile_}, cache)
 
 
 def subset(src: Path, dst: Path, n: int | None, seed: int = 0) -> list[Path]:
@@ -161,7 +175,6 @@ def _spread(xs, fmt="{:.2f}"):
 
 
 def main():
-    from cnncodes import CodeStore, extract
     from cnncodes._extract.accel import cpu_has_fast_bf16, release_freed_memory
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -215,22 +228,23 @@ def main():
     # back as a fresh process has it: on a shared machine the rate drifts by 10 % within
     # minutes, and each round's ratio compares runs a few seconds apart.
     out = work / "codes.h5"
-    models, firsts = [], []
+    models, firsts, flows = [], [], []
     for r in range(args.rounds):
         release_freed_memory()
         target = out if r == 0 else work / f"first-{r}.h5"
-        t0 = time.perf_counter()
-        result = extract(work / "data", out=target, compile=False, **settings)
-        firsts.append(time.perf_counter() - t0)
-        precision = CodeStore(target).spec["precision"]
-        if result.precision_choice:
-            print(f"# round {r + 1}: {result.precision_choice}")
+        run = fresh_extract(work / "data", target, {**settings, "compile": False})
+        firsts.append(run["seconds"])
+        flows.append(n / run["rate"])  # the images' part: the call less its start-up
+        precision = run["precision"]
+        if run["choice"]:
+            print(f"# round {r + 1}: {run['choice']}")
         if target != out:
             target.unlink()
         release_freed_memory()
         models.append(model_only(batches, args.backbone, weights, layer, precision, False, args.batch_size)[0])
-    t_model, t_first = _median(models), _median(firsts)
+    t_model, t_first, t_flow = _median(models), _median(firsts), _median(flows)
     ratios = [m / f * 100 for m, f in zip(models, firsts)]
+    flow_ratios = [m / f * 100 for m, f in zip(models, flows)]
     rows.append((f"model only, {precision} (extract's {'choice' if args.precision == 'auto' else 'setting'})",
                  t_model, n, _spread(models)))
     release_freed_memory()
@@ -248,14 +262,16 @@ def main():
         t_others[other] = model_only(batches, args.backbone, weights, layer, other, False, args.batch_size)[0]
         rows.append((f"model only, {other}", t_others[other], n, ""))
     del batches
-    rows.append(("cnncodes extract --no-compile (first run, end to end)", t_first, n,
+    rows.append(("cnncodes extract --no-compile (first run, the whole call in a fresh process)", t_first, n,
                  f"**{_median(ratios):.0f} %** of model-only's rate (median of the rounds' ratios; "
-                 f"{_spread(ratios, '{:.0f} %')}); {_spread(firsts)}"))
+                 f"{_spread(ratios, '{:.0f} %')}); {_spread(firsts)}; start-up included"))
+    rows.append(("  the same runs, images' rate (extract's img/s: read, hash, decode, model, journal)", t_flow, n,
+                 f"**{_median(flow_ratios):.0f} %** of model-only's rate ({_spread(flow_ratios, '{:.0f} %')}); "
+                 f"start-up {t_first - t_flow:.1f} s (imports, model build and weights, precision probe, "
+                 f"listing, plan, merge)"))
     for other in [p for p in others if p != precision]:  # what auto did not choose, end to end
-        release_freed_memory()
-        t0 = time.perf_counter()
-        extract(work / "data", out=work / f"{other}.h5", compile=False, **{**settings, "precision": other})
-        t_other = time.perf_counter() - t0
+        t_other = fresh_extract(work / "data", work / f"{other}.h5",
+                                {**settings, "precision": other, "compile": False})["seconds"]
         rows.append((f"cnncodes extract --precision {other} (end to end)", t_other, n,
                      f"{t_others[other] / t_other * 100:.0f} % of {other} model-only's rate"))
     if args.compile:

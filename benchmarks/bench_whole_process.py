@@ -9,8 +9,12 @@ reading every photo, the forward passes, writing the codes), as a user runs it:
 - ``python -m cnncodes extract DATA -o NEW.h5 --quiet`` with its defaults (a new store).
 
 Rounds alternate the two (the machines are shared: compare ratios within a round).
+With ``--weights random`` (backbones without offline ImageNet weights, for speed only) the
+backbone's seeded random weights are saved once as a checkpoint, and both load that file
+(cnncodes as ``--weights FILE``): the same start-up work as with real weights.
 
     python benchmarks/bench_whole_process.py /work/shared/datasets/flowers5 --rounds 2
+    python benchmarks/bench_whole_process.py /work/shared/datasets/flowers5 --backbone resnet50 --weights random
 """
 
 from __future__ import annotations
@@ -59,21 +63,36 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("data", type=Path, help="a folder of class subfolders")
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--backbone", default="mobilenet_v2")
+    ap.add_argument("--weights", default="imagenet", help="'imagenet' (offline weights) or 'random'")
     args = ap.parse_args()
-    from cnncodes._backbones.registry import get_backbone
-    from cnncodes._backbones.weights import resolve
+    import torch
 
-    checkpoint = resolve(get_backbone("mobilenet_v2"), "imagenet").path
+    from cnncodes._backbones.registry import get_backbone
+    from cnncodes._backbones.weights import load_model, resolve
+
+    spec = get_backbone(args.backbone)
+    node = spec.layer(spec.default_layer).node
+    work_dir = tempfile.TemporaryDirectory()
+    if args.weights == "random":
+        checkpoint = os.path.join(work_dir.name, f"{args.backbone}-random.pth")
+        torch.save(load_model(spec, resolve(spec, None)).state_dict(), checkpoint)
+        weights_flag = ["--weights", checkpoint]
+    else:
+        checkpoint = resolve(spec, args.weights).path
+        weights_flag = []
     n = sum(1 for p in args.data.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-    print(f"# {cpu_name()}, {os.cpu_count()} cores; {n} photos in {args.data}; MobileNetV2 block5 "
-          f"(features.18), ImageNet weights {Path(checkpoint).name}; load average {os.getloadavg()[0]:.1f}")
+    print(f"# {cpu_name()}, {os.cpu_count()} cores; {n} photos in {args.data}; {args.backbone} "
+          f"{spec.default_layer} ({node}), {args.weights} weights {Path(checkpoint).name}; "
+          f"load average {os.getloadavg()[0]:.1f}")
     plain, ours = [], []
-    with tempfile.TemporaryDirectory() as work:
+    with work_dir as work:
         for r in range(args.rounds):
-            plain.append(timed([sys.executable, "-c", PLAIN, str(args.data), "mobilenet_v2", "features.18",
+            plain.append(timed([sys.executable, "-c", PLAIN, str(args.data), args.backbone, node,
                                 checkpoint, os.path.join(work, f"plain-{r}.npy")]))
-            ours.append(timed([sys.executable, "-m", "cnncodes", "extract", str(args.data),
-                               "-o", os.path.join(work, f"codes-{r}.h5"), "--quiet"]))
+            ours.append(timed([sys.executable, "-m", "cnncodes", "extract", str(args.data), "--backbone",
+                               args.backbone, *weights_flag, "-o", os.path.join(work, f"codes-{r}.h5"),
+                               "--quiet"]))
             print(f"# round {r + 1}: plain loop {plain[-1]:.1f} s, cnncodes extract {ours[-1]:.1f} s, "
                   f"{plain[-1] / ours[-1]:.2f}x; load average {os.getloadavg()[0]:.1f}", flush=True)
     p, o = statistics.median(plain), statistics.median(ours)

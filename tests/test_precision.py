@@ -219,8 +219,9 @@ def test_cuda_codes_agree_with_cpu_float32(precision_pair, sample_dir, tmp_path)
 @pytest.mark.parametrize("forward_seconds, workers", [(10.0, 0), (1e-6, 1)], ids=["model-bound", "decode-bound"])
 def test_auto_workers_decode_in_process_when_decoding_is_cheap(sample_dir, monkeypatch, forward_seconds, workers):
     """Check the measured choice of num_workers="auto": the first batches are decoded in the
-    calling process; the rest too when decoding costs under a quarter of the forward pass, in
-    worker processes otherwise; every image comes once, in order, whichever was chosen."""
+    calling process (a thread per core, one thread, a thread per core); the rest too when
+    decoding costs under a quarter of the forward pass, in worker processes otherwise; every
+    image comes once, in order, whichever was chosen."""
     import cnncodes._extract.forward as fw
     from cnncodes._input.sources import read_source
 
@@ -228,9 +229,9 @@ def test_auto_workers_decode_in_process_when_decoding_is_cheap(sample_dir, monke
     loaders = []
     real = fw.loader
 
-    def spy(items, prep, max_pixels, batch_size, workers, pin, start=0, storage_options=None):
-        loaders.append((len(items), workers, start))
-        return real(items, prep, max_pixels, batch_size, workers, pin, start, storage_options)
+    def spy(items, prep, max_pixels, batch_size, workers, pin, start=0, storage_options=None, threads=None):
+        loaders.append((len(items), workers, start, threads))
+        return real(items, prep, max_pixels, batch_size, workers, pin, start, storage_options, threads)
 
     monkeypatch.setattr(fw, "loader", spy)
     items = read_source(sample_dir).items
@@ -242,11 +243,44 @@ def test_auto_workers_decode_in_process_when_decoding_is_cheap(sample_dir, monke
         seen += idx
         timed.append(forward_seconds)
     assert seen == list(range(len(items)))
-    assert loaders == [(8, 0, 0), (len(items), workers, 8)]
+    assert loaders[:3] == [(4, 0, 0, None), (8, 0, 4, 1), (12, 0, 8, None)]
+    assert loaders[3][:3] == (len(items), workers, 12)
     loaders.clear()
     # An explicit number of workers is used as it is, without probing.
     assert len(list(fw.batches(items, prep, 10**8, 4, 0, False, [0.0]))) == 10
-    assert loaders == [(len(items), 0, 0)]
+    assert loaders == [(len(items), 0, 0, None)]
+
+
+@pytest.mark.parametrize("slow, chosen", [(1, None), (None, 1)], ids=["threads-pay", "one-thread-pays"])
+def test_auto_workers_keep_the_faster_thread_count(sample_dir, monkeypatch, slow, chosen):
+    """Check that decoding in process goes on with the thread count that decoded its probe
+    batch faster (one thread, or one per core), and that the batches are the same."""
+    import time
+
+    import cnncodes._extract.forward as fw
+    from cnncodes._input.sources import read_source
+
+    real_in_turn, used = fw._in_turn, []
+
+    def timed_in_turn(dataset, batch_size, pin, threads=None):
+        used.append(threads)
+        for batch in real_in_turn(dataset, batch_size, pin, threads):
+            if threads == slow:
+                time.sleep(0.2)  # this thread count decodes slowly here
+            yield batch
+
+    monkeypatch.setattr(fw, "_in_turn", timed_in_turn)
+    items = read_source(sample_dir).items
+    prep = Preprocess(64, 56, (0.5, 0.5, 0.5), (0.2, 0.2, 0.2))
+    timed = [0.0]
+    got = []
+    for idx, batch, shas, bad in fw.batches(items, prep, 10**8, 4, "auto", False, timed):
+        got.append((idx, batch))
+        timed.append(10.0)  # model-bound: the rest is decoded in this process
+    assert used == [None, 1, None, chosen]
+    reference = list(fw.loader(items, prep, 10**8, 4, 0, False))
+    assert [i for i, _ in got] == [r[0] for r in reference]
+    assert all(torch.equal(b, r[1]) for (_, b), r in zip(got, reference))
 
 
 @pytest.mark.parametrize("compiles", [True, False], ids=["long-run", "short-run"])

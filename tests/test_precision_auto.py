@@ -54,6 +54,16 @@ def timed(monkeypatch):
     return calls, use
 
 
+def test_a_long_pass_is_timed_once(sample_dir, tmp_path, timed):
+    """Check that a candidate whose timed pass took LONG_PASS or more is not timed again, while
+    the other still gets its TIMED_BATCHES passes, and that the faster one still wins."""
+    calls, use = timed
+    use({"float32": pr.LONG_PASS * 2, "bfloat16": pr.LONG_PASS / 2})
+    extract(sample_dir, out=tmp_path / "auto.h5", **SETTINGS)
+    assert calls == ["float32", "bfloat16"] + ["bfloat16"] * (pr.TIMED_BATCHES - 1)
+    assert _choice(tmp_path / "auto.h5")["precision"] == "bfloat16"
+
+
 @pytest.mark.parametrize("seconds, winner", [
     ({"float32": 0.10, "bfloat16": 0.20}, "float32"),
     ({"float32": 0.20, "bfloat16": 0.10}, "bfloat16"),

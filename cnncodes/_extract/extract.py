@@ -23,7 +23,7 @@ from cnncodes._backbones.registry import (
 from cnncodes._extract.accel import resolve_device, resolve_precision, reuse_freed_memory
 from cnncodes._choices import DEFAULT_BACKBONE, DTYPES, ENGINES, IMAGENET, RESIZES, TTAS
 from cnncodes._errors import CnnCodesError, InvalidParameterError, StoreMismatchError
-from cnncodes._extract.forward import PROBE_BATCHES, CodesForward, batches, loader
+from cnncodes._extract.forward import CodesForward, batches, loader
 from cnncodes._outputs import STORE, check_output
 from cnncodes._extract.precision import measure_precision, resumed_choice, save_choice
 from cnncodes._input.images import DEFAULT_MAX_PIXELS, Preprocess
@@ -44,6 +44,7 @@ SLOW_READ_SECONDS = 200e-6  # a file read and hashed slower than this, on averag
 # 1.05-1.15x (438 -> 465 img/s), ResNet50 1.17-1.19x (89 -> 105 img/s). A first compilation
 # is repaid from about 2-7 minutes of eager work; auto compiles from 5.
 COMPILE_MIN_SECONDS = 300.0
+PROBE_BATCHES = 2  # eager batches before compile="auto" decides (the last one timed)
 # A file modified this close to the moment it was listed may be modified again within the
 # file system's timestamp resolution without its stat key changing (git's "racy" files):
 # its stat key is recorded as unknown, so the next run reads it once more.
@@ -472,6 +473,9 @@ def _compute(run: _Run, plan) -> tuple[dict, int]:
         forward = run.choice.forward if reuse else run.forward(run.precision)
         if run.compile is True:
             forward.enable_compile(asked=True)
+        # The images' rate: from the first image read to the last batch journalled, the
+        # model built (as the precision probe builds it: start-up, not part of the rate).
+        t1 = time.perf_counter()
         with reuse_freed_memory():  # activations reused, not faulted in anew each batch
             failed_shas, index = _run(plan.compute, forward, run.prep, run.dtype, run.journal, index,
                                       run.batch_size, run.num_workers, run.max_pixels, run.progress, run.result,

@@ -6,6 +6,7 @@ Ray engine (`_ray`) both build on it; it imports neither.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import warnings
@@ -62,43 +63,49 @@ def default_workers(n: int, batch_size: int, most: int = 8) -> int:
     return max(1, min(most, (os.cpu_count() or 2) - 1))
 
 
-# With num_workers="auto", the first PROBE_BATCHES batches are decoded in the calling process
-# and the second one is timed: decoding and the forward pass. When decoding costs at most
-# SERIAL_DECODE_SHARE of the forward pass, the rest is decoded in the calling process too:
-# worker processes would preempt the model's threads, and every parallel region of the
+# With num_workers="auto", the first batches are decoded in the calling process and timed:
+# the first (cold: imports, file cache) with a thread per core, the second with one thread,
+# the third with a thread per core again. The faster thread count decodes the rest, and the
+# calling process keeps decoding when its time is at most SERIAL_DECODE_SHARE of the forward
+# pass: worker processes would preempt the model's threads, and every parallel region of the
 # forward pass waits for its slowest thread. On 2 cores (MobileNetV2, flowers5) that made
 # the run 15 % slower than decoding in turn (113 vs 132 img/s). Costlier decoding (large
-# photos, a fast GPU) goes to workers.
-PROBE_BATCHES = 2
+# photos, a fast GPU) goes to workers. Threads pay where decoding lets go of the GIL:
+# 1024x768 JPEGs decode 1.6x faster on 2 threads than on one (4.4 -> 2.7 ms a photo), while
+# flowers5's 128 px photos, resized on the device, decode 1.2x slower (0.27 -> 0.32 ms: PIL's
+# Python-level parsing is most of their time, and the threads take turns at the GIL).
+PROBE_THREADS = (None, 1, None)  # None: a thread per core
 SERIAL_DECODE_SHARE = 0.25
 
 
-def loader(items, prep, max_pixels, batch_size, workers, pin, start=0, storage_options=None):
-    """Batches of ``items[start:]``: decoded by `workers` processes, or in turn (0)."""
+def loader(items, prep, max_pixels, batch_size, workers, pin, start=0, storage_options=None, threads=None):
+    """Batches of ``items[start:]``: decoded by `workers` processes, or in turn (0) by
+    `threads` threads (None: one per core)."""
     images = Images(items, prep, max_pixels, start, storage_options)
     if workers == 0:
-        return _in_turn(images, batch_size, pin)
+        return _in_turn(images, batch_size, pin, threads)
     return torch.utils.data.DataLoader(
         images, batch_size=batch_size, shuffle=False,
         num_workers=workers, collate_fn=collate, pin_memory=pin,
     )
 
 
-def _in_turn(dataset, batch_size, pin):
-    """Decode each batch in this process, between forward passes, with a thread per core.
+def _in_turn(dataset, batch_size, pin, threads=None):
+    """Decode each batch in this process, between forward passes, by `threads` threads.
 
-    PIL lets go of the GIL while it decodes and resizes, so the threads share the work:
-    on 2 cores a batch of flowers5 photos decodes 1.35-1.5x faster than on one thread,
-    which would leave the second core idle while the model waits. The warnings filters are
-    process-wide: the threads' own ``catch_warnings`` blocks (in ``decode``) interleave and
-    can leave them changed, so this thread saves and restores them around each batch
-    (nothing else runs here while a batch decodes).
+    PIL lets go of the GIL while it decodes and resizes, so threads share that work (see
+    PROBE_THREADS for where they pay). The warnings filters are process-wide: the threads'
+    own ``catch_warnings`` blocks (in ``decode``) interleave and can leave them changed, so
+    this thread saves and restores them around each batch (nothing else runs here while a
+    batch decodes).
     """
-    with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
+    threads = max(1, torch.get_num_threads()) if threads is None else threads
+    with ThreadPoolExecutor(max_workers=threads) if threads > 1 else contextlib.nullcontext() as pool:
+        take = pool.map if pool is not None else map
         for s in range(0, len(dataset), batch_size):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                samples = list(pool.map(dataset.__getitem__, range(s, min(s + batch_size, len(dataset)))))
+                samples = list(take(dataset.__getitem__, range(s, min(s + batch_size, len(dataset)))))
             idx, images, shas, bad = collate(samples)
             if pin and images is not None:
                 images = images.pin_memory() if isinstance(images, torch.Tensor) else [x.pin_memory() for x in images]
@@ -112,19 +119,20 @@ def batches(items, prep, max_pixels, batch_size, num_workers, pin, forward_secon
     """
     auto = num_workers in (None, "auto")
     workers = default_workers(len(items), batch_size) if auto else int(num_workers)
-    start = 0
-    if auto and workers and len(items) > (PROBE_BATCHES + 2) * batch_size:
-        start = PROBE_BATCHES * batch_size
-        probe = iter(loader(items[:start], prep, max_pixels, batch_size, 0, pin, 0, storage_options))
-        decode_seconds = 0.0
-        for _ in range(PROBE_BATCHES):
+    start, threads = 0, None
+    if auto and workers and len(items) > (len(PROBE_THREADS) + 2) * batch_size:
+        seconds = {}
+        for k, probe in enumerate(PROBE_THREADS):
             t = time.perf_counter()
-            batch = next(probe)
-            decode_seconds = time.perf_counter() - t  # the last (warm) batch counts
+            batch = next(iter(loader(items[:(k + 1) * batch_size], prep, max_pixels, batch_size, 0, pin,
+                                     k * batch_size, storage_options, probe)))
+            seconds[probe] = time.perf_counter() - t  # the cold first batch is timed again last
             yield batch
-        if decode_seconds <= SERIAL_DECODE_SHARE * forward_seconds[-1]:
+        start = len(PROBE_THREADS) * batch_size
+        threads = min(seconds, key=seconds.get)
+        if seconds[threads] <= SERIAL_DECODE_SHARE * forward_seconds[-1]:
             workers = 0
-    yield from loader(items, prep, max_pixels, batch_size, workers, pin, start, storage_options)
+    yield from loader(items, prep, max_pixels, batch_size, workers, pin, start, storage_options, threads)
 
 
 class CodesForward:
