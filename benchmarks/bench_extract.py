@@ -8,8 +8,10 @@ ratios, not the absolute rates):
 - model-only: cnncodes' forward pass on already-decoded tensors, at the same settings (and
   once with glibc's default malloc, which faults the activations in anew at every batch);
 - `cnncodes extract`, first run, end to end in a fresh process (model build and weight
-  loading, precision probe, hashing, decoding, model, journal, merge), alternating with model-only in `--rounds` rounds (medians, and the median of the rounds'
-  ratios: on a shared machine the rate drifts by 10 % within minutes);
+  loading, precision probe, hashing, decoding, model, journal, merge), alternating with
+  model-only in `--rounds` rounds (medians, and the median of the rounds' ratios: on a shared
+  machine the rate drifts by 10 % within minutes); the whole call, and the images' rate
+  (extract's img/s, from the first image read to the last batch journalled);
 - an unchanged re-run, and a re-run after adding 1 % new images: soon after a run (its freed
   memory still kept, see `cnncodes._extract.accel.reuse_freed_memory`) and with that memory given
   back first, as a new process starts.
