@@ -226,13 +226,12 @@ def main():
     t_fp32, _ = model_only(batches, args.backbone, weights, layer, "float32", False, args.batch_size)
     rows.append(("model only, float32 channels-last (BatchNorm folded)", t_fp32, n, ""))
 
-    # Model-only and the first run end to end alternate, each starting with the memory given
-    # back as a fresh process has it: on a shared machine the rate drifts by 10 % within
-    # minutes, and each round's ratio compares runs a few seconds apart.
+    # Model-only and the first run end to end alternate (extract in its own fresh process,
+    # model-only here with the memory given back first): on a shared machine the rate drifts
+    # by 10 % within minutes, and each round's ratio compares runs a few seconds apart.
     out = work / "codes.h5"
     models, firsts, flows = [], [], []
     for r in range(args.rounds):
-        release_freed_memory()
         target = out if r == 0 else work / f"first-{r}.h5"
         run = fresh_extract(work / "data", target, {**settings, "compile": False})
         firsts.append(run["seconds"])
